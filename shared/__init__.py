@@ -1,0 +1,1 @@
+"""Cross-cutting plumbing: config, bus, db, embedded servers, telemetry, errors, CLI. No business logic."""

@@ -1,0 +1,51 @@
+"""Domain errors with the HTTP status and OpenAI error fields they map to. Controllers raise them;
+one exception handler in the api turns them into `{"error": {message, type, param, code}}`."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status_code = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(ApiError):
+    status_code = 400
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+    type = "invalid_request_error"
+
+
+class NotFound(ApiError):
+    status_code = 404
+
+
+class Conflict(ApiError):
+    status_code = 409
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+
+
+class RateLimited(ApiError):
+    status_code = 429
+    type = "rate_limit_error"
+
+
+class Unavailable(ApiError):
+    status_code = 503
+    type = "service_unavailable"
+
+
+class UpstreamTimeout(ApiError):
+    status_code = 504
+    type = "timeout"
