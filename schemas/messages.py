@@ -51,7 +51,9 @@ class ResultMessage(msgspec.Struct, kw_only=True, frozen=True):
     custom_id: str
     request_id: str
     status_code: int
-    response_body: msgspec.Raw | None = None
+    # The response body JSON (an OpenAI error object for a rejected request); JSON null when
+    # there is none (msgspec.Raw cannot be Optional, so absence is the raw `null`).
+    response_body: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
     error_code: str | None = None
     error_message: str | None = None
     input_tokens: int = 0
@@ -71,6 +73,10 @@ class ResultMessage(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def ok(self) -> bool:
         return self.error_code is None and 200 <= self.status_code < 300
+
+    @property
+    def has_body(self) -> bool:
+        return bytes(self.response_body) not in (b"", b"null")
 
 
 class BatchEvent(msgspec.Struct, kw_only=True, frozen=True):

@@ -1,0 +1,39 @@
+# jetbatch tasks. `just` (from PyPI's rust-just) is installed into .venv by infra/install.sh.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv/bin"
+
+# List the recipes
+default:
+    @just --list
+
+# Install jetbatch, the engine and the default models into .venv (add --dev for test tools)
+install *args:
+    bash infra/install.sh {{args}}
+
+# Start everything on this machine (embedded NATS + PostgreSQL, all services, vLLM on CPU/GPU)
+up *args:
+    {{venv}}/jetbatch up {{args}}
+
+# Run the whole test suite (what CI runs)
+test *args:
+    {{venv}}/python -m pytest {{args}}
+
+# Fast tests only: no vLLM engine
+test-fast *args:
+    {{venv}}/python -m pytest -m "not vllm" {{args}}
+
+# ruff (format check + lint) and mypy
+lint:
+    {{venv}}/ruff format --check .
+    {{venv}}/ruff check .
+    {{venv}}/mypy services shared schemas
+
+# Format the code
+fmt:
+    {{venv}}/ruff format .
+    {{venv}}/ruff check --fix .
+
+# Benchmarks (print figures and ratios against their baselines; write bench/results/*.json)
+bench *args:
+    {{venv}}/python -m bench {{args}}

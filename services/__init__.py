@@ -1,0 +1,1 @@
+"""One package per deployable process. Services never import each other."""

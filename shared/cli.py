@@ -1,0 +1,86 @@
+"""The `jetbatch` command: `up` runs everything on one machine; each service also runs alone."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+
+from shared import config, telemetry
+
+SERVICES = {
+    "api": "services.api.service",
+    "inference": "services.inference.service",
+    "results-writer": "services.results_writer.service",
+    "webhook-notifier": "services.webhook_notifier.service",
+    "watchdog": "services.watchdog.service",
+}
+
+USAGE = """jetbatch COMMAND [ARGS]
+
+  up                  start everything on this machine (embedded NATS + PostgreSQL unless
+                      JETBATCH_NATS_URL / JETBATCH_DATABASE_URL are set) and print the base URL
+  api                 run the HTTP API
+  inference --model NAME [--gpu N]
+                      run one inference worker (one per GPU per model)
+  results-writer      run the results writer
+  webhook-notifier    run the webhook notifier
+  watchdog            run the watchdog
+  migrate             apply database migrations to JETBATCH_DATABASE_URL
+  setup               prepare the default models offline (done by infra/install.sh)
+
+Configuration comes from JETBATCH_* environment variables: see README.md."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in SERVICES:
+            sys.argv = [f"jetbatch {command}", *rest]
+            importlib.import_module(SERVICES[command]).main()
+            return 0
+        if command == "up":
+            parser = argparse.ArgumentParser(prog="jetbatch up")
+            parser.add_argument("--engine", choices=["vllm", "instant"], default=None,
+                                help="instant = fake engine, for tests and benchmarks only")
+            args = parser.parse_args(rest)
+            if args.engine:
+                import os
+
+                os.environ["JETBATCH_ENGINE"] = args.engine
+            settings = config.load()
+            telemetry.setup("jetbatch-up", settings.log_level)
+            from shared.supervisor import up
+
+            return up(settings)
+        if command == "migrate":
+            settings = config.load()
+            telemetry.setup("migrate", settings.log_level)
+            if not settings.database_url:
+                raise config.ConfigError("JETBATCH_DATABASE_URL is not set")
+            from shared import db
+
+            applied = asyncio.run(db.migrate(settings.database_url))
+            print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
+            return 0
+        if command == "setup":
+            settings = config.load()
+            telemetry.setup("setup", settings.log_level)
+            from services.inference.models import prepare_models
+
+            prepare_models(settings)
+            return 0
+    except config.ConfigError as e:
+        print(f"jetbatch: configuration error: {e}", file=sys.stderr)
+        return 2
+    print(f"jetbatch: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""`jetbatch up`: the whole system on one machine. Starts the embedded nats-server and PostgreSQL
+(unless JETBATCH_NATS_URL / JETBATCH_DATABASE_URL name servers to use), applies migrations,
+prepares the default models, then runs every service as its own process and restarts any that
+dies. SIGINT/SIGTERM stops everything it started, services first, servers last."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared import config, db
+from shared.embedded import EmbeddedNats, EmbeddedPostgres
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_MAX_S = 30.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = 0.5
+    next_start: float = field(default=0.0)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+
+def ensure_api_key(settings: config.Settings) -> str:
+    """The configured key, or the one generated on an earlier run, or a new one (saved 0600)."""
+    if settings.api_key:
+        return settings.api_key
+    path = settings.data_dir / "api-key"
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    key = "sk-jetbatch-" + secrets.token_urlsafe(24)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+def service_children(settings: config.Settings) -> list[Child]:
+    py = [sys.executable, "-m"]
+    children = [
+        Child("api", [*py, "services.api"]),
+        Child("results-writer", [*py, "services.results_writer"]),
+        Child("webhook-notifier", [*py, "services.webhook_notifier"]),
+        Child("watchdog", [*py, "services.watchdog"]),
+    ]
+    for spec in settings.models:
+        children.append(Child(f"inference[{spec.name}]", [*py, "services.inference", "--model", spec.name]))
+    return children
+
+
+def wait_healthy(url: str, timeout_s: float, children: list[Child]) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return True
+        time.sleep(0.25)
+    return False
+
+
+def up(settings: config.Settings) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    nats_server: EmbeddedNats | None = None
+    pg_server: EmbeddedPostgres | None = None
+    children: list[Child] = []
+    try:
+        nats_url = settings.nats_url
+        if not nats_url:
+            nats_server = EmbeddedNats(settings.data_dir / "nats").start()
+            nats_url = nats_server.url
+            log.info("embedded nats-server at %s", nats_url)
+        database_url = settings.database_url
+        if not database_url:
+            pg_server = EmbeddedPostgres(settings.data_dir / "postgres").start()
+            database_url = pg_server.url
+            log.info("embedded PostgreSQL at %s", database_url)
+        import asyncio
+
+        asyncio.run(db.migrate(database_url))
+        if settings.engine == "vllm":
+            from services.inference.models import prepare_models
+
+            prepare_models(settings)
+        api_key = ensure_api_key(settings)
+        env = dict(os.environ)
+        env.update({
+            "JETBATCH_NATS_URL": nats_url,
+            "JETBATCH_DATABASE_URL": database_url,
+            "JETBATCH_API_KEY": api_key,
+            "JETBATCH_DATA_DIR": str(settings.data_dir),
+            "JETBATCH_ENGINE": settings.engine,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        })
+        children = service_children(settings)
+        for child in children:
+            child.start(env)
+        host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
+        base = f"http://{host}:{settings.api_port}"
+        if wait_healthy(f"{base}/healthz", 120, children):
+            print(f"jetbatch is up: base URL {base}/v1", flush=True)
+            print(f"API key: {api_key} (saved in {settings.data_dir / 'api-key'})", flush=True)
+        else:
+            log.error("the api did not become healthy; see the logs above")
+        while not stopping:
+            now = time.monotonic()
+            for child in children:
+                if child.proc is not None and child.proc.poll() is not None:
+                    code = child.proc.returncode
+                    # A process that ran a while earns a fast restart; a crash loop backs off.
+                    if now - child.started_at > 60:
+                        child.backoff_s = 0.5
+                    log.warning("%s exited with %s; restarting in %.1fs", child.name, code, child.backoff_s)
+                    child.proc = None
+                    child.next_start = now + child.backoff_s
+                    child.backoff_s = min(RESTART_BACKOFF_MAX_S, child.backoff_s * 2)
+                    child.restarts += 1
+                elif child.proc is None and now >= child.next_start:
+                    child.start(env)
+            time.sleep(0.2)
+        return 0
+    finally:
+        log.info("stopping")
+        for child in children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 45
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", child.name)
+                child.proc.kill()
+                child.proc.wait()
+        if pg_server is not None:
+            pg_server.stop()
+        if nats_server is not None:
+            nats_server.stop()
+        log.info("stopped")

@@ -1,0 +1,124 @@
+"""Other services skip HTTP: publish a RequestMessage straight to JetStream, read the
+ResultMessage back from RESULTS. This is the README's "Publishing to JetStream directly" recipe,
+run against a real nats-server and a real inference worker (instant engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import msgspec
+import nats
+import pytest
+
+from schemas.messages import RequestMessage, ResultMessage, WorkerHeartbeat
+from services.inference import service as inference
+from shared import bus, config
+
+
+def settings_for(nats_url: str, **extra: str) -> config.Settings:
+    env = {"JETBATCH_NATS_URL": nats_url, "JETBATCH_ENGINE": "instant",
+           "JETBATCH_DATA_DIR": "/tmp/jetbatch-unused", "JETBATCH_HEARTBEAT_INTERVAL_S": "0.2"}
+    env.update(extra)
+    return config.load(env)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: config.Settings, model: str):
+    stop = asyncio.Event()
+    task = asyncio.create_task(inference.run(settings, model, None, stop, worker_id="w-test"))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def read_results(js, batch_id: str, n: int, timeout_s: float = 20) -> list[ResultMessage]:
+    sub = await js.subscribe(ResultMessage.subject_for(batch_id), ordered_consumer=True)
+    decoder = msgspec.json.Decoder(ResultMessage)
+    results = []
+    try:
+        while len(results) < n:
+            msg = await sub.next_msg(timeout=timeout_s)
+            results.append(decoder.decode(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return results
+
+
+async def test_request_published_to_jetstream_comes_back_as_a_result(nats_url: str) -> None:
+    settings = settings_for(nats_url)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    async with running_worker(settings, "SmolLM2-135M-Instruct"):
+        requests = [
+            RequestMessage(
+                batch_id="ext-orders-1", line=i, custom_id=f"order-{i}",
+                endpoint="/v1/chat/completions", model="SmolLM2-135M-Instruct",
+                body=msgspec.Raw(msgspec.json.encode(
+                    {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": f"hi {i}"}]}
+                )),
+            )
+            for i in range(5)
+        ]
+        for req in requests:
+            await js.publish(RequestMessage.subject_for(req.model), msgspec.json.encode(req),
+                             headers={"Nats-Msg-Id": req.msg_id})
+        results = await read_results(js, "ext-orders-1", 5)
+    assert sorted(r.custom_id for r in results) == [f"order-{i}" for i in range(5)]
+    for r in results:
+        assert r.ok and r.status_code == 200
+        body = msgspec.json.decode(r.response_body)
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["role"] == "assistant"
+    # The work queue is empty: every request was acked after its result was stored.
+    info = await js.stream_info("REQUESTS")
+    assert info.state.messages == 0
+    await nc.close()
+
+
+async def test_request_the_engine_rejects_comes_back_as_an_error_result(nats_url: str) -> None:
+    settings = settings_for(nats_url)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    async with running_worker(settings, "SmolLM2-135M-Instruct"):
+        bad = RequestMessage(
+            batch_id="ext-bad", line=0, custom_id="bad-0", endpoint="/v1/chat/completions",
+            model="SmolLM2-135M-Instruct", body=msgspec.Raw(b'{"model": "SmolLM2-135M-Instruct"}'),
+        )
+        await js.publish(RequestMessage.subject_for(bad.model), msgspec.json.encode(bad),
+                         headers={"Nats-Msg-Id": bad.msg_id})
+        [result] = await read_results(js, "ext-bad", 1)
+    assert not result.ok
+    assert 400 <= result.status_code < 500
+    assert "error" in msgspec.json.decode(result.response_body)
+    await nc.close()
+
+
+async def test_worker_heartbeats_into_the_workers_bucket(nats_url: str) -> None:
+    settings = settings_for(nats_url)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with running_worker(settings, "all-MiniLM-L6-v2"):
+        kv = None
+        for _ in range(100):
+            with contextlib.suppress(Exception):
+                kv = await js.key_value(bus.WORKERS_BUCKET)
+                entry = await kv.get("w-test")
+                beat = msgspec.json.decode(entry.value, type=WorkerHeartbeat)
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("no heartbeat within 10 s")
+    assert beat.model == "all-MiniLM-L6-v2"
+    assert beat.endpoints == ["/v1/embeddings"]
+    assert beat.capacity > 0
+    assert beat.gpu_name is None  # no GPU here: NVML degrades cleanly
+    # A stopped worker removes its heartbeat.
+    assert kv is not None
+    with pytest.raises(Exception):
+        await kv.get("w-test")
+    await nc.close()
