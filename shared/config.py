@@ -35,6 +35,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path
+    # Where converted default models are cached (default <data dir>/models); several data dirs
+    # (tests, benchmarks) can share one.
+    models_cache_dir: Path | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_key: str | None = None
@@ -58,7 +61,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def models_dir(self) -> Path:
-        return self.data_dir / "models"
+        return self.models_cache_dir or self.data_dir / "models"
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
@@ -117,6 +120,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
         raise ConfigError(f"JETBATCH_ENGINE must be vllm or instant, got {engine!r}")
     return Settings(
         data_dir=Path(env.get("JETBATCH_DATA_DIR") or "./.jetbatch").resolve(),
+        models_cache_dir=(
+            Path(env["JETBATCH_MODELS_DIR"]).resolve() if env.get("JETBATCH_MODELS_DIR") else None
+        ),
         api_host=env.get("JETBATCH_API_HOST") or "127.0.0.1",
         api_port=_int(env, "JETBATCH_API_PORT", 8000, minimum=1),
         api_key=env.get("JETBATCH_API_KEY") or None,

@@ -1,0 +1,104 @@
+"""The whole system, started the way a user starts it (`jetbatch up`), once per test session,
+with the real vLLM engine on the CPU and both default models; driven through the `openai` SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared.embedded import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "sk-e2e-test-key"
+START_TIMEOUT_S = 600
+
+
+@dataclass
+class System:
+    base_url: str
+    api_key: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, n: int = 80) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+
+def _get(url: str, key: str) -> dict:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def start_system(data_dir: Path, engine: str, log_name: str) -> System:
+    port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "JETBATCH_DATA_DIR": str(data_dir),
+        "JETBATCH_MODELS_DIR": str(REPO / ".jetbatch" / "models"),
+        "JETBATCH_API_PORT": str(port),
+        "JETBATCH_API_KEY": API_KEY,
+        "JETBATCH_ENGINE": engine,
+        "JETBATCH_HEARTBEAT_INTERVAL_S": "1",
+    })
+    for name in ("JETBATCH_NATS_URL", "JETBATCH_DATABASE_URL"):
+        env.pop(name, None)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / log_name
+    log_file = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "up"], cwd=REPO, env=env,
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    system = System(f"http://127.0.0.1:{port}/v1", API_KEY, data_dir, proc, log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"jetbatch up exited with {proc.returncode}:\n{system.log_tail()}")
+        try:
+            models = _get(f"{system.base_url}/models", API_KEY)["data"]
+            if models and all(m["live_workers"] >= 1 for m in models):
+                return system
+        except Exception:
+            pass
+        time.sleep(1)
+    stop_system(system)
+    raise TimeoutError(f"workers not live after {START_TIMEOUT_S}s:\n{system.log_tail()}")
+
+
+def stop_system(system: System) -> int:
+    if system.proc.poll() is None:
+        system.proc.send_signal(signal.SIGTERM)
+        try:
+            system.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(system.proc.pid, signal.SIGKILL)
+            system.proc.wait()
+    return system.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def system(scratch_dir: Path) -> Iterator[System]:
+    """jetbatch up with vLLM (CPU) serving SmolLM2-135M-Instruct and all-MiniLM-L6-v2."""
+    system = start_system(scratch_dir / "e2e-vllm", "vllm", "up.log")
+    yield system
+    stop_system(system)
+
+
+@pytest.fixture
+def client(system: System):
+    import openai
+
+    return openai.OpenAI(base_url=system.base_url, api_key=system.api_key, max_retries=0)

@@ -1,0 +1,58 @@
+"""`jetbatch up` as an operator sees it: restarts a service that dies, and stops everything it
+started on SIGTERM. Runs on the instant engine: this is about processes, not the model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from tests.e2e.conftest import start_system, stop_system
+
+pytestmark = pytest.mark.e2e
+
+
+def children_named(pid: int, module: str) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if module in " ".join(p.cmdline())]
+
+
+def test_up_restarts_a_killed_service_and_stops_cleanly(scratch_dir: Path) -> None:
+    system = start_system(scratch_dir / "e2e-lifecycle", "instant", "up.log")
+    try:
+        client = openai.OpenAI(base_url=system.base_url, api_key=system.api_key, max_retries=0)
+        started = children_named(system.proc.pid, "services.results_writer")
+        assert len(started) == 1
+        started[0].send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = children_named(system.proc.pid, "services.results_writer")
+            if now and now[0].pid != started[0].pid:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("results writer was not restarted")
+
+        # The system still works end to end after the restart.
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}]}}
+        f = client.files.create(file=("a.jsonl", (json.dumps(line) + "\n").encode()), purpose="batch")
+        batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        deadline = time.monotonic() + 60
+        while client.batches.retrieve(batch.id).status != "completed":
+            assert time.monotonic() < deadline, client.batches.retrieve(batch.id)
+            time.sleep(0.2)
+
+        everything = psutil.Process(system.proc.pid).children(recursive=True)
+        assert len(everything) >= 8  # 6 services + nats-server + postgres (+ its workers)
+    finally:
+        code = stop_system(system)
+    assert code == 0, system.log_tail()
+    leftovers = [p for p in everything if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert leftovers == [], [p.cmdline() for p in leftovers]
