@@ -1,0 +1,352 @@
+"""Batch input files, line by line. Pure logic, no I/O beyond reading a local file.
+
+Two passes use it: the cheap scan while a file uploads (line count and the models it names, so a
+batch that cannot run is refused when it is created) and the full validation before a batch's
+requests are published (every line checked; a bad file fails the batch with `errors` naming the
+line). Both count only non-blank lines and split on `\\n`, so their counts agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import msgspec
+
+from schemas.openai import BatchError, RequestLine
+
+MAX_ERRORS = 100
+MAX_SCANNED_MODELS = 16
+# A request line travels as one NATS message: what the message adds around the line (batch id,
+# line number, endpoint, model, field names, the Nats-Msg-Id and trace headers) stays under this.
+MESSAGE_OVERHEAD_BYTES = 4096
+# The upload scan stops decoding a line past this size (its line is still counted): such a line
+# is refused at validation anyway, and the scan must not buffer a huge line in memory.
+MAX_SCAN_LINE_BYTES = 8 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class _Body(msgspec.Struct):
+    """The one field of a request body the batch needs; the rest travels untouched."""
+
+    model: str | None = None
+
+
+class _ScanLine(msgspec.Struct):
+    body: _Body | None = None
+
+
+# One Decoder per type, built once (msgspec perf tips).
+_request_decoder = msgspec.json.Decoder(RequestLine)
+_body_decoder = msgspec.json.Decoder(_Body)
+_scan_decoder = msgspec.json.Decoder(_ScanLine)
+
+
+def is_blank(line: bytes) -> bool:
+    return not line or line.isspace()
+
+
+class UploadScanner:
+    """Counts the non-blank lines of a file as it streams in, in chunks of any size, and notes the
+    distinct `body.model` values (at most `max_models`). Bad lines are counted and otherwise
+    ignored: judging them is the batch validation's job."""
+
+    def __init__(
+        self, *, max_line_bytes: int = MAX_SCAN_LINE_BYTES, max_models: int = MAX_SCANNED_MODELS
+    ) -> None:
+        self.line_count = 0
+        self.models: dict[str, None] = {}  # a dict keeps first-seen order
+        self._max_line_bytes = max_line_bytes
+        self._max_models = max_models
+        self._parts: list[bytes] = []  # the current line's bytes so far, across chunks
+        self._part_bytes = 0
+        self._overflow = False  # the current line is too long to keep
+        self._at_start = True
+
+    def feed(self, data: bytes) -> None:
+        if self._at_start and data:
+            if len(data) < len(UTF8_BOM) and UTF8_BOM.startswith(data) and not self._parts:
+                self._parts.append(data)  # maybe the start of a BOM: decide on the next chunk
+                self._part_bytes += len(data)
+                return
+            if self._parts:
+                data = b"".join(self._parts) + data
+                self._parts.clear()
+                self._part_bytes = 0
+            self._at_start = False
+            if data.startswith(UTF8_BOM):
+                data = data[len(UTF8_BOM) :]
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            self._end_line(data[start:end])
+            start = end + 1
+        if start < len(data):
+            self._keep(data[start:])
+
+    def finish(self) -> None:
+        if self._parts or self._overflow:
+            self._end_line(b"")
+
+    def _keep(self, piece: bytes) -> None:
+        if self._overflow:
+            return
+        self._part_bytes += len(piece)
+        if self._part_bytes > self._max_line_bytes:
+            self._overflow = True
+            self._parts.clear()
+        else:
+            self._parts.append(piece)
+
+    def _end_line(self, tail: bytes) -> None:
+        if self._overflow:
+            self.line_count += 1  # too long to be blank
+        else:
+            line = b"".join((*self._parts, tail)) if self._parts else tail
+            if len(line) > self._max_line_bytes:
+                self.line_count += 1
+            elif not is_blank(line):
+                self.line_count += 1
+                if len(self.models) < self._max_models:
+                    self._note_model(line)
+        self._parts.clear()
+        self._part_bytes = 0
+        self._overflow = False
+
+    def _note_model(self, line: bytes) -> None:
+        try:
+            scanned = _scan_decoder.decode(line)
+        except msgspec.DecodeError:  # also covers ValidationError
+            return
+        if scanned.body is not None and scanned.body.model:
+            self.models[scanned.body.model] = None
+
+
+def iter_lines(f: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, line with its newline) for each line of `f`; None instead of the
+    bytes for a line longer than `max_line_bytes`, which is read past without being kept."""
+    number = 0
+    while line := f.readline(max_line_bytes + 1):
+        number += 1
+        if number == 1 and line.startswith(UTF8_BOM):
+            line = line[len(UTF8_BOM) :]
+        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            while (rest := f.readline(READ_CHUNK)) and not rest.endswith(b"\n"):
+                pass
+            yield number, None
+            continue
+        yield number, line
+
+
+@dataclass(frozen=True, slots=True)
+class ValidLine:
+    index: int  # 0-based among the non-blank lines: the `line` of the request message
+    number: int  # 1-based line number in the file
+    custom_id: str
+    body: msgspec.Raw
+
+
+@dataclass
+class LineValidator:
+    """Checks request lines one by one against the batch's endpoint and the served models,
+    collecting at most `max_errors` errors (one per line, the first thing wrong with it)."""
+
+    endpoint: str
+    models: Mapping[str, Sequence[str]]  # served model -> the endpoints it serves
+    max_lines: int
+    max_line_bytes: int
+    max_errors: int = MAX_ERRORS
+    model: str | None = None  # the batch's model: the first line's
+    count: int = 0  # non-blank lines seen
+    errors: list[BatchError] = field(default_factory=list)
+    _model_line: int = 0
+    _custom_ids: set[str] = field(default_factory=set)
+    _too_many: bool = False
+
+    @property
+    def done(self) -> bool:
+        """Nothing more worth reading: the error list is full or the file is too long."""
+        return self._too_many or len(self.errors) >= self.max_errors
+
+    def feed(self, number: int, line: bytes | None) -> ValidLine | None:
+        """Check one line (None = longer than max_line_bytes). Returns it when it is a valid
+        request, None for a blank or bad line."""
+        if line is not None and is_blank(line):
+            return None
+        self.count += 1
+        if self.count > self.max_lines:
+            self._too_many = True
+            return self._error(
+                "too_many_requests",
+                f"the file has more than {self.max_lines} requests, the most one batch may hold",
+                number,
+            )
+        if line is None or len(line) > self.max_line_bytes:
+            return self._error(
+                "request_too_large",
+                f"the line is larger than {self.max_line_bytes} bytes, the largest request "
+                "this deployment carries",
+                number,
+            )
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return self._error("invalid_utf8", f"the line is not valid UTF-8: {e.reason}", number)
+        try:
+            request = _request_decoder.decode(line)
+        except msgspec.DecodeError:
+            return self._diagnose(line, number)
+        return self._check(request, number)
+
+    def finish(self) -> list[BatchError]:
+        if self.count == 0 and not self.errors:
+            self._error("empty_file", "the file has no requests", None)
+        return self.errors
+
+    def _check(self, request: RequestLine, number: int) -> ValidLine | None:
+        if not request.custom_id:
+            return self._error(
+                "missing_custom_id", "custom_id must be a non-empty string", number, "custom_id"
+            )
+        if request.custom_id in self._custom_ids:
+            return self._error(
+                "duplicate_custom_id",
+                f"custom_id {request.custom_id!r} is used by an earlier line; each line needs its own",
+                number,
+                "custom_id",
+            )
+        self._custom_ids.add(request.custom_id)
+        if request.method != "POST":
+            return self._error(
+                "invalid_method", f'method must be "POST", got {request.method!r}', number, "method"
+            )
+        if request.url != self.endpoint:
+            return self._error(
+                "mismatched_url",
+                f"url {request.url!r} does not match the batch's endpoint {self.endpoint!r}",
+                number,
+                "url",
+            )
+        try:
+            body = _body_decoder.decode(request.body)
+        except msgspec.DecodeError:
+            return self._diagnose_body(request.body, number)
+        if not body.model:
+            return self._error(
+                "missing_model", "body.model must name the model to run", number, "body.model"
+            )
+        if self.model is None:
+            self.model, self._model_line = body.model, number
+            if (error := self._check_model(body.model, number)) is not None:
+                self.errors.append(error)
+                return None
+        elif body.model != self.model:
+            return self._error(
+                "mixed_models",
+                f"body.model {body.model!r} differs from {self.model!r} on line "
+                f"{self._model_line}: a batch runs a single model",
+                number,
+                "body.model",
+            )
+        if self.errors:
+            return None  # the batch fails anyway: no need to hand out lines
+        return ValidLine(
+            index=self.count - 1, number=number, custom_id=request.custom_id, body=request.body
+        )
+
+    def _check_model(self, model: str, number: int) -> BatchError | None:
+        served = self.models.get(model)
+        if served is None:
+            names = ", ".join(self.models) or "none"
+            return BatchError(
+                code="model_not_found",
+                message=f"model {model!r} is not served by this deployment (served: {names})",
+                param="body.model",
+                line=number,
+            )
+        if self.endpoint not in served:
+            return BatchError(
+                code="unsupported_endpoint",
+                message=f"model {model!r} does not serve {self.endpoint} "
+                f"(it serves {', '.join(served)})",
+                param="body.model",
+                line=number,
+            )
+        return None
+
+    def _diagnose(self, line: bytes, number: int) -> None:
+        """The slow path for a line the typed decoder refused: say what exactly is wrong."""
+        try:
+            obj = msgspec.json.decode(line)
+        except msgspec.DecodeError as e:
+            return self._error("invalid_json_line", f"the line is not valid JSON: {e}", number)
+        if not isinstance(obj, dict):
+            return self._error("invalid_json_line", "the line is not a JSON object", number)
+        custom_id = obj.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            return self._error(
+                "missing_custom_id", "custom_id must be a non-empty string", number, "custom_id"
+            )
+        method = obj.get("method")
+        if not isinstance(method, str):
+            return self._error("invalid_method", 'method must be "POST"', number, "method")
+        if not isinstance(obj.get("url"), str):
+            return self._error(
+                "mismatched_url", f"url must be the batch's endpoint {self.endpoint!r}", number, "url"
+            )
+        if "body" not in obj:
+            return self._error("invalid_body", "body is missing", number, "body")
+        return self._error("invalid_request_line", "the line is not a valid request", number)
+
+    def _diagnose_body(self, body: msgspec.Raw, number: int) -> None:
+        if not isinstance(msgspec.json.decode(body), dict):
+            return self._error("invalid_body", "body must be a JSON object", number, "body")
+        return self._error("missing_model", "body.model must be a string", number, "body.model")
+
+    def _error(self, code: str, message: str, number: int | None, param: str | None = None) -> None:
+        if len(self.errors) < self.max_errors:
+            self.errors.append(BatchError(code=code, message=message, param=param, line=number))
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class FileCheck:
+    model: str | None
+    count: int
+    errors: list[BatchError]
+
+
+def validate_file(
+    path: Path,
+    *,
+    endpoint: str,
+    models: Mapping[str, Sequence[str]],
+    max_lines: int,
+    max_line_bytes: int,
+) -> FileCheck:
+    """Pass 1 over a batch input file: stream it, check every line. Blocking: run it in a thread."""
+    validator = LineValidator(
+        endpoint=endpoint, models=models, max_lines=max_lines, max_line_bytes=max_line_bytes
+    )
+    with open(path, "rb") as f:
+        for number, line in iter_lines(f, max_line_bytes):
+            validator.feed(number, line)
+            if validator.done:
+                break
+    errors = validator.finish()
+    return FileCheck(model=validator.model, count=validator.count, errors=errors)
+
+
+def iter_requests(path: Path, max_line_bytes: int) -> Iterator[tuple[int, RequestLine]]:
+    """Pass 2 over a file pass 1 found valid: (0-based index among non-blank lines, request)."""
+    index = 0
+    with open(path, "rb") as f:
+        for _, line in iter_lines(f, max_line_bytes):
+            if line is None:
+                raise ValueError("a line grew past the size limit after validation")
+            if is_blank(line):
+                continue
+            yield index, _request_decoder.decode(line)
+            index += 1

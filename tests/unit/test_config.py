@@ -1,0 +1,35 @@
+from pathlib import Path
+
+import pytest
+
+from shared import config
+
+
+def test_defaults_serve_the_two_offline_models() -> None:
+    s = config.load({})
+    assert [m.name for m in s.models] == ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"]
+    assert s.model("all-MiniLM-L6-v2").endpoints == ("/v1/embeddings",)
+    assert s.model("SmolLM2-135M-Instruct").endpoints == ("/v1/chat/completions", "/v1/completions")
+    assert (s.api_host, s.api_port, s.engine) == ("127.0.0.1", 8000, "vllm")
+    assert s.data_dir == Path(".jetbatch").resolve()
+    assert s.models_dir == s.data_dir / "models"
+
+
+def test_models_accept_paths_and_tasks() -> None:
+    specs = config.parse_models("SmolLM2-135M-Instruct, qwen=/m/qwen@generate, e5=/m/e5@embed")
+    assert [(m.name, m.path, m.task) for m in specs] == [
+        ("SmolLM2-135M-Instruct", "", "generate"), ("qwen", "/m/qwen", "generate"), ("e5", "/m/e5", "embed"),
+    ]
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"JETBATCH_API_PORT": "eighty"}, "JETBATCH_API_PORT"),
+    ({"JETBATCH_API_PORT": "0"}, "JETBATCH_API_PORT"),
+    ({"JETBATCH_ENGINE": "magic"}, "JETBATCH_ENGINE"),
+    ({"JETBATCH_MODELS": "mine"}, "needs a path"),
+    ({"JETBATCH_MODELS": "a=/x,a=/y"}, "twice"),
+    ({"JETBATCH_MODELS": "a=/x@train"}, "generate or embed"),
+])
+def test_bad_settings_fail_before_anything_starts(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(config.ConfigError, match=needle):
+        config.load(env)
