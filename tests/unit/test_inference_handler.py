@@ -1,0 +1,97 @@
+"""The inference handler on Structs: what a request turns into, and when it is retried."""
+
+from __future__ import annotations
+
+import msgspec
+
+from schemas.messages import RequestMessage
+from services.inference.engine import EngineResult, InstantEngine
+from services.inference.gpu import GpuMonitor
+from services.inference.service import Worker
+from shared import config
+
+SETTINGS = config.load({"JETBATCH_ENGINE": "instant", "JETBATCH_REQUEST_MAX_DELIVER": "3"})
+CHAT = SETTINGS.model("SmolLM2-135M-Instruct")
+EMBED = SETTINGS.model("all-MiniLM-L6-v2")
+
+
+def request(body: dict, endpoint: str = "/v1/chat/completions", line: int = 0) -> RequestMessage:
+    return RequestMessage(batch_id="batch_x", line=line, custom_id=f"c{line}", endpoint=endpoint,
+                          model=body.get("model", ""), body=msgspec.Raw(msgspec.json.encode(body)))
+
+
+class FailingEngine:
+    name = "failing"
+    capacity = 4
+
+    def __init__(self, outcome: EngineResult | None = None) -> None:
+        self.outcome = outcome
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def abort(self, request_id: str) -> None: ...
+
+    async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
+        if self.outcome is None:
+            raise RuntimeError("CUDA error: device-side assert")
+        return self.outcome
+
+
+def worker(engine, spec=CHAT) -> Worker:  # type: ignore[no-untyped-def]
+    return Worker(SETTINGS, spec, engine, GpuMonitor(None), "w1")
+
+
+async def test_successful_request_becomes_a_200_result_with_usage() -> None:
+    w = worker(InstantEngine(CHAT))
+    result = await w.handle(request({"model": CHAT.name, "messages": [{"role": "user", "content": "hi"}]}), 1)
+    assert result is not None and result.ok and result.status_code == 200
+    assert result.batch_id == "batch_x" and result.custom_id == "c0"
+    assert result.output_tokens > 0
+    assert msgspec.json.decode(result.response_body)["object"] == "chat.completion"
+
+
+async def test_request_id_is_stable_across_redeliveries() -> None:
+    w = worker(InstantEngine(CHAT))
+    req = request({"model": CHAT.name, "messages": [{"role": "user", "content": "hi"}]})
+    first, second = await w.handle(req, 1), await w.handle(req, 2)
+    assert first is not None and second is not None
+    assert first.request_id == second.request_id and first.msg_id == second.msg_id
+
+
+async def test_rejected_request_is_an_error_result_with_an_openai_error_body() -> None:
+    w = worker(InstantEngine(CHAT))
+    result = await w.handle(request({"model": CHAT.name}), 1)  # no messages
+    assert result is not None and not result.ok and result.status_code == 400
+    assert "error" in msgspec.json.decode(result.response_body)
+
+
+async def test_endpoint_the_model_does_not_serve_is_rejected_without_the_engine() -> None:
+    w = worker(FailingEngine(), EMBED)
+    result = await w.handle(request({"model": EMBED.name, "messages": []}), 1)
+    assert result is not None and result.status_code == 400
+    assert "does not serve" in (result.error_message or "")
+
+
+async def test_engine_crash_is_retried_then_becomes_an_error_line_on_the_last_delivery() -> None:
+    w = worker(FailingEngine())
+    req = request({"model": CHAT.name, "messages": []})
+    assert await w.handle(req, 1) is None
+    assert await w.handle(req, 2) is None
+    last = await w.handle(req, 3)
+    assert last is not None and last.error_code == "engine_error" and last.status_code == 500
+    assert not last.has_body
+
+
+async def test_engine_5xx_is_retried_like_a_crash() -> None:
+    w = worker(FailingEngine(EngineResult(status_code=503, error_code="EngineDeadError", error_message="dead")))
+    req = request({"model": CHAT.name, "messages": []})
+    assert await w.handle(req, 1) is None
+    last = await w.handle(req, 3)
+    assert last is not None and last.status_code == 503
+
+
+def test_no_gpu_means_no_readings_and_a_heartbeat_without_gpu_fields() -> None:
+    w = worker(InstantEngine(CHAT))
+    assert GpuMonitor(0).read() is None  # no NVML library here: degrades, does not raise
+    beat = w.heartbeat()
+    assert beat.gpu_name is None and beat.model == CHAT.name and beat.capacity == 256
