@@ -151,7 +151,7 @@ class EmbeddedPostgres:
             subprocess.run(
                 [str(_pg_bin() / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
                  "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"],
-                check=True, capture_output=True, **self._run_as(),  # type: ignore[arg-type]
+                check=True, capture_output=True, **self._run_as(),  # type: ignore[call-overload]
             )
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / "postmaster.pid").unlink()  # left by a SIGKILLed server
@@ -164,11 +164,28 @@ class EmbeddedPostgres:
              "-p", str(self.port), "-k", "", "-c", "max_connections=200",
              "-c", "shared_buffers=128MB", "-c", "synchronous_commit=off"],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            **self._run_as(),  # type: ignore[arg-type]
+            **self._run_as(),  # type: ignore[call-overload]
         )
         log_file.close()
         wait_for_port(self.port, 30, self.proc)
+        self._wait_ready(30)
         return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """The port opens before PostgreSQL accepts sessions ("the database system is starting
+        up"): ask pg_isready until it says yes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.data_dir}/server.log")
+            ready = subprocess.run(
+                [str(_pg_bin() / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
+                capture_output=True,
+            )
+            if ready.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"postgres not ready after {timeout_s}s; see {self.data_dir}/server.log")
 
     def stop(self, sig: int = signal.SIGINT, timeout_s: float = 15) -> None:
         """SIGINT is PostgreSQL's fast shutdown: roll back clients, checkpoint, exit."""

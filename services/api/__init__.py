@@ -1,1 +1,1 @@
-
+"""The api service: OpenAI-compatible HTTP in front of JetStream and PostgreSQL."""

@@ -8,7 +8,7 @@ line). Both count only non-blank lines and split on `\\n`, so their counts agree
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -64,21 +64,9 @@ class UploadScanner:
         self._parts: list[bytes] = []  # the current line's bytes so far, across chunks
         self._part_bytes = 0
         self._overflow = False  # the current line is too long to keep
-        self._at_start = True
+        self._first = True
 
     def feed(self, data: bytes) -> None:
-        if self._at_start and data:
-            if len(data) < len(UTF8_BOM) and UTF8_BOM.startswith(data) and not self._parts:
-                self._parts.append(data)  # maybe the start of a BOM: decide on the next chunk
-                self._part_bytes += len(data)
-                return
-            if self._parts:
-                data = b"".join(self._parts) + data
-                self._parts.clear()
-                self._part_bytes = 0
-            self._at_start = False
-            if data.startswith(UTF8_BOM):
-                data = data[len(UTF8_BOM) :]
         start = 0
         while (end := data.find(b"\n", start)) >= 0:
             self._end_line(data[start:end])
@@ -105,6 +93,8 @@ class UploadScanner:
             self.line_count += 1  # too long to be blank
         else:
             line = b"".join((*self._parts, tail)) if self._parts else tail
+            if self._first and line.startswith(UTF8_BOM):
+                line = line[len(UTF8_BOM) :]
             if len(line) > self._max_line_bytes:
                 self.line_count += 1
             elif not is_blank(line):
@@ -114,6 +104,7 @@ class UploadScanner:
         self._parts.clear()
         self._part_bytes = 0
         self._overflow = False
+        self._first = False
 
     def _note_model(self, line: bytes) -> None:
         try:
@@ -148,6 +139,14 @@ class ValidLine:
     body: msgspec.Raw
 
 
+class _Invalid(Exception):
+    """What is wrong with one line; raised inside the validator, collected by `feed`."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+
+
 @dataclass
 class LineValidator:
     """Checks request lines one by one against the batch's endpoint and the served models,
@@ -172,143 +171,126 @@ class LineValidator:
 
     def feed(self, number: int, line: bytes | None) -> ValidLine | None:
         """Check one line (None = longer than max_line_bytes). Returns it when it is a valid
-        request, None for a blank or bad line."""
+        request, None for a blank or bad line (a bad one adds to `errors`)."""
         if line is not None and is_blank(line):
             return None
         self.count += 1
+        try:
+            return self._check(number, line)
+        except _Invalid as e:
+            self._add(BatchError(code=e.code, message=e.message, param=e.param, line=number))
+            return None
+
+    def finish(self) -> list[BatchError]:
+        if self.count == 0 and not self.errors:
+            self._add(BatchError(code="empty_file", message="the file has no requests"))
+        return self.errors
+
+    def _add(self, error: BatchError) -> None:
+        if len(self.errors) < self.max_errors:
+            self.errors.append(error)
+
+    def _check(self, number: int, line: bytes | None) -> ValidLine:
         if self.count > self.max_lines:
             self._too_many = True
-            return self._error(
+            raise _Invalid(
                 "too_many_requests",
                 f"the file has more than {self.max_lines} requests, the most one batch may hold",
-                number,
             )
-        if line is None or len(line) > self.max_line_bytes:
-            return self._error(
+        if line is None or len(line) - line.endswith(b"\n") > self.max_line_bytes:
+            raise _Invalid(
                 "request_too_large",
                 f"the line is larger than {self.max_line_bytes} bytes, the largest request "
                 "this deployment carries",
-                number,
             )
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as e:
-            return self._error("invalid_utf8", f"the line is not valid UTF-8: {e.reason}", number)
+            raise _Invalid("invalid_utf8", f"the line is not valid UTF-8: {e.reason}") from None
         try:
             request = _request_decoder.decode(line)
         except msgspec.DecodeError:
-            return self._diagnose(line, number)
-        return self._check(request, number)
-
-    def finish(self) -> list[BatchError]:
-        if self.count == 0 and not self.errors:
-            self._error("empty_file", "the file has no requests", None)
-        return self.errors
-
-    def _check(self, request: RequestLine, number: int) -> ValidLine | None:
+            raise self._diagnose(line) from None
         if not request.custom_id:
-            return self._error(
-                "missing_custom_id", "custom_id must be a non-empty string", number, "custom_id"
-            )
+            raise _Invalid("missing_custom_id", "custom_id must be a non-empty string", "custom_id")
         if request.custom_id in self._custom_ids:
-            return self._error(
+            raise _Invalid(
                 "duplicate_custom_id",
-                f"custom_id {request.custom_id!r} is used by an earlier line; each line needs its own",
-                number,
+                f"custom_id {request.custom_id!r} is used by an earlier line; each line needs "
+                "its own",
                 "custom_id",
             )
         self._custom_ids.add(request.custom_id)
         if request.method != "POST":
-            return self._error(
-                "invalid_method", f'method must be "POST", got {request.method!r}', number, "method"
+            raise _Invalid(
+                "invalid_method", f'method must be "POST", got {request.method!r}', "method"
             )
         if request.url != self.endpoint:
-            return self._error(
+            raise _Invalid(
                 "mismatched_url",
                 f"url {request.url!r} does not match the batch's endpoint {self.endpoint!r}",
-                number,
                 "url",
             )
         try:
             body = _body_decoder.decode(request.body)
         except msgspec.DecodeError:
-            return self._diagnose_body(request.body, number)
+            if not isinstance(msgspec.json.decode(request.body), dict):
+                raise _Invalid("invalid_body", "body must be a JSON object", "body") from None
+            raise _Invalid("missing_model", "body.model must be a string", "body.model") from None
         if not body.model:
-            return self._error(
-                "missing_model", "body.model must name the model to run", number, "body.model"
-            )
+            raise _Invalid("missing_model", "body.model must name the model to run", "body.model")
         if self.model is None:
             self.model, self._model_line = body.model, number
-            if (error := self._check_model(body.model, number)) is not None:
-                self.errors.append(error)
-                return None
+            self._check_model(body.model)
         elif body.model != self.model:
-            return self._error(
+            raise _Invalid(
                 "mixed_models",
                 f"body.model {body.model!r} differs from {self.model!r} on line "
                 f"{self._model_line}: a batch runs a single model",
-                number,
                 "body.model",
             )
-        if self.errors:
-            return None  # the batch fails anyway: no need to hand out lines
         return ValidLine(
             index=self.count - 1, number=number, custom_id=request.custom_id, body=request.body
         )
 
-    def _check_model(self, model: str, number: int) -> BatchError | None:
+    def _check_model(self, model: str) -> None:
         served = self.models.get(model)
         if served is None:
             names = ", ".join(self.models) or "none"
-            return BatchError(
-                code="model_not_found",
-                message=f"model {model!r} is not served by this deployment (served: {names})",
-                param="body.model",
-                line=number,
+            raise _Invalid(
+                "model_not_found",
+                f"model {model!r} is not served by this deployment (served: {names})",
+                "body.model",
             )
         if self.endpoint not in served:
-            return BatchError(
-                code="unsupported_endpoint",
-                message=f"model {model!r} does not serve {self.endpoint} "
-                f"(it serves {', '.join(served)})",
-                param="body.model",
-                line=number,
+            raise _Invalid(
+                "unsupported_endpoint",
+                f"model {model!r} does not serve {self.endpoint} (it serves {', '.join(served)})",
+                "body.model",
             )
-        return None
 
-    def _diagnose(self, line: bytes, number: int) -> None:
+    def _diagnose(self, line: bytes) -> _Invalid:
         """The slow path for a line the typed decoder refused: say what exactly is wrong."""
         try:
             obj = msgspec.json.decode(line)
         except msgspec.DecodeError as e:
-            return self._error("invalid_json_line", f"the line is not valid JSON: {e}", number)
+            return _Invalid("invalid_json_line", f"the line is not valid JSON: {e}")
         if not isinstance(obj, dict):
-            return self._error("invalid_json_line", "the line is not a JSON object", number)
+            return _Invalid("invalid_json_line", "the line is not a JSON object")
         custom_id = obj.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
-            return self._error(
-                "missing_custom_id", "custom_id must be a non-empty string", number, "custom_id"
+            return _Invalid(
+                "missing_custom_id", "custom_id must be a non-empty string", "custom_id"
             )
-        method = obj.get("method")
-        if not isinstance(method, str):
-            return self._error("invalid_method", 'method must be "POST"', number, "method")
+        if not isinstance(obj.get("method"), str):
+            return _Invalid("invalid_method", 'method must be "POST"', "method")
         if not isinstance(obj.get("url"), str):
-            return self._error(
-                "mismatched_url", f"url must be the batch's endpoint {self.endpoint!r}", number, "url"
+            return _Invalid(
+                "mismatched_url", f"url must be the batch's endpoint {self.endpoint!r}", "url"
             )
         if "body" not in obj:
-            return self._error("invalid_body", "body is missing", number, "body")
-        return self._error("invalid_request_line", "the line is not a valid request", number)
-
-    def _diagnose_body(self, body: msgspec.Raw, number: int) -> None:
-        if not isinstance(msgspec.json.decode(body), dict):
-            return self._error("invalid_body", "body must be a JSON object", number, "body")
-        return self._error("missing_model", "body.model must be a string", number, "body.model")
-
-    def _error(self, code: str, message: str, number: int | None, param: str | None = None) -> None:
-        if len(self.errors) < self.max_errors:
-            self.errors.append(BatchError(code=code, message=message, param=param, line=number))
-        return None
+            return _Invalid("invalid_body", "body is missing", "body")
+        return _Invalid("invalid_request_line", "the line is not a valid request")
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +321,9 @@ def validate_file(
     return FileCheck(model=validator.model, count=validator.count, errors=errors)
 
 
-def iter_requests(path: Path, max_line_bytes: int) -> Iterator[tuple[int, RequestLine]]:
+def iter_requests(
+    path: Path, max_line_bytes: int
+) -> Generator[tuple[int, RequestLine], None, None]:
     """Pass 2 over a file pass 1 found valid: (0-based index among non-blank lines, request)."""
     index = 0
     with open(path, "rb") as f:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
+import importlib
 import logging
 import math
 import os
@@ -186,6 +188,34 @@ def _aborted() -> EngineResult:
 # -- vLLM -------------------------------------------------------------------------------------
 
 
+# Imported in a worker thread, for two reasons: ~10 s of imports must not stall the event loop
+# (heartbeats go on), and vLLM keeps the exception of an optional import that fails (torchcodec,
+# deliberately absent) in a module global; its traceback pins every frame of the importing stack,
+# which from inside start() would keep the whole engine alive after stop(). The list is what
+# start() and init_app_state import; anything missed is still imported, only later.
+_VLLM_MODULES = (
+    "vllm.entrypoints.launchers.api_server.app_state",
+    "vllm.entrypoints.launchers.api_server.entry",
+    "vllm.entrypoints.launchers.cli_args",
+    "vllm.entrypoints.openai.chat_completion.protocol",
+    "vllm.entrypoints.openai.chat_completion.serving",
+    "vllm.entrypoints.openai.completion.protocol",
+    "vllm.entrypoints.openai.completion.serving",
+    "vllm.entrypoints.pooling.embed.protocol",
+    "vllm.entrypoints.pooling.factories",
+    "vllm.entrypoints.generate.api_router",
+    "vllm.entrypoints.generate.structured_decisions.api_router",
+    "vllm.entrypoints.scale_out.factories",
+    "vllm.entrypoints.serve",
+    "vllm.v1.engine.async_llm",
+)
+
+
+def _import_vllm() -> None:
+    for module in _VLLM_MODULES:
+        importlib.import_module(module)
+
+
 class VllmEngine:
     """vLLM in this process (AsyncLLM; its EngineCore runs in a child process it owns)."""
 
@@ -217,6 +247,10 @@ class VllmEngine:
             argv += ["--runner", "pooling", "--convert", "embed"]
         if on_cpu:
             argv += ["--max-num-seqs", str(_CPU_MAX_NUM_SEQS[self.spec.task])]
+            if not _cpu_has_native_half():
+                # vLLM would run SmolLM2 in bf16 and MiniLM in fp16, which a CPU without
+                # AVX512-BF16/AMX emulates: measured 3x slower (36 vs 120 tok/s) than fp32.
+                argv += ["--dtype", "float32"]
             if self.spec.name == DEFAULT_CHAT_MODEL and not self.spec.path:
                 argv += ["--max-model-len", str(_DEFAULT_CHAT_MAX_MODEL_LEN)]
         return argv
@@ -228,6 +262,7 @@ class VllmEngine:
         for key, value in _OFFLINE_ENV.items():
             os.environ.setdefault(key, value)
 
+        await asyncio.to_thread(_import_vllm)
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
@@ -366,17 +401,28 @@ class VllmEngine:
         self._handlers.clear()
         self._started = False
         await self._stack.aclose()  # AsyncLLM.shutdown(): stops the EngineCore process
+        # AsyncLLM.__del__ calls shutdown() again; collected now it is a no-op, left to
+        # interpreter exit it raises from half-torn-down modules.
+        gc.collect()
+
+
+def _cpu_has_native_half() -> bool:
+    import torch
+
+    # The same probe vLLM's CPU platform uses to pick its bf16 kernels.
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
 
 
 def _validation_message(exc: Any) -> str:
     """A bounded, path-free message like vllm serve's validation handler gives."""
-    errors = exc.errors(include_url=False, include_input=False)
-    parts = []
-    for err in errors[:5]:
+    parts: dict[str, None] = {}  # ordered set: a union repeats one error once per branch
+    for err in exc.errors(include_url=False, include_input=False):
         where = ".".join(str(p) for p in err.get("loc", ()) if not _internal_loc(str(p)))
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return f"Invalid request body: {'; '.join(parts)}{more}"[:1000]
+        parts[f"{where}: {err.get('msg')}" if where else str(err.get("msg"))] = None
+    shown = list(parts)[:5]
+    more = f" (and {len(parts) - 5} more)" if len(parts) > 5 else ""
+    return f"Invalid request body: {'; '.join(shown)}{more}"[:1000]
 
 
 def _internal_loc(segment: str) -> bool:

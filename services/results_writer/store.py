@@ -104,9 +104,7 @@ class Touched:
 
     @property
     def fully_accounted(self) -> bool:
-        return (
-            self.total > 0 and self.done >= self.total and self.status in FINALIZABLE_STATUSES
-        )
+        return self.total > 0 and self.done >= self.total and self.status in FINALIZABLE_STATUSES
 
 
 async def write_results(

@@ -53,14 +53,14 @@ def test_chat_batch_runs_through_vllm_to_output_and_error_files(client: openai.O
                   "body": {"model": CHAT, "messages": [{"role": "user", "content": "hi"}],
                            "max_tokens": 1_000_000}})
     uploaded = client.files.create(file=("chat.jsonl", jsonl(lines)), purpose="batch")
-    validate(uploaded.model_dump(), "OpenAIFile")
+    validate("OpenAIFile", uploaded.model_dump())
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                   completion_window="24h", metadata={"run": "e2e"})
     assert batch.status in ("validating", "in_progress")
-    validate(batch.model_dump(), "Batch")
+    validate("Batch", batch.model_dump())
 
     done = wait_done(client, batch.id)
-    validate(done.model_dump(), "Batch")
+    validate("Batch", done.model_dump())
     assert done.status == "completed", done
     assert done.request_counts.total == 6
     assert done.request_counts.completed == 5

@@ -1,0 +1,3 @@
+from services.api.service import main
+
+main()

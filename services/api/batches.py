@@ -1,0 +1,200 @@
+"""`/v1/batches`: create (checks what can be checked at once, then validates and publishes in the
+background: services/api/ingest.py), retrieve, list, cancel."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from litestar import get, post
+from litestar.params import Parameter
+
+from schemas.openai import (
+    KNOWN_UNSUPPORTED_ENDPOINTS,
+    SUPPORTED_ENDPOINTS,
+    Batch,
+    BatchList,
+    CreateBatchRequest,
+)
+from services.api import store
+from services.api.deps import Deps
+from services.api.files import not_found as file_not_found
+from services.api.ingest import run_process_batch
+from shared.config import Settings
+from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.ids import new_id
+
+log = logging.getLogger(__name__)
+
+COMPLETION_WINDOW = "24h"
+COMPLETION_WINDOW_S = 86_400
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+CANCELLABLE = ("validating", "in_progress")
+
+
+def not_found(batch_id: str) -> NotFound:
+    return NotFound(f"No such Batch object: {batch_id}", param="batch_id")
+
+
+def check_endpoint(endpoint: str) -> None:
+    supported = ", ".join(SUPPORTED_ENDPOINTS)
+    if endpoint in KNOWN_UNSUPPORTED_ENDPOINTS:
+        raise InvalidRequest(
+            f"endpoint {endpoint} is not supported by this deployment (supported: {supported})",
+            param="endpoint",
+            code="unsupported_endpoint",
+        )
+    if endpoint not in SUPPORTED_ENDPOINTS:
+        raise InvalidRequest(
+            f"endpoint must be one of {supported}; got {endpoint!r}", param="endpoint"
+        )
+
+
+def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(
+            f"metadata holds at most {MAX_METADATA_PAIRS} key-value pairs; got {len(metadata)}",
+            param="metadata",
+        )
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY:
+            raise InvalidRequest(
+                f"metadata keys are at most {MAX_METADATA_KEY} characters; {key[:20]!r}... "
+                f"has {len(key)}",
+                param="metadata",
+            )
+        if not isinstance(value, str):
+            raise InvalidRequest(
+                f"metadata values must be strings; {key!r} is {type(value).__name__}",
+                param="metadata",
+            )
+        if len(value) > MAX_METADATA_VALUE:
+            raise InvalidRequest(
+                f"metadata values are at most {MAX_METADATA_VALUE} characters; {key!r} has "
+                f"{len(value)}",
+                param="metadata",
+            )
+    return metadata
+
+
+def check_models(settings: Settings, endpoint: str, models: list[str] | None) -> None:
+    """The models the upload scan found in the file: each must be served, for this endpoint.
+    (Mixed models are a line-level error of the validation, reported with their lines.)"""
+    served = ", ".join(m.name for m in settings.models) or "none"
+    for name in models or ():
+        spec = settings.model(name)
+        if spec is None:
+            raise InvalidRequest(
+                f"The input file uses model {name!r}, which this deployment does not serve "
+                f"(served models: {served})",
+                param="input_file_id",
+                code="model_not_found",
+            )
+        if endpoint not in spec.endpoints:
+            raise InvalidRequest(
+                f"model {name!r} does not serve {endpoint} (it serves {', '.join(spec.endpoints)})",
+                param="endpoint",
+                code="unsupported_endpoint",
+            )
+
+
+@post("/batches", status_code=200)
+async def create_batch(data: CreateBatchRequest, deps: Deps) -> Batch:
+    settings = deps.settings
+    check_endpoint(data.endpoint)
+    if data.completion_window != COMPLETION_WINDOW:
+        raise InvalidRequest(
+            f'completion_window must be "{COMPLETION_WINDOW}"; got {data.completion_window!r}',
+            param="completion_window",
+        )
+    metadata = check_metadata(data.metadata)
+    file_row = await store.get_file(deps.pool, data.input_file_id)
+    if file_row is None:
+        raise file_not_found(data.input_file_id, param="input_file_id")
+    if file_row["purpose"] != "batch":
+        raise InvalidRequest(
+            f"input file {data.input_file_id} has purpose {file_row['purpose']!r}; a batch "
+            "needs a file uploaded with purpose 'batch'",
+            param="input_file_id",
+        )
+    check_models(settings, data.endpoint, file_row["models"])
+    if (file_row["line_count"] or 0) > settings.max_batch_lines:
+        raise InvalidRequest(
+            f"input file {data.input_file_id} has {file_row['line_count']} requests; a batch "
+            f"holds at most {settings.max_batch_lines}",
+            param="input_file_id",
+            code="too_many_requests",
+        )
+    created_at = store.now_s()
+    row = await store.insert_batch(
+        deps.pool,
+        batch_id=new_id("batch_"),
+        endpoint=data.endpoint,
+        input_file_id=data.input_file_id,
+        completion_window=data.completion_window,
+        created_at=created_at,
+        expires_at=created_at + COMPLETION_WINDOW_S,
+        metadata=metadata,
+        output_expires_after=(
+            data.output_expires_after.seconds if data.output_expires_after else None
+        ),
+    )
+    batch = store.batch_from_row(row)
+    log.info(
+        "batch %s created: file %s, endpoint %s", batch.id, batch.input_file_id, batch.endpoint
+    )
+    deps.spawn(run_process_batch(deps, batch.id), name=f"process_batch {batch.id}")
+    return batch
+
+
+@get("/batches/{batch_id:str}")
+async def retrieve_batch(batch_id: str, deps: Deps) -> Batch:
+    row = await store.get_batch(deps.pool, batch_id)
+    if row is None:
+        raise not_found(batch_id)
+    return store.batch_from_row(row)
+
+
+@get("/batches")
+async def list_batches(
+    deps: Deps,
+    limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> BatchList:
+    cursor = None
+    if after:
+        created_at = await store.batch_cursor(deps.pool, after)
+        if created_at is None:
+            raise NotFound(f"No such Batch object: {after}", param="after")
+        cursor = (created_at, after)
+    rows, has_more = await store.list_batches(deps.pool, limit=limit, after=cursor)
+    data = [store.batch_from_row(r) for r in rows]
+    return BatchList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=has_more,
+    )
+
+
+@post("/batches/{batch_id:str}/cancel", status_code=200)
+async def cancel_batch(batch_id: str, deps: Deps) -> Batch:
+    row = await store.cancel_batch(deps.pool, batch_id)
+    if row is None:
+        row = await store.get_batch(deps.pool, batch_id)
+        if row is None:
+            raise not_found(batch_id)
+        if row["status"] == "cancelling":
+            return store.batch_from_row(row)  # a retried cancel: already under way
+        raise Conflict(
+            f"Cannot cancel batch {batch_id}: its status is {row['status']!r}; only "
+            f"{' or '.join(CANCELLABLE)} batches can be cancelled",
+            param="batch_id",
+        )
+    log.info("batch %s cancelling", batch_id)
+    return store.batch_from_row(row)
+
+
+ROUTES = [create_batch, retrieve_batch, list_batches, cancel_batch]

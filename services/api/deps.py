@@ -1,0 +1,59 @@
+"""What the api's handlers need, opened once in the app's lifespan and injected as `deps`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from litestar.datastructures import State
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from shared.config import Settings
+from shared.storage import FileStorage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Deps:
+    settings: Settings
+    pool: asyncpg.Pool
+    nc: NATS
+    js: JetStreamContext
+    workers: KeyValue  # heartbeats of the inference workers
+    storage: FileStorage
+    started_at: int
+    # Background work (batch validation + publishing): referenced here so it is not garbage
+    # collected mid-flight, and so shutdown can wait for it.
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def wait_for_tasks(self, timeout_s: float) -> None:
+        """Let background work finish; past the timeout, cancel it. Work cut short is safe: a batch
+        left in `validating` (or `in_progress` but not published) is re-driven by re-running
+        `process_batch`, which is idempotent."""
+        if not self.tasks:
+            return
+        log.info("waiting up to %.0fs for %d background task(s)", timeout_s, len(self.tasks))
+        _, pending = await asyncio.wait(set(self.tasks), timeout=timeout_s)
+        for task in pending:
+            log.warning("cancelling %s at shutdown", task.get_name())
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+
+def get_deps(state: State) -> Deps:
+    deps: Deps = state.deps
+    return deps

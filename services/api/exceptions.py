@@ -1,0 +1,111 @@
+"""Every error the api answers, in OpenAI's shape `{"error": {message, type, param, code}}`.
+
+Handlers only raise (shared.errors.ApiError or Litestar's own exceptions); the functions here,
+registered once on the app, turn each into a response the OpenAI SDKs map to the right class
+(BadRequestError, AuthenticationError, NotFoundError, ...)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from schemas.openai import ErrorDetail, ErrorResponse
+from shared.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+# OpenAI's `type` for a status code without a more specific one.
+_TYPES = {401: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+# The SDKs retry 409 (and 5xx) by default; a wrong-state 409 or an oversize body never heals.
+_NO_RETRY = {409, 413}
+
+
+class BadGateway(ApiError):
+    status_code = 502
+    type = "server_error"
+
+
+def error_type(status_code: int) -> str:
+    if status_code in _TYPES:
+        return _TYPES[status_code]
+    return "server_error" if status_code >= 500 else "invalid_request_error"
+
+
+def error_response(
+    status_code: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[ErrorResponse]:
+    headers = dict(headers or {})
+    if status_code in _NO_RETRY:
+        headers["x-should-retry"] = "false"
+    body = ErrorResponse(
+        error=ErrorDetail(
+            message=message, type=type_ or error_type(status_code), param=param, code=code
+        )
+    )
+    return Response(body, status_code=status_code, headers=headers)
+
+
+def on_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[ErrorResponse]:
+    return error_response(
+        exc.status_code, exc.message, type_=exc.type, param=exc.param, code=exc.code
+    )
+
+
+def on_validation_error(
+    _: Request[Any, Any, Any], exc: ValidationException
+) -> Response[ErrorResponse]:
+    """Bad query/path parameters or a request body that does not decode to its Struct."""
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    first = problems[0] if problems and isinstance(problems[0], dict) else {}
+    param = first.get("key") or None
+    message = first.get("message") or exc.detail
+    if param == "data":  # the body as a whole: a missing field is named only in the message
+        missing = _MISSING_FIELD.search(message)
+        param = missing.group(1) if missing else None
+    if param and param not in message:
+        message = f"{message} (parameter {param!r})"
+    return error_response(400, message, param=param)
+
+
+def on_http_exception(
+    request: Request[Any, Any, Any], exc: HTTPException
+) -> Response[ErrorResponse]:
+    """Litestar's own: unknown route (404), wrong method (405), undecodable body (400),
+    body too large (413), and the like."""
+    status = exc.status_code
+    if status >= 500:
+        log.error("%s %s: %s", request.method, request.url.path, exc.detail, exc_info=exc)
+        return error_response(status, "internal error")
+    if status == 404:
+        message = f"Unknown request URL: {request.method} {request.url.path}."
+        return error_response(404, message, code="unknown_url")
+    if status == 405:
+        message = f"Method {request.method} is not allowed for {request.url.path}."
+        return error_response(405, message, headers=exc.headers)
+    return error_response(status, str(exc.detail), headers=exc.headers)
+
+
+def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
+    log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: on_api_error,
+    ValidationException: on_validation_error,
+    HTTPException: on_http_exception,
+    Exception: on_unexpected,
+}

@@ -1,0 +1,183 @@
+"""Batch ingestion, run in the background once `POST /v1/batches` has answered.
+
+Pass 1 streams the input file and validates every line (validating -> failed, with `errors`
+naming the lines). Pass 2 streams it again and publishes one RequestMessage per line to REQUESTS,
+`jetbatch.requests.<model>.batch`, msg id `<batch_id>:<line>`, pipelined, then sets
+`published_at`. Emits `jetbatch.events.batch.failed` (a BatchEvent) for an invalid file.
+
+`process_batch` is idempotent: run again on a batch a crashed api left in `validating` (or in
+`in_progress` without `published_at`), it redoes what is missing; JetStream's duplicate window
+drops re-published messages, and the results writer writes each custom_id once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterator
+from functools import partial
+
+import anyio.to_thread
+import msgspec
+
+from schemas.messages import BatchEvent, RequestMessage
+from schemas.openai import BatchError, RequestLine
+from services.api import store
+from services.api.deps import Deps
+from services.api.validation import MESSAGE_OVERHEAD_BYTES, iter_requests, validate_file
+from shared.bus import Publisher
+from shared.ids import stable_id
+from shared.telemetry import inject_headers, tracer
+
+log = logging.getLogger(__name__)
+
+# Wait for PubAcks every this many messages: bounds the acks pending (nats-py allows 4000).
+PUBLISH_FLUSH_EVERY = 2_000
+# Lines read from disk per worker-thread hop in pass 2.
+READ_BATCH_LINES = 1_000
+
+_encoder = msgspec.json.Encoder()
+
+
+def max_line_bytes(deps: Deps) -> int:
+    """The largest request line that still fits one NATS message on this server."""
+    return deps.nc.max_payload - MESSAGE_OVERHEAD_BYTES
+
+
+async def run_process_batch(deps: Deps, batch_id: str) -> None:
+    """process_batch as a background task: failures are logged, never lost in an unawaited task."""
+    try:
+        await process_batch(deps, batch_id)
+    except asyncio.CancelledError:
+        log.warning(
+            "batch %s: processing interrupted; re-running process_batch resumes it", batch_id
+        )
+        raise
+    except Exception:
+        log.exception("batch %s: processing failed; re-running process_batch resumes it", batch_id)
+
+
+async def process_batch(deps: Deps, batch_id: str) -> None:
+    """Validate batch `batch_id`'s input file and publish its requests; see the module docstring."""
+    row = await store.get_batch(deps.pool, batch_id)
+    if row is None:
+        log.warning("batch %s: no such batch, nothing to process", batch_id)
+        return
+    if row["status"] == "validating":
+        row = await _validate(deps, row)
+        if row is None:
+            return
+    elif row["status"] != "in_progress" or row["published_at"] is not None:
+        log.debug("batch %s: %s, nothing to process", batch_id, row["status"])
+        return
+    await _publish(deps, row)
+
+
+async def _validate(deps: Deps, row: store.Row) -> store.Row | None:
+    """Pass 1. Returns the batch's row once in_progress, or None when it must not be published."""
+    batch_id = row["id"]
+    file_row = await store.get_file(deps.pool, row["input_file_id"])
+    check_file = partial(
+        validate_file,
+        endpoint=row["endpoint"],
+        models={m.name: m.endpoints for m in deps.settings.models},
+        max_lines=deps.settings.max_batch_lines,
+        max_line_bytes=max_line_bytes(deps),
+    )
+    errors: list[BatchError]
+    model: str | None = None
+    total = 0
+    try:
+        if file_row is None:
+            raise FileNotFoundError(row["input_file_id"])
+        check = await anyio.to_thread.run_sync(
+            check_file, deps.storage.path(file_row["storage_key"])
+        )
+        errors, model, total = check.errors, check.model, check.count
+    except FileNotFoundError:
+        errors = [
+            BatchError(
+                code="file_not_found",
+                message=f"input file {row['input_file_id']} was deleted before the batch ran",
+                param="input_file_id",
+            )
+        ]
+    if errors:
+        failed = await store.fail_batch(deps.pool, batch_id, errors)
+        if failed is not None:
+            log.info(
+                "batch %s failed validation: %d error(s), first: line %s %s: %s",
+                batch_id, len(errors), errors[0].line, errors[0].code, errors[0].message,
+            )  # fmt: skip
+            await _emit_failed(deps, failed)
+        return None
+    assert model is not None  # a file without errors has at least one line, hence a model
+    started = await store.start_batch(deps.pool, batch_id, model=model, total=total)
+    if started is None:
+        log.info("batch %s left validating meanwhile (cancelled?): not publishing", batch_id)
+        return None
+    log.info("batch %s valid: %d requests for model %s", batch_id, total, model)
+    return started
+
+
+def _take(lines: Iterator[tuple[int, RequestLine]], n: int) -> list[tuple[int, RequestLine]]:
+    return list(itertools.islice(lines, n))
+
+
+async def _publish(deps: Deps, row: store.Row) -> None:
+    """Pass 2: one RequestMessage per line, pipelined, then `published_at`."""
+    batch_id, model, endpoint = row["id"], row["model"], row["endpoint"]
+    file_row = await store.get_file(deps.pool, row["input_file_id"])
+    if file_row is None:
+        # Deleted after validation: nothing to publish from; the watchdog sees the batch stuck.
+        log.error("batch %s: input file %s is gone, cannot publish", batch_id, row["input_file_id"])
+        return
+    subject = RequestMessage.subject_for(model, "batch")
+    publisher = Publisher(deps.js)
+    published = 0
+    with tracer(__name__).start_as_current_span(f"{subject} publish") as span:
+        span.set_attribute("batch_id", batch_id)
+        headers = inject_headers({}) or None
+        lines = iter_requests(deps.storage.path(file_row["storage_key"]), max_line_bytes(deps))
+        with contextlib.closing(lines):
+            while chunk := await anyio.to_thread.run_sync(_take, lines, READ_BATCH_LINES):
+                for index, request in chunk:
+                    message = RequestMessage(
+                        batch_id=batch_id,
+                        line=index,
+                        custom_id=request.custom_id,
+                        endpoint=endpoint,
+                        model=model,
+                        body=request.body,
+                    )
+                    await publisher.publish(
+                        subject, _encoder.encode(message), message.msg_id, headers
+                    )
+                    published += 1
+                    if published % PUBLISH_FLUSH_EVERY == 0:
+                        await publisher.flush()
+        await publisher.flush()
+    if published != row["total"]:
+        log.error(
+            "batch %s: published %d requests but validated %d (file changed?)",
+            batch_id, published, row["total"],
+        )  # fmt: skip
+    await store.mark_published(deps.pool, batch_id)
+    log.info("batch %s: %d requests published on %s", batch_id, published, subject)
+
+
+async def _emit_failed(deps: Deps, row: store.Row) -> None:
+    batch = store.batch_from_row(row)
+    event = BatchEvent(
+        # Deterministic: a re-emitted event is dropped by the stream's duplicate window.
+        id=stable_id("evt_", batch.id, "batch.failed"),
+        type="batch.failed",
+        batch_id=batch.id,
+        created_at=batch.failed_at or store.now_s(),
+        metadata=batch.metadata,
+    )
+    publisher = Publisher(deps.js)
+    await publisher.publish(BatchEvent.subject_for(event.type), _encoder.encode(event), event.id)
+    await publisher.flush()

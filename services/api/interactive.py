@@ -1,0 +1,183 @@
+"""`/v1/models` (served models and their live workers) and synchronous inference:
+`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` over NATS core request/reply on
+`jetbatch.interactive.<model>` (InteractiveRequest out, the worker's ResultMessage back)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import msgspec
+import nats.errors
+from litestar import Request, Response, get, post
+
+from schemas.messages import InteractiveRequest, ResultMessage, WorkerHeartbeat
+from schemas.openai import ErrorDetail, ErrorResponse, Model, ModelList
+from services.api.deps import Deps
+from services.api.exceptions import BadGateway, error_type
+from shared.config import ModelSpec
+from shared.errors import InvalidRequest, NotFound, PayloadTooLarge, Unavailable, UpstreamTimeout
+from shared.ids import new_id
+
+log = logging.getLogger(__name__)
+
+# A worker counts as live while its last heartbeat is younger than this many intervals.
+LIVE_HEARTBEATS = 3
+KV_READ_TIMEOUT_S = 2.0
+
+
+class _SyncBody(msgspec.Struct):
+    """What the api reads of a synchronous request body; the rest goes to the worker as is."""
+
+    model: str
+    stream: Any = None
+
+
+_heartbeat_decoder = msgspec.json.Decoder(WorkerHeartbeat)
+_sync_decoder = msgspec.json.Decoder(_SyncBody)
+_result_decoder = msgspec.json.Decoder(ResultMessage)
+_encoder = msgspec.json.Encoder()
+
+
+async def live_workers(deps: Deps) -> Counter[str]:
+    """Live workers per model, from every heartbeat in the workers KV bucket."""
+    cutoff = time.time() - LIVE_HEARTBEATS * deps.settings.heartbeat_interval_s
+    counts: Counter[str] = Counter()
+    watcher = await deps.workers.watchall(ignore_deletes=True)
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=KV_READ_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                log.warning("reading worker heartbeats timed out; counts may be short")
+                break
+            if entry is None:  # the end of the initial values (also for an empty bucket)
+                break
+            try:
+                heartbeat = _heartbeat_decoder.decode(entry.value or b"")
+            except msgspec.DecodeError:
+                log.warning("undecodable heartbeat under key %s", entry.key)
+                continue
+            if heartbeat.seen_at >= cutoff:
+                counts[heartbeat.model] += 1
+    finally:
+        await watcher.stop()
+    return counts
+
+
+def _model(spec: ModelSpec, created: int, workers: int) -> Model:
+    return Model(
+        id=spec.name, created=created, endpoints=list(spec.endpoints), live_workers=workers
+    )
+
+
+@get("/models")
+async def list_models(deps: Deps) -> ModelList:
+    counts = await live_workers(deps)
+    return ModelList(
+        data=[_model(m, deps.started_at, counts[m.name]) for m in deps.settings.models]
+    )
+
+
+@get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, deps: Deps) -> Model:
+    # Model names may hold slashes (org/name); Litestar's path params keep the leading one.
+    name = model_id.lstrip("/")
+    spec = deps.settings.model(name)
+    if spec is None:
+        raise NotFound(
+            f"The model {name!r} does not exist or is not served here", param="model",
+            code="model_not_found",
+        )  # fmt: skip
+    counts = await live_workers(deps)
+    return _model(spec, deps.started_at, counts[spec.name])
+
+
+def _error_body(result: ResultMessage) -> bytes:
+    return _encoder.encode(
+        ErrorResponse(
+            error=ErrorDetail(
+                message=result.error_message or "the request failed",
+                type=error_type(result.status_code),
+                code=result.error_code,
+            )
+        )
+    )
+
+
+async def _infer(request: Request[Any, Any, Any], deps: Deps, endpoint: str) -> Response[bytes]:
+    raw = await request.body()
+    try:
+        probe = _sync_decoder.decode(raw)
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(
+            f"the body must be a JSON object with a string 'model': {e}", param="model"
+        ) from None
+    spec = deps.settings.model(probe.model)
+    if spec is None:
+        served = ", ".join(m.name for m in deps.settings.models) or "none"
+        raise NotFound(
+            f"The model {probe.model!r} does not exist or is not served here (served: {served})",
+            param="model",
+            code="model_not_found",
+        )
+    if endpoint not in spec.endpoints:
+        raise InvalidRequest(
+            f"model {probe.model!r} does not serve {endpoint} (it serves "
+            f"{', '.join(spec.endpoints)})",
+            param="model",
+        )
+    if probe.stream is True:
+        raise InvalidRequest("streaming is not supported by this deployment", param="stream")
+    message = InteractiveRequest(
+        request_id=new_id("req_"), endpoint=endpoint, model=probe.model, body=msgspec.Raw(raw)
+    )
+    payload = _encoder.encode(message)
+    if len(payload) > deps.nc.max_payload:
+        raise PayloadTooLarge(
+            f"the request is larger than {deps.nc.max_payload} bytes, the largest this deployment "
+            "carries"
+        )
+    subject = InteractiveRequest.subject_for(probe.model)
+    try:
+        reply = await deps.nc.request(subject, payload, timeout=deps.settings.sync_timeout_s)
+    except nats.errors.NoRespondersError:
+        raise Unavailable(f"no live worker for model {probe.model}") from None
+    except (TimeoutError, nats.errors.TimeoutError):
+        raise UpstreamTimeout(
+            f"model {probe.model} did not answer within {deps.settings.sync_timeout_s:g}s"
+        ) from None
+    try:
+        result = _result_decoder.decode(reply.data)
+    except msgspec.DecodeError:
+        log.error("request %s: undecodable reply on %s", message.request_id, subject)
+        raise BadGateway("the worker sent an undecodable reply") from None
+    body = bytes(result.response_body) if result.response_body is not None else b"null"
+    if body == b"null":  # a Raw field decodes JSON null as Raw(b"null"), not None
+        body = _error_body(result)
+    return Response(
+        body,
+        status_code=result.status_code,
+        media_type="application/json",
+        headers={"x-request-id": result.request_id or message.request_id},
+    )
+
+
+@post("/chat/completions", status_code=200)
+async def chat_completions(request: Request[Any, Any, Any], deps: Deps) -> Response[bytes]:
+    return await _infer(request, deps, "/v1/chat/completions")
+
+
+@post("/completions", status_code=200)
+async def completions(request: Request[Any, Any, Any], deps: Deps) -> Response[bytes]:
+    return await _infer(request, deps, "/v1/completions")
+
+
+@post("/embeddings", status_code=200)
+async def embeddings(request: Request[Any, Any, Any], deps: Deps) -> Response[bytes]:
+    return await _infer(request, deps, "/v1/embeddings")
+
+
+ROUTES = [list_models, retrieve_model, chat_completions, completions, embeddings]

@@ -1,0 +1,217 @@
+"""The api: OpenAI-compatible Files, Batches, Models and synchronous inference (Litestar).
+
+Reads: PostgreSQL (files, batches), file bytes under the data dir, KV bucket `jetbatch_workers`
+(heartbeats). Emits: REQUESTS `jetbatch.requests.<model>.batch` (one RequestMessage per input
+line, msg id `<batch_id>:<line>`), EVENTS `jetbatch.events.batch.failed` (invalid input file),
+and core requests on `jetbatch.interactive.<model>` (synchronous calls). Routes live in files.py,
+batches.py (+ ingest.py, the background validation and publishing) and interactive.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import FrameType
+from typing import Any
+
+import msgspec
+import uvicorn
+from litestar import Litestar, Router, get
+from litestar.connection import ASGIConnection
+from litestar.di import Provide
+from litestar.handlers import BaseRouteHandler
+from litestar.types import Guard
+from nats.aio.client import Client as NATS
+
+from services.api import batches, files, interactive
+from services.api.deps import Deps, get_deps
+from services.api.exceptions import EXCEPTION_HANDLERS
+from shared import bus, config, telemetry
+from shared.config import ConfigError, Settings
+from shared.db import connect_pool
+from shared.errors import Unauthorized, Unavailable
+from shared.storage import FileStorage
+
+log = logging.getLogger(__name__)
+
+SERVICE = "api"
+# JSON bodies (batch creation, synchronous requests): a synchronous request travels as one NATS
+# message, 8 MB at most on a jetbatch server. Uploads have their own limit (max_file_bytes).
+MAX_JSON_BODY_BYTES = 8 * 1024 * 1024
+# On SIGTERM: how long in-flight HTTP requests, then background batch work, may take to finish.
+GRACEFUL_SHUTDOWN_S = 30
+HEALTH_TIMEOUT_S = 2.0
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: str
+
+
+@get("/healthz")
+async def healthz(deps: Deps) -> Health:
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            await deps.pool.fetchval("SELECT 1")
+    except Exception as e:
+        raise Unavailable(f"database unreachable: {e}") from None
+    if not deps.nc.is_connected:
+        raise Unavailable("NATS unreachable")
+    return Health(status="ok")
+
+
+def api_key_guard(api_key: str) -> Guard:
+    expected = f"Bearer {api_key}".encode()
+
+    def require_api_key(
+        connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
+        given = connection.headers.get("authorization")
+        if not given:
+            raise Unauthorized(
+                "You didn't provide an API key: send it as 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+        if not hmac.compare_digest(given.encode(), expected):
+            raise Unauthorized("Incorrect API key provided", code="invalid_api_key")
+
+    return require_api_key
+
+
+async def _close_nats(nc: NATS) -> None:
+    # drain() lets in-flight publishes and replies go out; it refuses a connection already closed.
+    with contextlib.suppress(Exception):
+        await nc.drain()
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The api as an ASGI app. Its connections open in the lifespan, not here."""
+    if not settings.database_url:
+        raise ConfigError("JETBATCH_DATABASE_URL is not set: the api needs PostgreSQL")
+    if not settings.nats_url:
+        raise ConfigError("JETBATCH_NATS_URL is not set: the api needs NATS")
+    database_url, nats_url = settings.database_url, settings.nats_url
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            pool = await connect_pool(database_url)
+            stack.push_async_callback(pool.close)
+            nc = await bus.connect(nats_url, name=f"jetbatch-{SERVICE}")
+            stack.push_async_callback(_close_nats, nc)
+            js = nc.jetstream()
+            await bus.ensure_streams(js)
+            deps = Deps(
+                settings=settings,
+                pool=pool,
+                nc=nc,
+                js=js,
+                workers=await bus.workers_kv(js),
+                storage=FileStorage(settings.files_dir),
+                started_at=int(time.time()),
+            )
+            # Runs first at shutdown: background batch work still has its connections.
+            stack.push_async_callback(deps.wait_for_tasks, GRACEFUL_SHUTDOWN_S)
+            app.state.deps = deps
+            if settings.api_key is None:
+                log.warning("JETBATCH_API_KEY is not set: the api accepts every request")
+            log.info("api ready on %s:%d", settings.api_host, settings.api_port)
+            yield
+
+    v1 = Router(
+        "/v1",
+        route_handlers=[*files.ROUTES, *batches.ROUTES, *interactive.ROUTES],
+        guards=[api_key_guard(settings.api_key)] if settings.api_key else [],
+    )
+    return Litestar(
+        route_handlers=[healthz, v1],
+        dependencies={"deps": Provide(get_deps, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=[lifespan],
+        request_max_body_size=MAX_JSON_BODY_BYTES,
+        openapi_config=None,
+        logging_config=None,  # telemetry.setup owns logging
+    )
+
+
+class Server(uvicorn.Server):
+    """uvicorn, with its signal handling replaced: uvicorn re-raises a captured SIGTERM once its
+    graceful shutdown is done, so the process would die of the signal; here SIGTERM/SIGINT only
+    start the graceful shutdown and the process then exits 0. `handle_signals=False` leaves
+    signals alone (an api embedded in another program or a test)."""
+
+    def __init__(self, config: uvicorn.Config, *, handle_signals: bool = True) -> None:
+        super().__init__(config)
+        self._handle_signals = handle_signals
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if not self._handle_signals:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        log.info("%s: shutting down", signal.Signals(sig).name)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for in-flight requests
+        self.should_exit = True
+
+
+def server_config(settings: Settings, app: Litestar) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        lifespan="on",
+        log_config=None,  # keep telemetry's logging
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[str]:
+    """Serve the api in this event loop while the block runs; yields its base URL (…/v1).
+    For embedding and tests; `main()` is the process entry point."""
+    server = Server(server_config(settings, create_app(settings)), handle_signals=False)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped it
+                raise RuntimeError("the api stopped during start-up")
+            await asyncio.sleep(0.02)
+        yield f"http://{settings.api_host}:{settings.api_port}/v1"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def main() -> None:
+    settings = config.load()
+    telemetry.setup(SERVICE, settings.log_level)
+    try:
+        app = create_app(settings)
+    except ConfigError as e:
+        log.error("%s", e)
+        sys.exit(2)
+    server = Server(server_config(settings, app))
+    # SIGTERM/SIGINT -> graceful shutdown: stop accepting, finish in-flight requests, then the
+    # lifespan closes (background batch work, NATS drain, pool), then exit 0.
+    server.run()
+    if not server.started:
+        sys.exit(1)  # start-up failed; uvicorn has logged why

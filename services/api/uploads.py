@@ -1,0 +1,228 @@
+"""Streaming multipart/form-data for `POST /v1/files`.
+
+Litestar's own form parsing reads the whole body into memory; a batch file may be 200 MB. Here the
+body is fed chunk by chunk to python-multipart's push parser: small form fields are kept in
+memory, the file part goes to the storage's temp file (disk writes and the line scan run in a
+worker thread, ~1 MB at a time), so memory stays flat whatever the file size."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
+
+import anyio.to_thread
+from litestar import Request
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+from services.api.validation import UploadScanner
+from shared.errors import InvalidRequest, PayloadTooLarge
+from shared.storage import FileStorage
+
+log = logging.getLogger(__name__)
+
+FILE_FIELD = "file"
+MAX_FIELD_BYTES = 64 * 1024
+MAX_FILENAME_CHARS = 255
+MAX_PARTS = 16
+# Hand file bytes to the writer thread in slices of about this size: few thread hops, little RAM.
+WRITE_BATCH_BYTES = 1024 * 1024
+# Multipart framing (boundaries, part headers, the small fields) on top of the file's own bytes:
+# a body announced larger than max_file_bytes plus this is refused before reading it.
+FORM_OVERHEAD_BYTES = 1024 * 1024
+
+
+@dataclass
+class Upload:
+    fields: dict[str, str]
+    filename: str
+    size: int
+    line_count: int
+    models: list[str]
+
+
+@dataclass
+class _Form:
+    """python-multipart callbacks: fields into memory, file bytes queued for the writer."""
+
+    max_file_bytes: int
+    check_field: Callable[[str, str], None]
+    fields: dict[str, str] = field(default_factory=dict)
+    filename: str | None = None  # set once the file part's headers are read
+    file_bytes: int = 0
+    queued: list[bytes] = field(default_factory=list)
+    queued_bytes: int = 0
+    ended: bool = False
+    _parts: int = 0
+    _header_name: bytearray = field(default_factory=bytearray)
+    _header_value: bytearray = field(default_factory=bytearray)
+    _disposition: bytes = b""
+    _name: str | None = None
+    _in_file: bool = False
+    _value: bytearray = field(default_factory=bytearray)
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_val,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def take(self) -> list[bytes]:
+        queued, self.queued, self.queued_bytes = self.queued, [], 0
+        return queued
+
+    def _part_begin(self) -> None:
+        self._parts += 1
+        if self._parts > MAX_PARTS:
+            raise InvalidRequest(f"the form has more than {MAX_PARTS} parts")
+        self._disposition = b""
+        self._name = None
+        self._in_file = False
+        self._value.clear()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_val(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if bytes(self._header_name).lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name")
+        if name is None:
+            raise InvalidRequest("a form part has no name")
+        self._name = name.decode("utf-8", "replace")
+        if self._name == FILE_FIELD:
+            if self.filename is not None:
+                raise InvalidRequest("the form has more than one file", param=FILE_FIELD)
+            raw = options.get(b"filename") or b"upload"
+            # Only the base name: a client-side path means nothing here.
+            base = raw.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
+            self.filename = base[:MAX_FILENAME_CHARS] or "upload"
+            self._in_file = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file:
+            self.file_bytes += end - start
+            if self.file_bytes > self.max_file_bytes:
+                raise PayloadTooLarge(
+                    f"the file is larger than {self.max_file_bytes} bytes, the largest accepted",
+                    param=FILE_FIELD,
+                )
+            self.queued.append(data[start:end])
+            self.queued_bytes += end - start
+        else:
+            self._value += data[start:end]
+            if len(self._value) > MAX_FIELD_BYTES:
+                raise InvalidRequest(f"form field {self._name!r} is too long", param=self._name)
+
+    def _part_end(self) -> None:
+        if not self._in_file and self._name is not None:
+            value = self._value.decode("utf-8", "replace")
+            # Checked now, so a bad `purpose` sent before the file fails before any byte is stored.
+            self.check_field(self._name, value)
+            self.fields[self._name] = value
+        self._in_file = False
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+class _Writer:
+    """The temp file and the line scan; every method blocks, so each runs in a worker thread."""
+
+    def __init__(self, storage: FileStorage, key: str) -> None:
+        self._file: IO[bytes] = open(storage.temp_path(key), "wb")  # noqa: SIM115
+        self.scanner = UploadScanner()
+
+    def write(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._file.write(chunk)
+            self.scanner.feed(chunk)
+
+    def close(self) -> None:
+        self._file.close()
+        self.scanner.finish()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+async def receive(
+    request: Request[Any, Any, Any],
+    storage: FileStorage,
+    key: str,
+    *,
+    max_file_bytes: int,
+    check_field: Callable[[str, str], None],
+) -> Upload:
+    """Read the multipart body: the file part into `storage.temp_path(key)` (not committed: the
+    caller commits or deletes it), the other fields into `Upload.fields`, each passed to
+    `check_field(name, value)` as soon as it is complete (it raises to refuse the upload)."""
+    content_type, options = request.content_type
+    if content_type != "multipart/form-data" or not options.get("boundary"):
+        raise InvalidRequest("expected a multipart/form-data body with a file", param=FILE_FIELD)
+    announced = request.content_length
+    if announced is not None and announced > max_file_bytes + FORM_OVERHEAD_BYTES:
+        raise PayloadTooLarge(
+            f"the request is larger than the largest file accepted ({max_file_bytes} bytes)",
+            param=FILE_FIELD,
+        )
+    form = _Form(max_file_bytes=max_file_bytes, check_field=check_field)
+    try:
+        parser = MultipartParser(options["boundary"], form.callbacks())
+    except FormParserError as e:
+        raise InvalidRequest(f"bad multipart body: {e}", param=FILE_FIELD) from None
+    writer: _Writer | None = None
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                try:
+                    parser.write(chunk)
+                except FormParserError as e:
+                    raise InvalidRequest(f"bad multipart body: {e}", param=FILE_FIELD) from None
+            if form.filename is not None and writer is None:
+                writer = await anyio.to_thread.run_sync(_Writer, storage, key)
+            if (
+                writer is not None
+                and form.queued
+                and (form.queued_bytes >= WRITE_BATCH_BYTES or not chunk)
+            ):
+                await anyio.to_thread.run_sync(writer.write, form.take())
+        parser.finalize()
+        if not form.ended:
+            raise InvalidRequest("the multipart body ended early", param=FILE_FIELD)
+        if writer is None or form.filename is None:
+            raise InvalidRequest("the form has no file part named 'file'", param=FILE_FIELD)
+        if form.queued:
+            await anyio.to_thread.run_sync(writer.write, form.take())
+        await anyio.to_thread.run_sync(writer.close)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        storage.delete(key)
+        raise
+    return Upload(
+        fields=form.fields,
+        filename=form.filename,
+        size=form.file_bytes,
+        line_count=writer.scanner.line_count,
+        models=list(writer.scanner.models),
+    )

@@ -1,0 +1,3 @@
+from services.results_writer.service import main
+
+main()
