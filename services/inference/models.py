@@ -9,6 +9,7 @@ Run `python -m services.inference.models` at setup so the first engine start doe
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -88,9 +89,11 @@ def _convert_smollm2(target: Path) -> None:
     if not tokenizer.chat_template:
         # Without it vLLM's chat endpoint refuses every request; the GGUF metadata carries it.
         raise RuntimeError(f"{gguf.name} has no chat template")
+    # Dequantize in fp32 (transformers' GGUF kernels compute in fp32; asking for bf16 here makes
+    # every op cast), then round once to the dtype we store.
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, _SAVE_DTYPE)
-    )
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).to(getattr(torch, _SAVE_DTYPE))
     # The weights are already dequantized; the GGUF quantizer left behind makes save_pretrained
     # refuse ("model is quantized and cannot be saved"), and vLLM would try to use it.
     model.hf_quantizer = None
@@ -99,11 +102,17 @@ def _convert_smollm2(target: Path) -> None:
 
     # Build in a sibling temp dir and rename: a conversion killed half way leaves no directory
     # that looks finished, and the next run simply starts over.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # mkdtemp's 0700 (and the 0600 some writers use) would hide the model from services
+        # that run as another user.
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
         (tmp / _DONE_MARKER).write_text(f"{gguf.name}\n")
         if target.exists():  # an older, unfinished attempt
             shutil.rmtree(target)
@@ -114,15 +123,25 @@ def _convert_smollm2(target: Path) -> None:
     log.info("converted %s in %.1f s", DEFAULT_CHAT_MODEL, time.monotonic() - started)
 
 
+def _ensure_smollm2(target: Path) -> None:
+    if (target / _DONE_MARKER).exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes may share one models dir (jetbatch up starts a worker per model, tests
+    # share a cache): one converts, the others wait for it and then find it done.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / _DONE_MARKER).exists():
+            _convert_smollm2(target)
+
+
 def prepare_models(settings: Settings) -> None:
     """Make every configured default model loadable offline; cheap when already done."""
     for spec in settings.models:
         if spec.path:
             continue  # the operator's own weights: nothing to prepare
         if spec.name == DEFAULT_CHAT_MODEL:
-            target = _smollm2_dir(settings)
-            if not (target / _DONE_MARKER).exists():
-                _convert_smollm2(target)
+            _ensure_smollm2(_smollm2_dir(settings))
         elif spec.name == DEFAULT_EMBED_MODEL:
             _minilm_dir()  # used in place; fail now, not at engine start, if it is missing
 

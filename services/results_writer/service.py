@@ -62,16 +62,12 @@ FILE_FLUSH_BYTES = 1024 * 1024
 DRAIN_TIMEOUT_S = 20.0
 RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
-# Errors caused by the content of a result (bad text for PostgreSQL, out-of-range integers):
-# the fetch is split to find the culprit. Any other error is treated as the database being
-# unavailable, so a bug or an outage never makes us throw results away.
-_DATA_ERRORS: tuple[type[Exception], ...] = (
-    asyncpg.DataError,
-    asyncpg.IntegrityConstraintViolationError,
-    ValueError,  # includes asyncpg's client-side DataError and UnicodeError
-    TypeError,
-    OverflowError,
-)
+# Errors caused by the content of a result: text PostgreSQL refuses (NUL, bad UTF-8) or an
+# integer out of its column's range. The fetch is split to find the culprit. Any other error
+# is treated as the database being unavailable, so an outage never makes us throw results away.
+_DATA_ERRORS: tuple[type[Exception], ...] = (asyncpg.DataError, UnicodeError, OverflowError)
+# A fetch whose every result is refused is retried this many deliveries before being rejected.
+SYSTEMATIC_RETRIES = 3
 
 _decoder = msgspec.json.Decoder(ResultMessage)
 _encoder = msgspec.json.Encoder()
@@ -442,22 +438,39 @@ class _Runner:
                 self._writer.submit_finalize(t.batch_id)
 
     async def _write(self, results: list[ResultMessage], msgs: list[Msg]) -> list[store.Touched]:
-        """Write and ack; on an error caused by content, split the fetch in halves until the
-        culprit is alone, then reject it: one bad result never holds up the others."""
+        """Write and ack. On an error caused by content, split the fetch in halves until each
+        culprit is alone and reject it: one bad result never holds up the others."""
+        refused: list[tuple[Msg, ResultMessage, Exception]] = []
+        touched = await self._write_split(results, msgs, refused)
+        if (
+            len(refused) == len(results) > 1
+            and min(bus.delivery_count(m) for m, _, _ in refused) < SYSTEMATIC_RETRIES
+        ):
+            # Every result refused looks like our fault (a bug, a schema change), not theirs:
+            # retry the fetch later rather than throw it away. Terming is the last resort, and
+            # even then RESULTS keeps the messages for replay.
+            raise refused[0][2]
+        for msg, result, error in refused:
+            await reject(msg, f"unwritable ({result.batch_id}/{result.custom_id}): {error!r}")
+        return touched
+
+    async def _write_split(
+        self,
+        results: list[ResultMessage],
+        msgs: list[Msg],
+        refused: list[tuple[Msg, ResultMessage, Exception]],
+    ) -> list[store.Touched]:
         if not results:
             return []
         try:
             touched = await self._writer.handle(results)
         except _DATA_ERRORS as e:
             if len(results) == 1:
-                await reject(
-                    msgs[0], f"unwritable ({results[0].batch_id}/{results[0].custom_id}): {e!r}"
-                )
+                refused.append((msgs[0], results[0], e))
                 return []
             mid = len(results) // 2
-            return await self._write(results[:mid], msgs[:mid]) + await self._write(
-                results[mid:], msgs[mid:]
-            )
+            first = await self._write_split(results[:mid], msgs[:mid], refused)
+            return first + await self._write_split(results[mid:], msgs[mid:], refused)
         for msg in msgs:  # after commit: a crash before this only causes redelivery
             await msg.ack()
         return touched

@@ -34,6 +34,7 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
     if not settings.nats_url:
         raise config.ConfigError("JETBATCH_NATS_URL is not set")
     nc = await bus.connect(settings.nats_url, name="webhook_notifier")
+    sub = None
     try:
         js = nc.jetstream()
         await bus.ensure_streams(js)
@@ -52,6 +53,10 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
                 await handle(event)
                 await msg.ack()
     finally:
+        # An open pull subscription makes drain() wait out its whole timeout.
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         with contextlib.suppress(Exception):
             await nc.drain()
 

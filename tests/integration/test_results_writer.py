@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -178,7 +179,10 @@ async def wait_status(conn: asyncpg.Connection, batch_id: str, status: str) -> a
 
 async def wait_all_acked(js: JetStreamContext) -> None:
     async def check() -> bool:
-        info = await js.consumer_info(bus.RESULTS.name, service.DURABLE)
+        try:
+            info = await js.consumer_info(bus.RESULTS.name, service.DURABLE)
+        except NotFoundError:  # the writer has not created its consumer yet
+            return False
         return info.num_ack_pending == 0 and info.num_pending == 0
 
     await eventually(check, "every result message to be acked or termed")
@@ -187,15 +191,15 @@ async def wait_all_acked(js: JetStreamContext) -> None:
 async def batch_events(js: JetStreamContext) -> list[tuple[str, BatchEvent, str | None]]:
     """Every message on EVENTS: (subject, event, Nats-Msg-Id)."""
     info = await js.stream_info(bus.EVENTS.name)
-    out = []
+    out: list[tuple[str, BatchEvent, str | None]] = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         if info.state.messages == 0:
             break
         msg = await js.get_msg(bus.EVENTS.name, seq)
+        assert msg.subject is not None and msg.data is not None
         headers = msg.headers or {}
-        out.append(
-            (msg.subject, msgspec.json.decode(msg.data, type=BatchEvent), headers.get(bus.MSG_ID))
-        )
+        event = msgspec.json.decode(msg.data, type=BatchEvent)
+        out.append((msg.subject, event, headers.get(bus.MSG_ID)))
     return out
 
 
@@ -531,6 +535,33 @@ async def test_unwritable_result_is_rejected_and_the_rest_of_its_fetch_is_writte
 
     assert (row["completed"], row["failed"]) == (n, 0)
     assert await conn.fetchval("SELECT count(*) FROM request_results") == n
+
+
+async def test_fetch_of_only_unwritable_results_is_retried_before_being_rejected(
+    settings: Settings,
+    conn: asyncpg.Connection,
+    js: JetStreamContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # When nothing in a fetch can be written, the fault may be ours (a bug, a schema change):
+    # the writer retries a few deliveries before it gives up on the messages.
+    await insert_batch(conn, "batch_only_poison", 2)
+    poison = [
+        msgspec.structs.replace(result("batch_only_poison", i), custom_id=f"bad\x00{i}")
+        for i in range(2)
+    ]
+    await publish(js, poison)
+
+    with caplog.at_level(logging.WARNING, logger=service.__name__):
+        async with running_writer(settings):
+            await wait_all_acked(js)
+
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    rejections = [r for r in caplog.records if "rejected result message" in r.getMessage()]
+    assert len(retries) == service.SYSTEMATIC_RETRIES - 1
+    assert len(rejections) == 2
+    assert all(f"delivery={service.SYSTEMATIC_RETRIES}" in r.getMessage() for r in rejections)
+    assert await conn.fetchval("SELECT count(*) FROM request_results") == 0
 
 
 async def test_two_writers_share_the_work_and_finalize_once(

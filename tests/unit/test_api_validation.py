@@ -91,6 +91,8 @@ def test_valid_lines_are_numbered_among_non_blank_lines() -> None:
         (line(42), "missing_custom_id"),
         (b'{"method": "POST", "url": "/v1/chat/completions", "body": {"model": "chat-model"}}\n',
          "missing_custom_id"),
+        (line("a\x00b"), "invalid_custom_id"),
+        (line("x" * 513), "invalid_custom_id"),
         (line("x", method="GET"), "invalid_method"),
         (line("x", method=None), "invalid_method"),
         (line("x", url="/v1/embeddings"), "mismatched_url"),
