@@ -134,3 +134,84 @@ class InteractiveRequest(msgspec.Struct, kw_only=True, frozen=True):
     @staticmethod
     def subject_for(model: str) -> str:
         return f"jetbatch.interactive.{subject_token(model)}"
+
+
+StopReason = Literal["cancelled", "expired"]
+
+
+class BatchStop(msgspec.Struct, kw_only=True, frozen=True):
+    """Put into KV bucket `jetbatch_cancelled` under the batch id when a batch's remaining
+    requests must not run: it was cancelled, or its completion window passed. Workers answer
+    its queued requests with a `batch_cancelled` / `batch_expired` error result without running
+    the engine, and abort the ones they are running."""
+
+    batch_id: str
+    reason: StopReason
+    at: int  # unix seconds
+
+    @property
+    def error_code(self) -> str:
+        """The code of the error line each of the batch's unfinished requests becomes."""
+        return f"batch_{self.reason}"
+
+    @property
+    def error_message(self) -> str:
+        if self.reason == "cancelled":
+            return "The batch was cancelled before this request was run."
+        return "This request could not be executed before the completion window expired."
+
+
+class BatchCommand(msgspec.Struct, kw_only=True, frozen=True):
+    """Work the watchdog asks of the api for one batch. Published to CONTROL on
+    `jetbatch.control.batch.<action>`; any api replica takes it (durable `api`).
+
+    - `redrive`: re-run the idempotent validate-and-publish of a batch a crashed api left in
+      `validating` (or in progress but not fully published).
+    - `close_out`: a cancelled or expired batch's grace period is over: every line still without
+      a result becomes a `batch_cancelled` / `batch_expired` error line, so it can finalize.
+    """
+
+    subject: ClassVar[str] = "jetbatch.control.batch.{action}"
+
+    batch_id: str
+    action: Literal["redrive", "close_out"]
+    issued_at: int
+
+    @staticmethod
+    def subject_for(action: str) -> str:
+        return f"jetbatch.control.batch.{action}"
+
+
+class DeadLetterMessage(msgspec.Struct, kw_only=True, frozen=True):
+    """A message a service without a database had to reject (an inference worker: a request
+    that does not decode). Published to DEADLETTERS on `jetbatch.deadletters.<stream>` with
+    `Nats-Msg-Id: dl:<stream>:<stream_seq>`; the watchdog records it in table `dead_letters`."""
+
+    subject: ClassVar[str] = "jetbatch.deadletters.{stream}"
+
+    stream: str  # where the rejected message was stored
+    stream_seq: int
+    consumer: str
+    original_subject: str
+    payload: bytes  # base64 in JSON
+    error: str
+    deliveries: int = 1
+    headers: dict[str, str] | None = None
+
+    @staticmethod
+    def subject_for(stream: str) -> str:
+        return f"jetbatch.deadletters.{stream}"
+
+    @property
+    def msg_id(self) -> str:
+        return f"dl:{self.stream}:{self.stream_seq}"
+
+
+class LineKey(msgspec.Struct, kw_only=True, frozen=True):
+    """What request and result messages share, read leniently (every field optional, anything
+    else ignored) from a message that does not decode as its own type, to tell which batch line
+    a dead letter belongs to."""
+
+    batch_id: str | None = None
+    line: int | None = None
+    custom_id: str | None = None

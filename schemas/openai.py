@@ -144,6 +144,15 @@ class Batch(msgspec.Struct, kw_only=True):
     request_counts: RequestCounts = msgspec.field(default_factory=RequestCounts)
     usage: BatchUsage = msgspec.field(default_factory=BatchUsage)
     metadata: dict[str, str] | None = None
+    # Extra fields beyond OpenAI's: the batch's webhook deliveries (README: Webhooks). Status
+    # pending | delivered | failed (a delivery is a dead letter), null when nothing is sent;
+    # attempts over all its deliveries; the last error while pending or failed.
+    webhook_status: Literal["pending", "delivered", "failed"] | None = None
+    webhook_attempts: int = 0
+    webhook_error: str | None = None
+    # Extra field beyond OpenAI's: since when the watchdog has seen no progress on this open
+    # batch (JETBATCH_BATCH_STALL_S); null while it progresses.
+    stalled_at: int | None = None
 
 
 class BatchList(msgspec.Struct, kw_only=True):

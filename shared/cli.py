@@ -28,6 +28,9 @@ USAGE = """jetbatch COMMAND [ARGS]
   webhook-notifier    run the webhook notifier
   watchdog            run the watchdog
   migrate             apply database migrations to JETBATCH_DATABASE_URL
+  webhooks add|list|remove|deliveries|dead|show|resend
+                      manage webhook endpoints and dead letters through the api
+                      (`jetbatch webhooks --help`)
   setup               prepare the default models offline (done by infra/install.sh)
 
 Configuration comes from JETBATCH_* environment variables: see README.md."""
@@ -46,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "up":
             parser = argparse.ArgumentParser(prog="jetbatch up")
-            parser.add_argument("--engine", choices=["vllm", "instant"], default=None,
-                                help="instant = fake engine, for tests and benchmarks only")
+            parser.add_argument(
+                "--engine",
+                choices=["vllm", "instant"],
+                default=None,
+                help="instant = fake engine, for tests and benchmarks only",
+            )
             args = parser.parse_args(rest)
             if args.engine:
                 import os
@@ -58,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             from shared.supervisor import up
 
             return up(settings)
+        if command == "webhooks":
+            from services.webhook_notifier.cli import main as webhooks_main
+
+            return webhooks_main(rest)
         if command == "migrate":
             settings = config.load()
             telemetry.setup("migrate", settings.log_level)

@@ -5,6 +5,9 @@ Loading fails before any connection opens: a bad value is a clear ConfigError na
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -33,6 +36,63 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
         return EMBED_ENDPOINTS if self.task == "embed" else CHAT_ENDPOINTS
 
 
+# What `jetbatch up` allows when JETBATCH_WEBHOOK_ALLOWED_NETWORKS is unset: a local receiver.
+LOOPBACK_NETWORKS = "127.0.0.0/8,::1/128"
+
+
+class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The webhook notifier's delivery policy (README: Webhooks)."""
+
+    # Signs deliveries to a batch's own metadata.webhook_url (endpoints have their own secrets).
+    secret: str | None = None
+    max_attempts: int = 15
+    # Past this age (from the event) a failing delivery is dead-lettered: OpenAI's 72 hours.
+    max_age_s: float = 72 * 3600
+    # Full jitter: the wait before attempt n+1 is uniform in [0, min(max, base * 2**(n-1))].
+    backoff_base_s: float = 10.0
+    backoff_max_s: float = 6 * 3600
+    timeout_s: float = 10.0  # one attempt, connect to last byte read
+    concurrency: int = 64  # attempts in flight, per notifier process
+    concurrency_per_host: int = 4  # so one slow receiver cannot take every slot
+    # Destinations resolving to non-public addresses (loopback, private, link-local, ...) are
+    # refused unless inside one of these networks (CIDR strings, normalized).
+    allowed_networks: tuple[str, ...] = ()
+
+
+class LimitSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What one deployment accepts at once (README: Limits). Over a limit, batch creation is
+    refused with 429 and nothing is created."""
+
+    # Seconds a batch has to finish once created. OpenAI's "24h"; operators may shorten it (tests
+    # use seconds). The API still only accepts completion_window "24h".
+    completion_window_s: int = 86_400
+    max_active_batches: int = 10  # batches validating or in progress (cancelling ones included)
+    max_queued_requests: int = 500_000  # requests of open batches without a result yet
+
+
+class HealthSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Watchdog timings and health thresholds (README: Operations)."""
+
+    worker_stale_s: float = 60.0  # a heartbeat older than this is a stale worker
+    batch_stall_s: float = 1800.0  # an open batch without progress this long is flagged stalled
+    watchdog_interval_s: float = 5.0  # how often the watchdog looks
+    # A batch left in `validating` (or in_progress but not fully published) this long without
+    # progress is re-driven: the api re-runs its idempotent validate-and-publish.
+    redrive_after_s: float = 60.0
+    # A cancelled or expired batch waits this long for workers to report what they were running
+    # before every line still without a result becomes a batch_cancelled/batch_expired line.
+    close_grace_s: float = 10.0
+    # Refuse batch creation (503) when no healthy worker for the model was seen within
+    # worker_stale_s. Off by default: in development workers start after the api.
+    require_healthy_worker: bool = False
+    # A worker stops pulling while its GPU is above either threshold (0 = no threshold). vLLM
+    # takes 90% of GPU memory by design, so only more than that means someone else is using it.
+    gpu_max_memory_pct: float = 98.0
+    gpu_max_temperature_c: float = 88.0
+    # On SIGTERM, how long a worker lets in-flight requests finish before handing them back.
+    drain_timeout_s: float = 30.0
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path
     # Where converted default models are cached (default <data dir>/models); several data dirs
@@ -54,6 +114,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     request_max_deliver: int = 5
     heartbeat_interval_s: float = 5.0
     sync_timeout_s: float = 600.0
+    webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
+    limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
+    health: HealthSettings = msgspec.field(default_factory=HealthSettings)
+    # Instant engine only (tests, benchmarks): seconds each request takes, abortable.
+    instant_delay_s: float = 0.0
 
     @property
     def files_dir(self) -> Path:
@@ -113,6 +178,98 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
+def parse_networks(name: str, value: str) -> tuple[str, ...]:
+    networks: list[str] = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not a network (e.g. 10.0.0.0/8)") from None
+    return tuple(networks)
+
+
+def check_webhook_secret(name: str, value: str) -> str:
+    """A Standard Webhooks secret: `whsec_` + base64 of 24..64 random bytes."""
+    if not value.startswith("whsec_"):
+        raise ConfigError(f"{name} must start with whsec_")
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{name}: the part after whsec_ must be base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ConfigError(f"{name}: the key must be 24 to 64 bytes, got {len(key)}")
+    return value
+
+
+def _positive(env: dict[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def load_webhooks(env: dict[str, str]) -> WebhookSettings:
+    secret = env.get("JETBATCH_WEBHOOK_SECRET") or None
+    settings = WebhookSettings(
+        secret=check_webhook_secret("JETBATCH_WEBHOOK_SECRET", secret) if secret else None,
+        max_attempts=_int(env, "JETBATCH_WEBHOOK_MAX_ATTEMPTS", 15, minimum=1),
+        max_age_s=_positive(env, "JETBATCH_WEBHOOK_MAX_AGE_S", 72 * 3600),
+        backoff_base_s=_positive(env, "JETBATCH_WEBHOOK_BACKOFF_BASE_S", 10.0),
+        backoff_max_s=_positive(env, "JETBATCH_WEBHOOK_BACKOFF_MAX_S", 6 * 3600),
+        timeout_s=_positive(env, "JETBATCH_WEBHOOK_TIMEOUT_S", 10.0),
+        concurrency=_int(env, "JETBATCH_WEBHOOK_CONCURRENCY", 64, minimum=1),
+        concurrency_per_host=_int(env, "JETBATCH_WEBHOOK_CONCURRENCY_PER_HOST", 4, minimum=1),
+        allowed_networks=parse_networks(
+            "JETBATCH_WEBHOOK_ALLOWED_NETWORKS", env.get("JETBATCH_WEBHOOK_ALLOWED_NETWORKS", "")
+        ),
+    )
+    if settings.concurrency_per_host > settings.concurrency:
+        raise ConfigError(
+            "JETBATCH_WEBHOOK_CONCURRENCY_PER_HOST must be <= JETBATCH_WEBHOOK_CONCURRENCY"
+        )
+    return settings
+
+
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _non_negative(env: dict[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def load_limits(env: dict[str, str]) -> LimitSettings:
+    return LimitSettings(
+        completion_window_s=_int(env, "JETBATCH_COMPLETION_WINDOW_S", 86_400, minimum=1),
+        max_active_batches=_int(env, "JETBATCH_MAX_ACTIVE_BATCHES", 10, minimum=1),
+        max_queued_requests=_int(env, "JETBATCH_MAX_QUEUED_REQUESTS", 500_000, minimum=1),
+    )
+
+
+def load_health(env: dict[str, str]) -> HealthSettings:
+    return HealthSettings(
+        worker_stale_s=_positive(env, "JETBATCH_WORKER_STALE_S", 60.0),
+        batch_stall_s=_positive(env, "JETBATCH_BATCH_STALL_S", 1800.0),
+        watchdog_interval_s=_positive(env, "JETBATCH_WATCHDOG_INTERVAL_S", 5.0),
+        redrive_after_s=_positive(env, "JETBATCH_REDRIVE_AFTER_S", 60.0),
+        close_grace_s=_non_negative(env, "JETBATCH_CLOSE_GRACE_S", 10.0),
+        require_healthy_worker=_bool(env, "JETBATCH_REQUIRE_HEALTHY_WORKER", False),
+        gpu_max_memory_pct=_non_negative(env, "JETBATCH_GPU_MAX_MEMORY_PCT", 98.0),
+        gpu_max_temperature_c=_non_negative(env, "JETBATCH_GPU_MAX_TEMPERATURE_C", 88.0),
+        drain_timeout_s=_non_negative(env, "JETBATCH_DRAIN_TIMEOUT_S", 30.0),
+    )
+
+
 def load(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     engine = env.get("JETBATCH_ENGINE", "vllm") or "vllm"
@@ -140,4 +297,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         request_max_deliver=_int(env, "JETBATCH_REQUEST_MAX_DELIVER", 5, minimum=1),
         heartbeat_interval_s=_float(env, "JETBATCH_HEARTBEAT_INTERVAL_S", 5.0),
         sync_timeout_s=_float(env, "JETBATCH_SYNC_TIMEOUT_S", 600.0),
+        webhooks=load_webhooks(env),
+        limits=load_limits(env),
+        health=load_health(env),
+        instant_delay_s=_non_negative(env, "JETBATCH_INSTANT_DELAY_S", 0.0),
     )

@@ -71,7 +71,9 @@ class EmbeddedNats:
         log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log_file.close()
         wait_for_port(self.port, 15, self.proc)
@@ -103,7 +105,8 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
     except KeyError:
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
         return pwd.getpwnam(name)
 
@@ -149,9 +152,20 @@ class EmbeddedPostgres:
         self.data_dir.chmod(0o700)
         if not (self.data_dir / "PG_VERSION").exists():
             subprocess.run(
-                [str(_pg_bin() / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                 "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"],
-                check=True, capture_output=True, **self._run_as(),  # type: ignore[call-overload]
+                [
+                    str(_pg_bin() / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                    "--no-instructions",
+                ],
+                check=True,
+                capture_output=True,
+                **self._run_as(),  # type: ignore[call-overload]
             )
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / "postmaster.pid").unlink()  # left by a SIGKILLed server
@@ -160,10 +174,26 @@ class EmbeddedPostgres:
         if self._user is not None:
             os.chown(log_path, self._user.pw_uid, self._user.pw_gid)
         self.proc = subprocess.Popen(
-            [str(_pg_bin() / "postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
-             "-p", str(self.port), "-k", "", "-c", "max_connections=200",
-             "-c", "shared_buffers=128MB", "-c", "synchronous_commit=off"],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(_pg_bin() / "postgres"),
+                "-D",
+                str(self.data_dir),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-k",
+                "",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=128MB",
+                "-c",
+                "synchronous_commit=off",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             **self._run_as(),  # type: ignore[call-overload]
         )
         log_file.close()
@@ -177,9 +207,19 @@ class EmbeddedPostgres:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.data_dir}/server.log")
+                raise RuntimeError(
+                    f"postgres exited with {self.proc.returncode}; see {self.data_dir}/server.log"
+                )
             ready = subprocess.run(
-                [str(_pg_bin() / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
+                [
+                    str(_pg_bin() / "pg_isready"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                ],
                 capture_output=True,
             )
             if ready.returncode == 0:

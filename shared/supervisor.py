@@ -5,6 +5,7 @@ dies. SIGINT/SIGTERM stops everything it started, services first, servers last."
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -15,7 +16,6 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from shared import config, db
 from shared.embedded import EmbeddedNats, EmbeddedPostgres
@@ -54,6 +54,20 @@ def ensure_api_key(settings: config.Settings) -> str:
     return key
 
 
+def ensure_webhook_secret(settings: config.Settings) -> str:
+    """JETBATCH_WEBHOOK_SECRET, or the whsec_ one generated on an earlier run, or a new one
+    (saved 0600 in <data dir>/webhook-secret): signs deliveries to batches' metadata.webhook_url."""
+    if settings.webhooks.secret:
+        return settings.webhooks.secret
+    path = settings.data_dir / "webhook-secret"
+    if path.exists() and path.read_text().strip():
+        return config.check_webhook_secret(str(path), path.read_text().strip())
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return secret
+
+
 def service_children(settings: config.Settings) -> list[Child]:
     py = [sys.executable, "-m"]
     children = [
@@ -63,7 +77,9 @@ def service_children(settings: config.Settings) -> list[Child]:
         Child("watchdog", [*py, "services.watchdog"]),
     ]
     for spec in settings.models:
-        children.append(Child(f"inference[{spec.name}]", [*py, "services.inference", "--model", spec.name]))
+        children.append(
+            Child(f"inference[{spec.name}]", [*py, "services.inference", "--model", spec.name])
+        )
     return children
 
 
@@ -110,16 +126,24 @@ def up(settings: config.Settings) -> int:
 
             prepare_models(settings)
         api_key = ensure_api_key(settings)
+        webhook_secret = ensure_webhook_secret(settings)
         env = dict(os.environ)
-        env.update({
-            "JETBATCH_NATS_URL": nats_url,
-            "JETBATCH_DATABASE_URL": database_url,
-            "JETBATCH_API_KEY": api_key,
-            "JETBATCH_DATA_DIR": str(settings.data_dir),
-            "JETBATCH_ENGINE": settings.engine,
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-        })
+        env.update(
+            {
+                "JETBATCH_NATS_URL": nats_url,
+                "JETBATCH_DATABASE_URL": database_url,
+                "JETBATCH_API_KEY": api_key,
+                "JETBATCH_WEBHOOK_SECRET": webhook_secret,
+                # A receiver on this machine works out of the box; other private ranges stay refused.
+                "JETBATCH_WEBHOOK_ALLOWED_NETWORKS": os.environ.get(
+                    "JETBATCH_WEBHOOK_ALLOWED_NETWORKS", config.LOOPBACK_NETWORKS
+                ),
+                "JETBATCH_DATA_DIR": str(settings.data_dir),
+                "JETBATCH_ENGINE": settings.engine,
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+            }
+        )
         children = service_children(settings)
         for child in children:
             child.start(env)
@@ -128,6 +152,7 @@ def up(settings: config.Settings) -> int:
         if wait_healthy(f"{base}/healthz", 120, children):
             print(f"jetbatch is up: base URL {base}/v1", flush=True)
             print(f"API key: {api_key} (saved in {settings.data_dir / 'api-key'})", flush=True)
+            print(f"webhook secret: saved in {settings.data_dir / 'webhook-secret'}", flush=True)
         else:
             log.error("the api did not become healthy; see the logs above")
         while not stopping:
@@ -138,7 +163,9 @@ def up(settings: config.Settings) -> int:
                     # A process that ran a while earns a fast restart; a crash loop backs off.
                     if now - child.started_at > 60:
                         child.backoff_s = 0.5
-                    log.warning("%s exited with %s; restarting in %.1fs", child.name, code, child.backoff_s)
+                    log.warning(
+                        "%s exited with %s; restarting in %.1fs", child.name, code, child.backoff_s
+                    )
                     child.proc = None
                     child.next_start = now + child.backoff_s
                     child.backoff_s = min(RESTART_BACKOFF_MAX_S, child.backoff_s * 2)

@@ -45,22 +45,28 @@ def _get(url: str, key: str) -> dict:
 def start_system(data_dir: Path, engine: str, log_name: str) -> System:
     port = free_port()
     env = dict(os.environ)
-    env.update({
-        "JETBATCH_DATA_DIR": str(data_dir),
-        "JETBATCH_MODELS_DIR": str(REPO / ".jetbatch" / "models"),
-        "JETBATCH_API_PORT": str(port),
-        "JETBATCH_API_KEY": API_KEY,
-        "JETBATCH_ENGINE": engine,
-        "JETBATCH_HEARTBEAT_INTERVAL_S": "1",
-    })
+    env.update(
+        {
+            "JETBATCH_DATA_DIR": str(data_dir),
+            "JETBATCH_MODELS_DIR": str(REPO / ".jetbatch" / "models"),
+            "JETBATCH_API_PORT": str(port),
+            "JETBATCH_API_KEY": API_KEY,
+            "JETBATCH_ENGINE": engine,
+            "JETBATCH_HEARTBEAT_INTERVAL_S": "1",
+        }
+    )
     for name in ("JETBATCH_NATS_URL", "JETBATCH_DATABASE_URL"):
         env.pop(name, None)
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / log_name
     log_file = open(log_path, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "up"], cwd=REPO, env=env,
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        [sys.executable, "-m", "shared.cli", "up"],
+        cwd=REPO,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     system = System(f"http://127.0.0.1:{port}/v1", API_KEY, data_dir, proc, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -43,19 +43,40 @@ def output_lines(client: openai.OpenAI, file_id: str | None) -> list[OutputLine]
 def test_chat_batch_runs_through_vllm_to_output_and_error_files(client: openai.OpenAI) -> None:
     prompts = ["Say hello.", "What is 2+2?", "Name a colour.", "Count to three.", "Say bye."]
     lines = [
-        {"custom_id": f"chat-{i}", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": CHAT, "messages": [{"role": "user", "content": p}],
-                  "max_tokens": 12, "temperature": 0}}
+        {
+            "custom_id": f"chat-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": CHAT,
+                "messages": [{"role": "user", "content": p}],
+                "max_tokens": 12,
+                "temperature": 0,
+            },
+        }
         for i, p in enumerate(prompts)
     ]
     # The engine rejects this one (max_tokens beyond the context): an error line, not a failure.
-    lines.append({"custom_id": "too-long", "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": CHAT, "messages": [{"role": "user", "content": "hi"}],
-                           "max_tokens": 1_000_000}})
+    lines.append(
+        {
+            "custom_id": "too-long",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": CHAT,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 1_000_000,
+            },
+        }
+    )
     uploaded = client.files.create(file=("chat.jsonl", jsonl(lines)), purpose="batch")
     validate("OpenAIFile", uploaded.model_dump())
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                  completion_window="24h", metadata={"run": "e2e"})
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"run": "e2e"},
+    )
     assert batch.status in ("validating", "in_progress")
     validate("Batch", batch.model_dump())
 
@@ -94,13 +115,18 @@ def test_chat_batch_runs_through_vllm_to_output_and_error_files(client: openai.O
 
 def test_embeddings_batch_returns_one_vector_per_line(client: openai.OpenAI) -> None:
     lines = [
-        {"custom_id": f"emb-{i}", "method": "POST", "url": "/v1/embeddings",
-         "body": {"model": EMBED, "input": f"sentence number {i}"}}
+        {
+            "custom_id": f"emb-{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": EMBED, "input": f"sentence number {i}"},
+        }
         for i in range(8)
     ]
     uploaded = client.files.create(file=("emb.jsonl", jsonl(lines)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings",
-                                  completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
     done = wait_done(client, batch.id)
     assert done.status == "completed", done
     assert (done.request_counts.completed, done.request_counts.failed) == (8, 0)
@@ -115,13 +141,18 @@ def test_embeddings_batch_returns_one_vector_per_line(client: openai.OpenAI) -> 
 
 def test_completions_batch_runs(client: openai.OpenAI) -> None:
     lines = [
-        {"custom_id": f"c-{i}", "method": "POST", "url": "/v1/completions",
-         "body": {"model": CHAT, "prompt": "Once upon a time", "max_tokens": 8, "seed": i}}
+        {
+            "custom_id": f"c-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": CHAT, "prompt": "Once upon a time", "max_tokens": 8, "seed": i},
+        }
         for i in range(3)
     ]
     uploaded = client.files.create(file=("c.jsonl", jsonl(lines)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
-                                  completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
+    )
     done = wait_done(client, batch.id)
     assert done.status == "completed", done
     ok = output_lines(client, done.output_file_id)
@@ -160,22 +191,44 @@ def test_bad_inputs_get_openai_errors(client: openai.OpenAI, system) -> None:
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve("file-doesnotexist")
 
-    unserved = client.files.create(file=("u.jsonl", jsonl([
-        {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "gpt-4o", "messages": []}}])), purpose="batch")
+    unserved = client.files.create(
+        file=(
+            "u.jsonl",
+            jsonl(
+                [
+                    {
+                        "custom_id": "1",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {"model": "gpt-4o", "messages": []},
+                    }
+                ]
+            ),
+        ),
+        purpose="batch",
+    )
     with pytest.raises(openai.BadRequestError, match="gpt-4o"):
-        client.batches.create(input_file_id=unserved.id, endpoint="/v1/chat/completions",
-                              completion_window="24h")
+        client.batches.create(
+            input_file_id=unserved.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
     with pytest.raises(openai.BadRequestError):
-        client.batches.create(input_file_id=unserved.id, endpoint="/v1/chat/completions",
-                              completion_window="48h")
+        client.batches.create(
+            input_file_id=unserved.id, endpoint="/v1/chat/completions", completion_window="48h"
+        )
 
-    broken = client.files.create(file=("b.jsonl", b'{"custom_id": "1", "method": "POST", '
-                                       b'"url": "/v1/chat/completions", "body": {"model": "'
-                                       + CHAT.encode() + b'", "messages": []}}\nnot json\n'),
-                                 purpose="batch")
-    batch = client.batches.create(input_file_id=broken.id, endpoint="/v1/chat/completions",
-                                  completion_window="24h")
+    broken = client.files.create(
+        file=(
+            "b.jsonl",
+            b'{"custom_id": "1", "method": "POST", '
+            b'"url": "/v1/chat/completions", "body": {"model": "'
+            + CHAT.encode()
+            + b'", "messages": []}}\nnot json\n',
+        ),
+        purpose="batch",
+    )
+    batch = client.batches.create(
+        input_file_id=broken.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     done = wait_done(client, batch.id, timeout_s=60)
     assert done.status == "failed"
     assert done.failed_at is not None

@@ -45,11 +45,21 @@ def test_up_restarts_a_killed_service_and_stops_cleanly(scratch_dir: Path) -> No
             pytest.fail("results writer was not restarted")
 
         # The system still works end to end after the restart.
-        line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}]}}
-        f = client.files.create(file=("a.jsonl", (json.dumps(line) + "\n").encode()), purpose="batch")
-        batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                      completion_window="24h")
+        line = {
+            "custom_id": "a",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "SmolLM2-135M-Instruct",
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        }
+        f = client.files.create(
+            file=("a.jsonl", (json.dumps(line) + "\n").encode()), purpose="batch"
+        )
+        batch = client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
         deadline = time.monotonic() + 60
         while client.batches.retrieve(batch.id).status != "completed":
             assert time.monotonic() < deadline, client.batches.retrieve(batch.id)

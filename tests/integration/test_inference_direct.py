@@ -10,6 +10,7 @@ import contextlib
 import msgspec
 import nats
 import pytest
+from nats.js.errors import KeyNotFoundError
 
 from schemas.messages import RequestMessage, ResultMessage, WorkerHeartbeat
 from services.inference import service as inference
@@ -17,8 +18,12 @@ from shared import bus, config
 
 
 def settings_for(nats_url: str, **extra: str) -> config.Settings:
-    env = {"JETBATCH_NATS_URL": nats_url, "JETBATCH_ENGINE": "instant",
-           "JETBATCH_DATA_DIR": "/tmp/jetbatch-unused", "JETBATCH_HEARTBEAT_INTERVAL_S": "0.2"}
+    env = {
+        "JETBATCH_NATS_URL": nats_url,
+        "JETBATCH_ENGINE": "instant",
+        "JETBATCH_DATA_DIR": "/tmp/jetbatch-unused",
+        "JETBATCH_HEARTBEAT_INTERVAL_S": "0.2",
+    }
     env.update(extra)
     return config.load(env)
 
@@ -55,17 +60,28 @@ async def test_request_published_to_jetstream_comes_back_as_a_result(nats_url: s
     async with running_worker(settings, "SmolLM2-135M-Instruct"):
         requests = [
             RequestMessage(
-                batch_id="ext-orders-1", line=i, custom_id=f"order-{i}",
-                endpoint="/v1/chat/completions", model="SmolLM2-135M-Instruct",
-                body=msgspec.Raw(msgspec.json.encode(
-                    {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": f"hi {i}"}]}
-                )),
+                batch_id="ext-orders-1",
+                line=i,
+                custom_id=f"order-{i}",
+                endpoint="/v1/chat/completions",
+                model="SmolLM2-135M-Instruct",
+                body=msgspec.Raw(
+                    msgspec.json.encode(
+                        {
+                            "model": "SmolLM2-135M-Instruct",
+                            "messages": [{"role": "user", "content": f"hi {i}"}],
+                        }
+                    )
+                ),
             )
             for i in range(5)
         ]
         for req in requests:
-            await js.publish(RequestMessage.subject_for(req.model), msgspec.json.encode(req),
-                             headers={"Nats-Msg-Id": req.msg_id})
+            await js.publish(
+                RequestMessage.subject_for(req.model),
+                msgspec.json.encode(req),
+                headers={"Nats-Msg-Id": req.msg_id},
+            )
         results = await read_results(js, "ext-orders-1", 5)
     assert sorted(r.custom_id for r in results) == [f"order-{i}" for i in range(5)]
     for r in results:
@@ -86,11 +102,18 @@ async def test_request_the_engine_rejects_comes_back_as_an_error_result(nats_url
     await bus.ensure_streams(js)
     async with running_worker(settings, "SmolLM2-135M-Instruct"):
         bad = RequestMessage(
-            batch_id="ext-bad", line=0, custom_id="bad-0", endpoint="/v1/chat/completions",
-            model="SmolLM2-135M-Instruct", body=msgspec.Raw(b'{"model": "SmolLM2-135M-Instruct"}'),
+            batch_id="ext-bad",
+            line=0,
+            custom_id="bad-0",
+            endpoint="/v1/chat/completions",
+            model="SmolLM2-135M-Instruct",
+            body=msgspec.Raw(b'{"model": "SmolLM2-135M-Instruct"}'),
         )
-        await js.publish(RequestMessage.subject_for(bad.model), msgspec.json.encode(bad),
-                         headers={"Nats-Msg-Id": bad.msg_id})
+        await js.publish(
+            RequestMessage.subject_for(bad.model),
+            msgspec.json.encode(bad),
+            headers={"Nats-Msg-Id": bad.msg_id},
+        )
         [result] = await read_results(js, "ext-bad", 1)
     assert not result.ok
     assert 400 <= result.status_code < 500
@@ -119,6 +142,6 @@ async def test_worker_heartbeats_into_the_workers_bucket(nats_url: str) -> None:
     assert beat.gpu_name is None  # no GPU here: NVML degrades cleanly
     # A stopped worker removes its heartbeat.
     assert kv is not None
-    with pytest.raises(Exception):
+    with pytest.raises(KeyNotFoundError):
         await kv.get("w-test")
     await nc.close()

@@ -18,18 +18,23 @@ def test_defaults_serve_the_two_offline_models() -> None:
 def test_models_accept_paths_and_tasks() -> None:
     specs = config.parse_models("SmolLM2-135M-Instruct, qwen=/m/qwen@generate, e5=/m/e5@embed")
     assert [(m.name, m.path, m.task) for m in specs] == [
-        ("SmolLM2-135M-Instruct", "", "generate"), ("qwen", "/m/qwen", "generate"), ("e5", "/m/e5", "embed"),
+        ("SmolLM2-135M-Instruct", "", "generate"),
+        ("qwen", "/m/qwen", "generate"),
+        ("e5", "/m/e5", "embed"),
     ]
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"JETBATCH_API_PORT": "eighty"}, "JETBATCH_API_PORT"),
-    ({"JETBATCH_API_PORT": "0"}, "JETBATCH_API_PORT"),
-    ({"JETBATCH_ENGINE": "magic"}, "JETBATCH_ENGINE"),
-    ({"JETBATCH_MODELS": "mine"}, "needs a path"),
-    ({"JETBATCH_MODELS": "a=/x,a=/y"}, "twice"),
-    ({"JETBATCH_MODELS": "a=/x@train"}, "generate or embed"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"JETBATCH_API_PORT": "eighty"}, "JETBATCH_API_PORT"),
+        ({"JETBATCH_API_PORT": "0"}, "JETBATCH_API_PORT"),
+        ({"JETBATCH_ENGINE": "magic"}, "JETBATCH_ENGINE"),
+        ({"JETBATCH_MODELS": "mine"}, "needs a path"),
+        ({"JETBATCH_MODELS": "a=/x,a=/y"}, "twice"),
+        ({"JETBATCH_MODELS": "a=/x@train"}, "generate or embed"),
+    ],
+)
 def test_bad_settings_fail_before_anything_starts(env: dict[str, str], needle: str) -> None:
     with pytest.raises(config.ConfigError, match=needle):
         config.load(env)

@@ -16,8 +16,14 @@ EMBED = SETTINGS.model("all-MiniLM-L6-v2")
 
 
 def request(body: dict, endpoint: str = "/v1/chat/completions", line: int = 0) -> RequestMessage:
-    return RequestMessage(batch_id="batch_x", line=line, custom_id=f"c{line}", endpoint=endpoint,
-                          model=body.get("model", ""), body=msgspec.Raw(msgspec.json.encode(body)))
+    return RequestMessage(
+        batch_id="batch_x",
+        line=line,
+        custom_id=f"c{line}",
+        endpoint=endpoint,
+        model=body.get("model", ""),
+        body=msgspec.Raw(msgspec.json.encode(body)),
+    )
 
 
 class FailingEngine:
@@ -43,7 +49,9 @@ def worker(engine, spec=CHAT) -> Worker:  # type: ignore[no-untyped-def]
 
 async def test_successful_request_becomes_a_200_result_with_usage() -> None:
     w = worker(InstantEngine(CHAT))
-    result = await w.handle(request({"model": CHAT.name, "messages": [{"role": "user", "content": "hi"}]}), 1)
+    result = await w.handle(
+        request({"model": CHAT.name, "messages": [{"role": "user", "content": "hi"}]}), 1
+    )
     assert result is not None and result.ok and result.status_code == 200
     assert result.batch_id == "batch_x" and result.custom_id == "c0"
     assert result.output_tokens > 0
@@ -83,7 +91,11 @@ async def test_engine_crash_is_retried_then_becomes_an_error_line_on_the_last_de
 
 
 async def test_engine_5xx_is_retried_like_a_crash() -> None:
-    w = worker(FailingEngine(EngineResult(status_code=503, error_code="EngineDeadError", error_message="dead")))
+    w = worker(
+        FailingEngine(
+            EngineResult(status_code=503, error_code="EngineDeadError", error_message="dead")
+        )
+    )
     req = request({"model": CHAT.name, "messages": []})
     assert await w.handle(req, 1) is None
     last = await w.handle(req, 3)

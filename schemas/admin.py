@@ -1,0 +1,69 @@
+"""jetbatch's own API objects, beyond OpenAI's: workers and dead letters (README: Operations)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class WorkerStatus(msgspec.Struct, kw_only=True):
+    """A worker's last heartbeat (schemas.messages.WorkerHeartbeat) and what the api makes of
+    it: `stale` when older than JETBATCH_WORKER_STALE_S, `healthy` as the worker reported."""
+
+    worker_id: str
+    host: str
+    pid: int
+    model: str
+    engine: str
+    started_at: int
+    seen_at: int
+    age_s: float
+    stale: bool
+    healthy: bool
+    in_flight: int
+    capacity: int
+    completed: int
+    tokens_per_s: float
+    gpu_index: int | None = None
+    gpu_name: str | None = None
+    gpu_memory_used_mb: int | None = None
+    gpu_memory_total_mb: int | None = None
+    gpu_temperature_c: int | None = None
+    gpu_utilization_pct: int | None = None
+    object: Literal["worker"] = "worker"
+
+
+class WorkerList(msgspec.Struct, kw_only=True):
+    data: list[WorkerStatus]
+    object: Literal["list"] = "list"
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """A message that could not be processed and was set aside (table `dead_letters`)."""
+
+    id: int
+    created_at: int
+    source: str  # the stream it was read from: REQUESTS, RESULTS, CONTROL
+    subject: str
+    error: str
+    deliveries: int
+    stream_seq: int | None = None
+    consumer: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
+    line: int | None = None
+    replayed_at: int | None = None
+    replay_count: int = 0
+    payload_bytes: int = 0
+    # The message as UTF-8 text (bytes that are not UTF-8 replaced); only on a retrieve.
+    payload: str | None = None
+    object: Literal["dead_letter"] = "dead_letter"
+
+
+class DeadLetterList(msgspec.Struct, kw_only=True):
+    data: list[DeadLetter]
+    first_id: int | None
+    last_id: int | None
+    has_more: bool
+    object: Literal["list"] = "list"
