@@ -37,3 +37,7 @@ fmt:
 # Benchmarks (print figures and ratios against their baselines; write bench/results/*.json)
 bench *args:
     {{venv}}/python -m bench {{args}}
+
+# Soak: batches flowing for a while under random SIGKILLs; prints submitted/returned/duplicates/lost
+soak *args:
+    {{venv}}/python -m bench.soak {{args}}

@@ -28,6 +28,9 @@ USAGE = """jetbatch COMMAND [ARGS]
   webhook-notifier    run the webhook notifier
   watchdog            run the watchdog
   migrate             apply database migrations to JETBATCH_DATABASE_URL
+  dlq list|show|replay
+                      dead letters: list them, show one, publish them again (through the api)
+  workers             every inference worker's last heartbeat, stale and unhealthy ones flagged
   webhooks add|list|remove|deliveries|dead|show|resend
                       manage webhook endpoints and dead letters through the api
                       (`jetbatch webhooks --help`)
@@ -65,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             from shared.supervisor import up
 
             return up(settings)
+        if command in ("dlq", "workers"):
+            from services.api.admin_cli import main as admin_main
+
+            return admin_main(command, rest)
         if command == "webhooks":
             from services.webhook_notifier.cli import main as webhooks_main
 

@@ -110,7 +110,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     # Inference
     max_in_flight: int = 0  # 0 = sized from the engine
-    request_ack_wait_s: int = 600
+    # A killed worker's requests go back to the queue after this; a live one extends it every
+    # third of it while it works, however long a request takes.
+    request_ack_wait_s: int = 60
     request_max_deliver: int = 5
     heartbeat_interval_s: float = 5.0
     sync_timeout_s: float = 600.0
@@ -293,7 +295,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         max_batch_lines=_int(env, "JETBATCH_MAX_BATCH_LINES", 50_000, minimum=1),
         log_level=(env.get("JETBATCH_LOG_LEVEL") or "INFO").upper(),
         max_in_flight=_int(env, "JETBATCH_MAX_IN_FLIGHT", 0),
-        request_ack_wait_s=_int(env, "JETBATCH_REQUEST_ACK_WAIT_S", 600, minimum=1),
+        request_ack_wait_s=_int(env, "JETBATCH_REQUEST_ACK_WAIT_S", 60, minimum=1),
         request_max_deliver=_int(env, "JETBATCH_REQUEST_MAX_DELIVER", 5, minimum=1),
         heartbeat_interval_s=_float(env, "JETBATCH_HEARTBEAT_INTERVAL_S", 5.0),
         sync_timeout_s=_float(env, "JETBATCH_SYNC_TIMEOUT_S", 600.0),

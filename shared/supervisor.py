@@ -152,7 +152,8 @@ def up(settings: config.Settings) -> int:
         if wait_healthy(f"{base}/healthz", 120, children):
             print(f"jetbatch is up: base URL {base}/v1", flush=True)
             print(f"API key: {api_key} (saved in {settings.data_dir / 'api-key'})", flush=True)
-            print(f"webhook secret: saved in {settings.data_dir / 'webhook-secret'}", flush=True)
+            if not settings.webhooks.secret:
+                print(f"webhook secret: in {settings.data_dir / 'webhook-secret'}", flush=True)
         else:
             log.error("the api did not become healthy; see the logs above")
         while not stopping:

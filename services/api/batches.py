@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
+import msgspec
 from litestar import get, post
 from litestar.params import Parameter
 
+from schemas.messages import BatchStop
 from schemas.openai import (
     KNOWN_UNSUPPORTED_ENDPOINTS,
     SUPPORTED_ENDPOINTS,
@@ -17,17 +19,20 @@ from schemas.openai import (
     CreateBatchRequest,
 )
 from services.api import store
+from services.api.admin import require_healthy_worker
 from services.api.deps import Deps
 from services.api.files import not_found as file_not_found
 from services.api.ingest import run_process_batch
-from shared.config import Settings
-from shared.errors import Conflict, InvalidRequest, NotFound
+from services.api.store import now_s
+from shared.config import LimitSettings, Settings
+from shared.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from shared.ids import new_id
 
 log = logging.getLogger(__name__)
+_encoder = msgspec.json.Encoder()
 
 COMPLETION_WINDOW = "24h"
-COMPLETION_WINDOW_S = 86_400
+# How long "24h" lasts is the operator's (JETBATCH_COMPLETION_WINDOW_S, default 86,400).
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 CANCELLABLE = ("validating", "in_progress")
 
@@ -100,6 +105,22 @@ def check_models(settings: Settings, endpoint: str, models: list[str] | None) ->
             )
 
 
+def check_limits(limits: LimitSettings, active: int, queued: int, adding: int) -> None:
+    """429 when the deployment is full (README: Limits)."""
+    if active >= limits.max_active_batches:
+        raise RateLimited(
+            f"{active} batches are already validating or in progress, the most this deployment "
+            f"runs at once ({limits.max_active_batches}); retry when one has finished",
+            code="too_many_active_batches",
+        )
+    if queued + adding > limits.max_queued_requests:
+        raise RateLimited(
+            f"{queued} requests are queued and this batch adds {adding}; this deployment queues "
+            f"at most {limits.max_queued_requests}. Retry when the queue is shorter",
+            code="queue_full",
+        )
+
+
 @post("/batches", status_code=200)
 async def create_batch(data: CreateBatchRequest, deps: Deps) -> Batch:
     settings = deps.settings
@@ -127,20 +148,27 @@ async def create_batch(data: CreateBatchRequest, deps: Deps) -> Batch:
             param="input_file_id",
             code="too_many_requests",
         )
-    created_at = store.now_s()
-    row = await store.insert_batch(
-        deps.pool,
-        batch_id=new_id("batch_"),
-        endpoint=data.endpoint,
-        input_file_id=data.input_file_id,
-        completion_window=data.completion_window,
-        created_at=created_at,
-        expires_at=created_at + COMPLETION_WINDOW_S,
-        metadata=metadata,
-        output_expires_after=(
-            data.output_expires_after.seconds if data.output_expires_after else None
-        ),
-    )
+    if settings.health.require_healthy_worker:
+        await require_healthy_worker(deps, list(file_row["models"] or ()))
+    # Limits are checked and the batch inserted in one transaction, under a lock all api
+    # replicas share: two creates cannot both take the last slot, and a refusal leaves nothing.
+    async with deps.pool.acquire() as conn, conn.transaction():
+        await store.lock_admission(conn)
+        check_limits(settings.limits, *await store.open_load(conn), file_row["line_count"] or 0)
+        created_at = store.now_s()
+        row = await store.insert_batch(
+            conn,
+            batch_id=new_id("batch_"),
+            endpoint=data.endpoint,
+            input_file_id=data.input_file_id,
+            completion_window=data.completion_window,
+            created_at=created_at,
+            expires_at=created_at + settings.limits.completion_window_s,
+            metadata=metadata,
+            output_expires_after=(
+                data.output_expires_after.seconds if data.output_expires_after else None
+            ),
+        )
     batch = store.batch_from_row(row)
     log.info(
         "batch %s created: file %s, endpoint %s", batch.id, batch.input_file_id, batch.endpoint
@@ -187,14 +215,30 @@ async def cancel_batch(batch_id: str, deps: Deps) -> Batch:
         if row is None:
             raise not_found(batch_id)
         if row["status"] == "cancelling":
-            return store.batch_from_row(row)  # a retried cancel: already under way
+            # A retried cancel: already under way (telling the workers again is harmless).
+            await announce_stop(
+                deps, BatchStop(batch_id=batch_id, reason="cancelled", at=row["cancelling_at"])
+            )
+            return store.batch_from_row(row)
         raise Conflict(
             f"Cannot cancel batch {batch_id}: its status is {row['status']!r}; only "
             f"{' or '.join(CANCELLABLE)} batches can be cancelled",
             param="batch_id",
         )
     log.info("batch %s cancelling", batch_id)
+    await announce_stop(deps, BatchStop(batch_id=batch_id, reason="cancelled", at=now_s()))
     return store.batch_from_row(row)
+
+
+async def announce_stop(deps: Deps, stop: BatchStop) -> None:
+    """Tell the workers at once (KV `jetbatch_cancelled`, which they watch). If this fails the
+    watchdog puts it there on its next round: the database is the truth."""
+    if deps.cancelled is None:
+        return
+    try:
+        await deps.cancelled.put(stop.batch_id, _encoder.encode(stop))
+    except Exception as e:
+        log.warning("batch %s: workers not told of the cancel yet (%s)", stop.batch_id, e)
 
 
 ROUTES = [create_batch, retrieve_batch, list_batches, cancel_batch]

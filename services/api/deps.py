@@ -29,6 +29,8 @@ class Deps:
     workers: KeyValue  # heartbeats of the inference workers
     storage: FileStorage
     started_at: int
+    # KV bucket `jetbatch_cancelled`: batches whose remaining requests workers must not run.
+    cancelled: KeyValue | None = None
     # Background work (batch validation + publishing): referenced here so it is not garbage
     # collected mid-flight, and so shutdown can wait for it.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)

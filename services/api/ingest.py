@@ -7,7 +7,12 @@ naming the lines). Pass 2 streams it again and publishes one RequestMessage per 
 
 `process_batch` is idempotent: run again on a batch a crashed api left in `validating` (or in
 `in_progress` without `published_at`), it redoes what is missing; JetStream's duplicate window
-drops re-published messages, and the results writer writes each custom_id once.
+drops re-published messages, and the results writer writes each custom_id once. The watchdog
+asks for that re-run (a `redrive` BatchCommand, services/api/lifecycle.py). One api process
+works on a batch at a time: it holds the batch's claim (store.claim), which dies with it.
+
+A batch cancelled meanwhile stops being published (checked every PUBLISH_FLUSH_EVERY lines); one
+cancelled while validating keeps its line count, so its lines become batch_cancelled lines.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 PUBLISH_FLUSH_EVERY = 2_000
 # Lines read from disk per worker-thread hop in pass 2.
 READ_BATCH_LINES = 1_000
+# Publishing hands the event loop back this often (bench/interactive.py measures why).
+YIELD_EVERY = 50
 
 _encoder = msgspec.json.Encoder()
 
@@ -61,6 +68,15 @@ async def run_process_batch(deps: Deps, batch_id: str) -> None:
 
 async def process_batch(deps: Deps, batch_id: str) -> None:
     """Validate batch `batch_id`'s input file and publish its requests; see the module docstring."""
+    assert deps.settings.database_url is not None
+    async with store.claim(deps.settings.database_url, batch_id) as claimed:
+        if not claimed:
+            log.info("batch %s: another api process is working on it", batch_id)
+            return
+        await _process_claimed(deps, batch_id)
+
+
+async def _process_claimed(deps: Deps, batch_id: str) -> None:
     row = await store.get_batch(deps.pool, batch_id)
     if row is None:
         log.warning("batch %s: no such batch, nothing to process", batch_id)
@@ -69,15 +85,18 @@ async def process_batch(deps: Deps, batch_id: str) -> None:
         row = await _validate(deps, row)
         if row is None:
             return
-    elif row["status"] != "in_progress" or row["published_at"] is not None:
+    elif (
+        row["status"] != "in_progress"
+        or row["published_at"] is not None
+        or row["ending"] is not None
+    ):
         log.debug("batch %s: %s, nothing to process", batch_id, row["status"])
         return
     await _publish(deps, row)
 
 
-async def _validate(deps: Deps, row: store.Row) -> store.Row | None:
-    """Pass 1. Returns the batch's row once in_progress, or None when it must not be published."""
-    batch_id = row["id"]
+async def check_input(deps: Deps, row: store.Row) -> tuple[list[BatchError], str | None, int]:
+    """Validate a batch's input file: (errors, model, line count)."""
     file_row = await store.get_file(deps.pool, row["input_file_id"])
     check_file = partial(
         validate_file,
@@ -86,24 +105,26 @@ async def _validate(deps: Deps, row: store.Row) -> store.Row | None:
         max_lines=deps.settings.max_batch_lines,
         max_line_bytes=max_line_bytes(deps),
     )
-    errors: list[BatchError]
-    model: str | None = None
-    total = 0
     try:
         if file_row is None:
             raise FileNotFoundError(row["input_file_id"])
         check = await anyio.to_thread.run_sync(
             check_file, deps.storage.path(file_row["storage_key"])
         )
-        errors, model, total = check.errors, check.model, check.count
     except FileNotFoundError:
-        errors = [
-            BatchError(
-                code="file_not_found",
-                message=f"input file {row['input_file_id']} was deleted before the batch ran",
-                param="input_file_id",
-            )
-        ]
+        error = BatchError(
+            code="file_not_found",
+            message=f"input file {row['input_file_id']} was deleted before the batch ran",
+            param="input_file_id",
+        )
+        return [error], None, 0
+    return check.errors, check.model, check.count
+
+
+async def _validate(deps: Deps, row: store.Row) -> store.Row | None:
+    """Pass 1. Returns the batch's row once in_progress, or None when it must not be published."""
+    batch_id = row["id"]
+    errors, model, total = await check_input(deps, row)
     if errors:
         failed = await store.fail_batch(deps.pool, batch_id, errors)
         if failed is not None:
@@ -116,7 +137,10 @@ async def _validate(deps: Deps, row: store.Row) -> store.Row | None:
     assert model is not None  # a file without errors has at least one line, hence a model
     started = await store.start_batch(deps.pool, batch_id, model=model, total=total)
     if started is None:
-        log.info("batch %s left validating meanwhile (cancelled?): not publishing", batch_id)
+        if await store.record_validation(deps.pool, batch_id, model=model, total=total):
+            log.info("batch %s was cancelled while validating: %d lines, none run", batch_id, total)
+        else:
+            log.info("batch %s left validating meanwhile: not publishing", batch_id)
         return None
     log.info("batch %s valid: %d requests for model %s", batch_id, total, model)
     return started
@@ -156,8 +180,18 @@ async def _publish(deps: Deps, row: store.Row) -> None:
                         subject, _encoder.encode(message), message.msg_id, headers
                     )
                     published += 1
+                    if published % YIELD_EVERY == 0:
+                        # A publish rarely waits, so without this a chunk would hold the event
+                        # loop for tens of ms and synchronous requests would queue behind it.
+                        await asyncio.sleep(0)
                     if published % PUBLISH_FLUSH_EVERY == 0:
                         await publisher.flush()
+                        if not await _still_running(deps, batch_id):
+                            log.info(
+                                "batch %s cancelled or expired: publishing stopped after %d "
+                                "requests", batch_id, published,
+                            )  # fmt: skip
+                            return
         await publisher.flush()
     if published != row["total"]:
         log.error(
@@ -166,6 +200,11 @@ async def _publish(deps: Deps, row: store.Row) -> None:
         )  # fmt: skip
     await store.mark_published(deps.pool, batch_id)
     log.info("batch %s: %d requests published on %s", batch_id, published, subject)
+
+
+async def _still_running(deps: Deps, batch_id: str) -> bool:
+    state = await store.batch_state(deps.pool, batch_id)
+    return state == ("in_progress", None)
 
 
 async def _emit_failed(deps: Deps, row: store.Row) -> None:

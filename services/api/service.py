@@ -30,7 +30,7 @@ from litestar.handlers import BaseRouteHandler
 from litestar.types import Guard
 from nats.aio.client import Client as NATS
 
-from services.api import batches, files, interactive
+from services.api import admin, batches, files, interactive, lifecycle, webhooks
 from services.api.deps import Deps, get_deps
 from services.api.exceptions import EXCEPTION_HANDLERS
 from shared import bus, config, telemetry
@@ -84,6 +84,14 @@ def api_key_guard(api_key: str) -> Guard:
     return require_api_key
 
 
+async def _stop_task(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()
+    try:
+        await asyncio.wait_for(task, GRACEFUL_SHUTDOWN_S)
+    except Exception:
+        log.exception("%s did not stop cleanly", task.get_name())
+
+
 async def _close_nats(nc: NATS) -> None:
     # drain() lets in-flight publishes and replies go out; it refuses a connection already closed.
     with contextlib.suppress(Exception):
@@ -115,9 +123,15 @@ def create_app(settings: Settings) -> Litestar:
                 workers=await bus.workers_kv(js),
                 storage=FileStorage(settings.files_dir),
                 started_at=int(time.time()),
+                cancelled=await bus.cancelled_kv(js),
             )
             # Runs first at shutdown: background batch work still has its connections.
             stack.push_async_callback(deps.wait_for_tasks, GRACEFUL_SHUTDOWN_S)
+            # The watchdog's orders (re-drive, close out): services/api/lifecycle.py. Stopped
+            # even before background batch work is waited for, so no new work starts meanwhile.
+            control_stop = asyncio.Event()
+            control = asyncio.create_task(lifecycle.consume(deps, control_stop), name="control")
+            stack.push_async_callback(_stop_task, control, control_stop)
             app.state.deps = deps
             if settings.api_key is None:
                 log.warning("JETBATCH_API_KEY is not set: the api accepts every request")
@@ -126,7 +140,9 @@ def create_app(settings: Settings) -> Litestar:
 
     v1 = Router(
         "/v1",
-        route_handlers=[*files.ROUTES, *batches.ROUTES, *interactive.ROUTES],
+        route_handlers=[
+            *files.ROUTES, *batches.ROUTES, *interactive.ROUTES, *webhooks.ROUTES, *admin.ROUTES
+        ],
         guards=[api_key_guard(settings.api_key)] if settings.api_key else [],
     )
     return Litestar(

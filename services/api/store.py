@@ -7,6 +7,8 @@ cancel, a re-run of `process_batch` or another api replica can never move a batc
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeAlias
 
 import asyncpg
@@ -154,11 +156,16 @@ def batch_from_row(row: Row) -> Batch:
             input_tokens_details=InputTokensDetails(cached_tokens=row["cached_tokens"]),
         ),
         metadata=_metadata_decoder.decode(metadata) if metadata is not None else None,
+        # Kept current by the webhook notifier (infra/migrations/003_webhooks.sql).
+        webhook_status=row.get("webhook_status"),
+        webhook_attempts=row.get("webhook_attempts") or 0,
+        webhook_error=row.get("webhook_error"),
+        stalled_at=row.get("stalled_at"),
     )
 
 
 async def insert_batch(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | asyncpg.Connection,
     *,
     batch_id: str,
     endpoint: str,
@@ -243,3 +250,220 @@ async def cancel_batch(pool: asyncpg.Pool, batch_id: str) -> Row | None:
         " WHERE id = $1 AND status IN ('validating', 'in_progress') RETURNING *",
         batch_id, now,
     )  # fmt: skip
+
+
+# Admission (README: Limits) ------------------------------------------------------------------
+
+# Serialises batch creation across api replicas while the limits are checked, so two creates
+# cannot both take the last slot.
+_ADMISSION_LOCK = 0x6A626164  # "jbad"
+ACTIVE_STATUSES = ("validating", "in_progress")
+
+
+async def lock_admission(conn: asyncpg.Connection) -> None:
+    """Held until the end of the caller's transaction."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _ADMISSION_LOCK)
+
+
+async def open_load(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(batches validating or in progress, their requests without a result yet). A batch still
+    validating counts its file's line count (scanned at upload)."""
+    row = await conn.fetchrow(
+        """
+        SELECT count(*) AS active,
+               coalesce(sum(CASE WHEN b.total > 0
+                                 THEN greatest(b.total - b.completed - b.failed, 0)
+                                 ELSE coalesce(f.line_count, 0) END), 0) AS queued
+        FROM batches b LEFT JOIN files f ON f.id = b.input_file_id
+        WHERE b.status = ANY($1::text[]) AND b.ending IS NULL
+        """,
+        ACTIVE_STATUSES,
+    )
+    assert row is not None
+    return int(row["active"]), int(row["queued"])
+
+
+# Claims: one api process works on a batch at a time ------------------------------------------
+
+_CLAIM_NS = 0x6A62636C  # "jbcl"
+
+
+@asynccontextmanager
+async def claim(database_url: str, batch_id: str) -> AsyncIterator[bool]:
+    """Yields True while this process holds batch `batch_id`'s claim (validate-and-publish or
+    close-out), False if another process holds it. The claim is a session advisory lock on a
+    connection of its own: it is released when the block ends, and by PostgreSQL when the
+    holder dies, so a crashed api never leaves a batch claimed."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        held = bool(
+            await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))", _CLAIM_NS, batch_id
+            )
+        )
+        yield held
+    finally:
+        # Closing the session releases the lock, whatever state the block left it in.
+        await conn.close(timeout=5)
+
+
+# Lifecycle ----------------------------------------------------------------------------------
+
+
+async def batch_state(pool: asyncpg.Pool, batch_id: str) -> tuple[str, str | None] | None:
+    """(status, ending) of a batch, or None if there is no such batch."""
+    row = await pool.fetchrow("SELECT status, ending FROM batches WHERE id = $1", batch_id)
+    return None if row is None else (row["status"], row["ending"])
+
+
+async def record_validation(
+    pool: asyncpg.Pool, batch_id: str, *, model: str, total: int
+) -> Row | None:
+    """A batch cancelled while it was validating keeps its model and line count (it will never
+    run, but its lines become batch_cancelled error lines). None when already known."""
+    return await pool.fetchrow(
+        "UPDATE batches SET model = $2, total = $3, updated_at = $4"
+        " WHERE id = $1 AND status = 'cancelling' AND total = 0 RETURNING *",
+        batch_id, model, total, now_s(),
+    )  # fmt: skip
+
+
+async def record_unrunnable(
+    pool: asyncpg.Pool, batch_id: str, errors: list[BatchError]
+) -> None:
+    """A cancelled batch whose file turned out invalid (or gone): no lines to account for."""
+    await pool.execute(
+        "UPDATE batches SET errors = $2::jsonb, closed_out_at = $3, updated_at = $3"
+        " WHERE id = $1 AND status = 'cancelling' AND total = 0 AND closed_out_at IS NULL",
+        batch_id, msgspec.json.encode(BatchErrors(data=errors)).decode(), now_s(),
+    )  # fmt: skip
+
+
+# Filling a cancelled/expired batch's missing lines. The batch row is locked first, like the
+# results writer does for every write, so counters stay exact when results arrive meanwhile; a
+# line that already has a result (or an earlier fill) conflicts and is not counted.
+_FILL_MISSING = """
+WITH b AS MATERIALIZED (
+    SELECT id FROM batches
+    WHERE id = $1 AND closed_out_at IS NULL
+      AND (status = 'cancelling' OR (status = 'in_progress' AND ending = 'expired'))
+    FOR UPDATE
+), ins AS (
+    INSERT INTO request_results (batch_id, custom_id, line, ok, status_code, request_id,
+                                 response_body, error_code, error_message)
+    SELECT b.id, t.custom_id, t.line, false, 499, t.request_id, NULL, $5, $6
+    FROM b, unnest($2::int[], $3::text[], $4::text[]) AS t(line, custom_id, request_id)
+    ORDER BY t.custom_id
+    ON CONFLICT (batch_id, custom_id) DO NOTHING
+    RETURNING 1
+), n AS (
+    SELECT count(*)::int AS filled FROM ins
+)
+UPDATE batches SET failed = failed + n.filled, updated_at = $7
+FROM n, b
+WHERE batches.id = b.id
+RETURNING n.filled
+"""
+
+
+async def fill_missing_lines(
+    pool: asyncpg.Pool,
+    batch_id: str,
+    lines: list[tuple[int, str, str]],
+    code: str,
+    message: str,
+) -> int | None:
+    """Error rows for each (line, custom_id, request_id) without a result. Returns how many were
+    added, or None when the batch is no longer being closed out."""
+    value: int | None = await pool.fetchval(
+        _FILL_MISSING,
+        batch_id,
+        [line for line, _, _ in lines],
+        [custom_id for _, custom_id, _ in lines],
+        [request_id for _, _, request_id in lines],
+        code,
+        message,
+        now_s(),
+    )
+    return value
+
+
+async def shrink_to_results(pool: asyncpg.Pool, batch_id: str) -> None:
+    """The last resort when a closing batch's input file is gone: the lines without a result
+    cannot be named, so the batch ends with the lines it has."""
+    await pool.execute(
+        "UPDATE batches SET total = completed + failed, updated_at = $2"
+        " WHERE id = $1 AND closed_out_at IS NULL",
+        batch_id, now_s(),
+    )  # fmt: skip
+
+
+async def mark_closed_out(pool: asyncpg.Pool, batch_id: str) -> bool:
+    """Every line has a result row: the results writer may finalize the batch."""
+    row = await pool.fetchrow(
+        "UPDATE batches SET closed_out_at = $2, updated_at = $2"
+        " WHERE id = $1 AND closed_out_at IS NULL"
+        " AND (status = 'cancelling' OR (status = 'in_progress' AND ending = 'expired'))"
+        " RETURNING id",
+        batch_id, now_s(),
+    )  # fmt: skip
+    return row is not None
+
+
+# Dead letters (README: Dead letters) ------------------------------------------------------------
+
+
+async def list_dead_letters(
+    pool: asyncpg.Pool, *, limit: int, after: int | None, batch_id: str | None
+) -> tuple[list[Row], bool]:
+    """Newest first, keyset-paginated on id. Returns (rows, has_more); rows without payload."""
+    rows = await pool.fetch(
+        "SELECT id, created_at, source, stream_seq, consumer, subject, error, deliveries,"
+        " batch_id, custom_id, line, replayed_at, replay_count, length(payload) AS payload_bytes"
+        " FROM dead_letters"
+        " WHERE ($1::bigint IS NULL OR id < $1) AND ($2::text IS NULL OR batch_id = $2)"
+        " ORDER BY id DESC LIMIT $3",
+        after, batch_id, limit + 1,
+    )  # fmt: skip
+    return rows[:limit], len(rows) > limit
+
+
+async def get_dead_letter(pool: asyncpg.Pool, dead_letter_id: int) -> Row | None:
+    return await pool.fetchrow(
+        "SELECT *, length(payload) AS payload_bytes FROM dead_letters WHERE id = $1",
+        dead_letter_id,
+    )
+
+
+async def mark_replayed(conn: asyncpg.Connection, dead_letter_id: int) -> Row | None:
+    return await conn.fetchrow(
+        "UPDATE dead_letters SET replayed_at = $2, replay_count = replay_count + 1"
+        " WHERE id = $1 RETURNING *, length(payload) AS payload_bytes",
+        dead_letter_id, now_s(),
+    )  # fmt: skip
+
+
+async def reopen_dead_lettered_line(
+    conn: asyncpg.Connection, batch_id: str, custom_id: str
+) -> bool:
+    """Before a replay: if the line's batch is still in progress and the line is the error line
+    its dead letter made, remove that line (and its count) so the replayed request's result
+    takes its place. Must run in the replay's transaction."""
+    row = await conn.fetchrow(
+        """
+        WITH b AS MATERIALIZED (
+            SELECT id FROM batches
+            WHERE id = $1 AND status = 'in_progress' AND ending IS NULL
+            FOR UPDATE
+        ), gone AS (
+            DELETE FROM request_results r USING b
+            WHERE r.batch_id = b.id AND r.custom_id = $2 AND r.error_code = 'dead_lettered'
+            RETURNING 1
+        )
+        UPDATE batches SET failed = failed - 1, updated_at = $3
+        FROM b WHERE batches.id = b.id AND EXISTS (SELECT 1 FROM gone)
+        RETURNING batches.id
+        """,
+        batch_id, custom_id, now_s(),
+    )  # fmt: skip
+    return row is not None

@@ -98,7 +98,9 @@ class Engine(Protocol):
 
 def make_engine(settings: Settings, spec: ModelSpec) -> Engine:
     if settings.engine == "instant":
-        return InstantEngine(spec, max_in_flight=settings.max_in_flight)
+        return InstantEngine(
+            spec, max_in_flight=settings.max_in_flight, delay_s=settings.instant_delay_s
+        )
     return VllmEngine(settings, spec)
 
 
@@ -491,24 +493,39 @@ _DEFAULT_MAX_TOKENS = 16
 
 class InstantEngine:
     """Answers at once with a correctly shaped, deterministic OpenAI response. Tests and
-    benchmarks only: it measures everything around the model, never the model."""
+    benchmarks only: it measures everything around the model, never the model. With `delay_s`
+    (JETBATCH_INSTANT_DELAY_S) each request takes that long and can be aborted meanwhile, as a
+    vLLM request can: for tests of cancellation and graceful shutdown."""
 
     name = "instant"
 
-    def __init__(self, spec: ModelSpec, *, max_in_flight: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, *, max_in_flight: int = 0, delay_s: float = 0.0) -> None:
         self.spec = spec
         self.capacity = max_in_flight or 256
+        self._delay_s = delay_s
+        self._in_flight = _InFlight()
 
     async def start(self) -> None:
         pass
 
     async def stop(self) -> None:
-        pass
+        tasks = self._in_flight.cancel_all()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def abort(self, request_id: str) -> None:
-        pass  # run() never waits, so there is never anything in flight to abort
+        self._in_flight.abort(request_id)
 
     async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
+        if self._delay_s <= 0:
+            return self._answer(endpoint, body, request_id)
+        return await self._in_flight.run(request_id, self._answer_later(endpoint, body, request_id))
+
+    async def _answer_later(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
+        await asyncio.sleep(self._delay_s)
+        return self._answer(endpoint, body, request_id)
+
+    def _answer(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
         if endpoint not in self.spec.endpoints:
             return bad_request(
                 f"Model {self.spec.name} does not support endpoint {endpoint}; "

@@ -68,3 +68,50 @@ class GpuMonitor:
         except nv.NVMLError as e:
             log.warning("NVML reading failed for GPU %s: %s", self.index, e)
             return None
+
+
+class GpuGate:
+    """Whether a worker may take new requests, judged from its GPU's readings: not while memory
+    use or temperature is above its threshold (0 = no threshold). Hysteresis keeps a GPU that
+    hovers at a threshold from flapping: once unhealthy, it must come back under the threshold
+    by a margin. No reading (no GPU, NVML failing) is not a reason to stop: it counts as healthy.
+    """
+
+    MEMORY_MARGIN_PCT = 2.0
+    TEMPERATURE_MARGIN_C = 5.0
+
+    def __init__(self, max_memory_pct: float, max_temperature_c: float) -> None:
+        self.max_memory_pct = max_memory_pct
+        self.max_temperature_c = max_temperature_c
+        self.healthy = True
+        self.reason: str | None = None
+
+    def update(self, reading: GpuReading | None) -> bool:
+        """Judge one reading; returns (and keeps) whether the worker is healthy now."""
+        if reading is None:
+            self.healthy, self.reason = True, None
+            return True
+        if self.healthy:
+            problem = self._over(reading, 0.0, 0.0)
+            if problem:
+                self.healthy, self.reason = False, problem
+                log.warning("GPU %s unhealthy (%s): not taking new requests", reading.index, problem)
+        else:
+            problem = self._over(reading, self.MEMORY_MARGIN_PCT, self.TEMPERATURE_MARGIN_C)
+            if problem is None:
+                log.info("GPU %s healthy again: taking requests", reading.index)
+                self.healthy, self.reason = True, None
+            else:
+                self.reason = problem
+        return self.healthy
+
+    def _over(self, reading: GpuReading, memory_margin: float, temp_margin: float) -> str | None:
+        if self.max_memory_pct > 0 and reading.memory_total_mb > 0:
+            limit = self.max_memory_pct - memory_margin
+            if reading.memory_pct > limit:
+                return f"memory {reading.memory_pct:.1f}% > {limit:g}%"
+        if self.max_temperature_c > 0 and reading.temperature_c is not None:
+            limit = self.max_temperature_c - temp_margin
+            if reading.temperature_c > limit:
+                return f"temperature {reading.temperature_c} C > {limit:g} C"
+        return None

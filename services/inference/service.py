@@ -5,8 +5,14 @@ Consumes: stream REQUESTS, durable `inference-<model>`, subjects `jetbatch.reque
   max_deliver = JETBATCH_REQUEST_MAX_DELIVER, at most `engine.capacity` in flight per worker.
 Serves: core NATS `jetbatch.interactive.<model>` (queue group `inference-<model>`), request/reply,
   for the synchronous API: interactive requests go straight to the engine, never behind the queue.
+Watches: KV `jetbatch_cancelled` (cancellations.py): a request of a cancelled or expired batch
+  is answered with a `batch_cancelled` / `batch_expired` error result without running the
+  engine, and one running when its batch stops is aborted in the engine.
 Emits: ResultMessage on RESULTS `jetbatch.results.<batch_id>` (acked by the stream before the
-  request is acked); WorkerHeartbeat into KV `jetbatch_workers` every few seconds.
+  request is acked); WorkerHeartbeat into KV `jetbatch_workers` every few seconds; a request
+  that does not decode as a DeadLetterMessage on DEADLETTERS (then termed).
+Health: while its GPU is over a threshold (JETBATCH_GPU_MAX_*, gpu.GpuGate) the worker pulls no
+  new requests, and its heartbeat says `healthy: false`.
 """
 
 from __future__ import annotations
@@ -25,21 +31,25 @@ import msgspec
 from nats.aio.msg import Msg
 
 from schemas.messages import (
+    BatchStop,
+    DeadLetterMessage,
     InteractiveRequest,
     RequestMessage,
     ResultMessage,
     WorkerHeartbeat,
     subject_token,
 )
+from services.inference.cancellations import Cancellations
 from services.inference.engine import Engine, EngineResult, make_engine
-from services.inference.gpu import GpuMonitor
+from services.inference.gpu import GpuGate, GpuMonitor
 from shared import bus, config, telemetry
 from shared.ids import new_id, stable_id
 
 log = logging.getLogger(__name__)
 
 FETCH_MAX = 256
-DRAIN_TIMEOUT_S = 30.0
+# While the GPU is unhealthy, how often the pull loop looks again.
+UNHEALTHY_POLL_S = 1.0
 
 _request_decoder = msgspec.json.Decoder(RequestMessage)
 _interactive_decoder = msgspec.json.Decoder(InteractiveRequest)
@@ -102,6 +112,23 @@ def engine_failure(
     )
 
 
+def stopped_result(
+    req: RequestMessage, request_id: str, stop: BatchStop, worker_id: str
+) -> ResultMessage:
+    """The request's batch was cancelled or expired before it ran (or while it ran)."""
+    return ResultMessage(
+        batch_id=req.batch_id,
+        line=req.line,
+        custom_id=req.custom_id,
+        request_id=request_id,
+        status_code=499,
+        error_code=stop.error_code,
+        error_message=stop.error_message,
+        worker_id=worker_id,
+        finished_at_ms=int(time.time() * 1000),
+    )
+
+
 class Worker:
     def __init__(
         self,
@@ -115,9 +142,16 @@ class Worker:
         self.spec = spec
         self.engine = engine
         self.gpu = gpu
+        self.gate = GpuGate(
+            settings.health.gpu_max_memory_pct, settings.health.gpu_max_temperature_c
+        )
         self.worker_id = worker_id
+        self.cancellations = Cancellations(on_stop=self._abort_batch)
+        # batch id -> request ids of that batch now in the engine, to abort on cancel
+        self._running: dict[str, set[str]] = {}
         self.capacity = settings.max_in_flight or engine.capacity
         self.in_flight: dict[str, Msg] = {}
+        self.results: bus.AckAfterPublish | None = None  # set by pull_loop
         self.completed = 0
         self.started_at = int(time.time())
         self._slot_free = asyncio.Event()
@@ -128,6 +162,9 @@ class Worker:
     async def handle(self, req: RequestMessage, delivery: int) -> ResultMessage | None:
         """Run one request. None = retry later (engine failure before the last delivery)."""
         request_id = stable_id("req_", req.batch_id, req.custom_id)
+        stop = self.cancellations.get(req.batch_id)
+        if stop is not None:
+            return stopped_result(req, request_id, stop, self.worker_id)
         if req.endpoint not in self.spec.endpoints:
             outcome = EngineResult(
                 status_code=400,
@@ -139,6 +176,8 @@ class Worker:
                 cached_tokens=0,
             )
         else:
+            running = self._running.setdefault(req.batch_id, set())
+            running.add(request_id)
             try:
                 outcome = await self.engine.run(req.endpoint, bytes(req.body), request_id)
             except Exception as e:
@@ -151,6 +190,15 @@ class Worker:
                 if delivery >= self.settings.request_max_deliver:
                     return engine_failure(req, request_id, f"engine error: {e}", self.worker_id)
                 return None
+            finally:
+                running.discard(request_id)
+                if not running and self._running.get(req.batch_id) is running:
+                    del self._running[req.batch_id]
+            if outcome.status_code == 499:  # aborted in the engine
+                stop = self.cancellations.get(req.batch_id)
+                if stop is not None:
+                    return stopped_result(req, request_id, stop, self.worker_id)
+                return None  # not by a cancel (shutting down): another delivery runs it
             if outcome.status_code >= 500 and delivery < self.settings.request_max_deliver:
                 # The engine failed, not the request: let another delivery (maybe another
                 # worker) try; on the last one the failure becomes the request's error line.
@@ -178,17 +226,19 @@ class Worker:
                 req = _request_decoder.decode(msg.data)
             except msgspec.DecodeError as e:
                 log.error("undecodable request on %s: %s", msg.subject, e)
-                await msg.term()  # dead-lettering of undecodable messages: watchdog (later issue)
+                await self._dead_letter(msg, f"undecodable request: {e}", publisher)
+                await msg.term()
                 return
             result = await self.handle(req, bus.delivery_count(msg))
             if result is None:
                 await msg.nak(delay=min(30.0, 2.0 ** bus.delivery_count(msg)))
                 return
-            await publisher.publish(
-                ResultMessage.subject_for(req.batch_id), _encoder.encode(result), result.msg_id
+            # Acked once RESULTS holds the result; results finishing together share one round
+            # trip to the server.
+            assert self.results is not None
+            await self.results.publish_then_ack(
+                ResultMessage.subject_for(req.batch_id), _encoder.encode(result), result.msg_id, msg
             )
-            await publisher.flush()  # the result is in RESULTS: now the request may go
-            await msg.ack()
             self.completed += 1
         except asyncio.CancelledError:
             raise
@@ -202,7 +252,8 @@ class Worker:
 
     async def pull_loop(self, js, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
         token = subject_token(self.spec.name)
-        sub = await bus.durable_pull(
+        self.results = bus.AckAfterPublish(js)
+        sub = await bus.durable_fast_pull(
             js,
             bus.REQUESTS,
             f"inference-{token}",
@@ -212,13 +263,19 @@ class Worker:
             max_ack_pending=max(10_000, self.capacity * 8),
         )
         while not stop.is_set():
+            if not self.gate.healthy:
+                # The GPU is over a threshold: take nothing new until it recovers (the heartbeat
+                # loop reads it). What is in flight finishes.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), UNHEALTHY_POLL_S)
+                continue
             free = self.capacity - len(self.in_flight)
             if free <= 0:
                 self._slot_free.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_free.wait(), 1.0)
                 continue
-            msgs = await bus.fetch(sub, min(free, FETCH_MAX), timeout_s=1.0)
+            msgs = await sub.fetch(min(free, FETCH_MAX), 1.0)
             for msg in msgs:
                 # Each request gets its own publisher so one slow ack never holds up another.
                 self._spawn(self.process(msg, bus.Publisher(js)))
@@ -291,6 +348,7 @@ class Worker:
 
     def heartbeat(self) -> WorkerHeartbeat:
         reading = self.gpu.read()
+        healthy = self.gate.update(reading)
         return WorkerHeartbeat(
             worker_id=self.worker_id,
             host=socket.gethostname(),
@@ -310,6 +368,7 @@ class Worker:
             gpu_memory_total_mb=reading.memory_total_mb if reading else None,
             gpu_temperature_c=reading.temperature_c if reading else None,
             gpu_utilization_pct=reading.utilization_pct if reading else None,
+            healthy=healthy,
         )
 
     async def heartbeat_loop(self, kv, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
@@ -322,20 +381,54 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), self.settings.heartbeat_interval_s)
 
     async def drain(self, timeout_s: float) -> None:
-        """Let in-flight requests finish; hand back whatever is still running after the timeout."""
+        """Let in-flight requests finish; hand back whatever is still running after the timeout.
+
+        What is still running is stopped first (aborted in the engine), then every message not
+        acked is nak'ed, so JetStream redelivers it at once to another worker. A request whose
+        result was published but not yet acked is redelivered too: its result has the same msg
+        id, and the results writer keeps one row per line, so nothing is duplicated."""
         deadline = time.monotonic() + timeout_s
         while self.in_flight and time.monotonic() < deadline:
             self._slot_free.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._slot_free.wait(), 0.5)
         leftover = list(self.in_flight.values())
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        handed_back = 0
         for msg in leftover:
+            if msg.is_acked:
+                continue
             with contextlib.suppress(Exception):
                 await msg.nak()
-        if leftover:
-            log.info("handed back %d in-flight requests", len(leftover))
-        for task in list(self._tasks):
-            task.cancel()
+                handed_back += 1
+        if handed_back:
+            log.info("handed back %d in-flight requests", handed_back)
+
+    def _abort_batch(self, stop: BatchStop) -> None:
+        for request_id in list(self._running.get(stop.batch_id, ())):
+            self._spawn(self.engine.abort(request_id))
+
+    async def _dead_letter(self, msg: Msg, error: str, publisher: bus.Publisher) -> None:
+        """Hand a message this worker cannot use to the watchdog, which records it."""
+        meta = msg.metadata
+        letter = DeadLetterMessage(
+            stream=meta.stream,
+            stream_seq=meta.sequence.stream,
+            consumer=meta.consumer,
+            original_subject=msg.subject,
+            payload=msg.data,
+            error=error,
+            deliveries=int(meta.num_delivered),
+            headers=dict(msg.headers) if msg.headers else None,
+        )
+        await publisher.publish(
+            DeadLetterMessage.subject_for(letter.stream), _encoder.encode(letter), letter.msg_id
+        )
+        await publisher.flush()
 
     def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.create_task(coro)
@@ -372,17 +465,22 @@ async def run(
     engine = make_engine(settings, spec)
     log.info("starting %s engine for %s (worker %s)", engine.name, spec.name, worker_id)
     await engine.start()
+    telemetry.freeze_heap()  # vLLM's imports: millions of objects no collection should rescan
     nc = await bus.connect(settings.nats_url, name=f"inference:{worker_id}")
     try:
         js = nc.jetstream(publish_async_max_pending=8192)
         await bus.ensure_streams(js)
         kv = await bus.workers_kv(js)
         worker = Worker(settings, spec, engine, GpuMonitor(gpu_index), worker_id)
+        # Before the first pull: a request of a batch cancelled while we were down must not run.
+        await worker.cancellations.start(nc, js)
         await worker.serve_interactive(nc)
         fetching = asyncio.Event()  # set = stop fetching
+        drained = asyncio.Event()  # heartbeats and ack extensions go on while draining
         background = [
-            asyncio.create_task(worker.heartbeat_loop(kv, stop)),
-            asyncio.create_task(worker.keep_alive(stop)),
+            asyncio.create_task(worker.heartbeat_loop(kv, drained)),
+            asyncio.create_task(worker.keep_alive(drained)),
+            asyncio.create_task(worker.cancellations.keep_in_sync(drained)),
         ]
         puller = asyncio.create_task(worker.pull_loop(js, fetching))
         log.info("worker %s ready: model=%s capacity=%d", worker_id, spec.name, worker.capacity)
@@ -390,9 +488,12 @@ async def run(
         log.info("stopping: no new requests; draining %d in flight", len(worker.in_flight))
         fetching.set()
         await puller
-        await worker.drain(DRAIN_TIMEOUT_S)
-        for task in background:
-            task.cancel()
+        await worker.drain(settings.health.drain_timeout_s)
+        if worker.results is not None:
+            # Its reply subscription would hold the NATS drain below for its whole timeout.
+            await worker.results.close()
+        drained.set()
+        await asyncio.gather(*background, return_exceptions=True)
         with contextlib.suppress(Exception):
             await kv.delete(worker_id)
     finally:

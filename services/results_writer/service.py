@@ -3,11 +3,14 @@
 Consumes: stream RESULTS, durable `results_writer`, filter `jetbatch.results.>`, messages
 `schemas.messages.ResultMessage` (msgspec JSON), ack_wait ACK_WAIT_S, max_deliver unlimited
 (MAX_DELIVER), up to FETCH_BATCH messages per fetch written in one transaction and acked after
-commit. A message that does not decode (or cannot be stored) is rejected: logged and termed.
+commit. A message that does not decode (or cannot be stored) is rejected: recorded in table
+`dead_letters` and termed; a result that decodes but cannot be stored becomes an error line
+(`dead_lettered`), so its batch still finishes.
 
 Emits: `schemas.messages.BatchEvent` on EVENTS, `batch.completed` (from `in_progress`, through
-`finalizing`) or `batch.cancelled` (from `cancelling`), with `Nats-Msg-Id` = the event id, once
-the batch's output and error files are written.
+`finalizing`), `batch.cancelled` (from `cancelling`) or `batch.expired` (from `in_progress` once
+the watchdog found it past its window), with `Nats-Msg-Id` = the event id, once the batch's
+output and error files are written.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from nats.js import JetStreamContext
 from schemas.messages import BatchEvent, ResultMessage
 from schemas.openai import LineError, LineResponse, OutputLine
 from services.results_writer import store
-from shared import bus, config, db, telemetry
+from shared import bus, config, db, deadletters, telemetry
 from shared.config import ConfigError, Settings
 from shared.ids import stable_id
 from shared.storage import FileStorage
@@ -73,19 +76,34 @@ _decoder = msgspec.json.Decoder(ResultMessage)
 _encoder = msgspec.json.Encoder()
 
 
-async def reject(msg: Msg, reason: str) -> None:
-    """A message we will never be able to use: log it and term it so it is not redelivered.
-
-    TODO(dead-letters): record it in the dead-letter table (subject, headers, payload, reason)
-    before terming, so an operator can see and replay it.
-    """
+async def reject(pool: asyncpg.Pool, msg: Msg, reason: str) -> None:
+    """A message we will never be able to use: record it as a dead letter (an operator can see
+    and replay it), then term it so it is not redelivered. A crash in between redelivers it, and
+    the dead letter is recorded once."""
     log.error(
         "rejected result message: subject=%s delivery=%d reason=%s",
         msg.subject,
         bus.delivery_count(msg),
         reason,
     )
+    await deadletters.record_msg(pool, msg, reason)
     await msg.term()
+
+
+def unstorable(result: ResultMessage, reason: str) -> ResultMessage:
+    """The error line that stands in for a result PostgreSQL refused."""
+    return ResultMessage(
+        batch_id=result.batch_id,
+        line=result.line,
+        custom_id=result.custom_id,
+        request_id=result.request_id,
+        status_code=500,
+        error_code="dead_lettered",
+        error_message=f"the result of this request could not be stored ({reason[:200]}); it "
+        "was kept as a dead letter",
+        worker_id=result.worker_id,
+        finished_at_ms=result.finished_at_ms,
+    )
 
 
 def result_record(result: ResultMessage) -> store.ResultRecord:
@@ -193,6 +211,7 @@ class ResultsWriter:
         self._pool = pool
         self._js = js
         self._storage = storage
+        self.pool = pool  # dead letters are recorded with it
         self._finalizing: dict[str, asyncio.Task[None]] = {}
         self._finalize_slots = asyncio.Semaphore(FINALIZE_CONCURRENCY)
 
@@ -257,8 +276,12 @@ class ResultsWriter:
 
         # Published before the status commits: a crash in between re-publishes the same event
         # id, which JetStream's duplicate window drops, so no batch ends without its event.
-        type_: Literal["batch.completed", "batch.cancelled"] = (
-            "batch.cancelled" if batch.status == "cancelling" else "batch.completed"
+        type_: Literal["batch.completed", "batch.cancelled", "batch.expired"] = (
+            "batch.cancelled"
+            if batch.status == "cancelling"
+            else "batch.expired"
+            if batch.status == "in_progress"
+            else "batch.completed"
         )
         event = BatchEvent(
             id=event_id(batch.id, type_),
@@ -359,7 +382,11 @@ class ResultsWriter:
 def _ready_to_close(batch: store.BatchToFinalize) -> bool:
     if batch.status == "finalizing":
         return True
-    return batch.status == "cancelling" and 0 < batch.total <= batch.completed + batch.failed
+    accounted = batch.total <= batch.completed + batch.failed
+    if batch.status == "cancelling":
+        # Without a close-out, only a batch whose every line was published can be accounted.
+        return accounted and (batch.total > 0 or batch.closed_out_at is not None)
+    return batch.status == "in_progress" and batch.ending == "expired" and accounted
 
 
 def _metadata(batch: store.BatchToFinalize) -> dict[str, str] | None:
@@ -378,7 +405,7 @@ def _metadata(batch: store.BatchToFinalize) -> dict[str, str] | None:
 class _Runner:
     """Fetch, decode, write, ack after commit, and keep finalization going."""
 
-    def __init__(self, writer: ResultsWriter, sub: JetStreamContext.PullSubscription) -> None:
+    def __init__(self, writer: ResultsWriter, sub: bus.FastPull) -> None:
         self._writer = writer
         self._sub = sub
         self._failures = 0
@@ -400,7 +427,7 @@ class _Runner:
 
     async def _fetch(self, stop: asyncio.Event) -> list[Msg]:
         try:
-            return await bus.fetch(self._sub, FETCH_BATCH, FETCH_TIMEOUT_S)
+            return await self._sub.fetch(FETCH_BATCH, FETCH_TIMEOUT_S)
         except Exception as e:  # disconnected: the client reconnects by itself
             log.warning("fetch failed: %r", e)
             with contextlib.suppress(TimeoutError):
@@ -429,7 +456,7 @@ class _Runner:
             try:
                 result = _decoder.decode(msg.data)
             except msgspec.DecodeError as e:  # ValidationError included
-                await reject(msg, f"undecodable: {e}")
+                await reject(self._writer.pool, msg, f"undecodable: {e}")
                 continue
             results.append(result)
             held.append(msg)
@@ -451,7 +478,12 @@ class _Runner:
             # even then RESULTS keeps the messages for replay.
             raise refused[0][2]
         for msg, result, error in refused:
-            await reject(msg, f"unwritable ({result.batch_id}/{result.custom_id}): {error!r}")
+            reason = f"unwritable ({result.batch_id}/{result.custom_id}): {error!r}"
+            await reject(self._writer.pool, msg, reason)
+            try:
+                touched += await self._writer.handle([unstorable(result, repr(error))])
+            except _DATA_ERRORS as e:  # even its ids are unstorable: the stall flag shows it
+                log.error("no error line for %s/%s either: %r", result.batch_id, result.custom_id, e)
         return touched
 
     async def _write_split(
@@ -509,7 +541,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await bus.ensure_streams(js, (bus.RESULTS, bus.EVENTS))
-        sub = await bus.durable_pull(
+        sub = await bus.durable_fast_pull(
             js,
             STREAM,
             DURABLE,

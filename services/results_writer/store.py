@@ -128,6 +128,7 @@ async def finalizable_batch_ids(conn: asyncpg.Connection) -> list[str]:
         SELECT id FROM batches
         WHERE status = 'finalizing'
            OR (status = ANY($1::text[]) AND total > 0 AND completed + failed >= total)
+           OR (status = 'cancelling' AND closed_out_at IS NOT NULL)
         ORDER BY id
         """,
         FINALIZABLE_STATUSES,
@@ -142,7 +143,7 @@ async def start_finalizing(conn: asyncpg.Connection, batch_id: str, now: int) ->
         """
         UPDATE batches
         SET status = 'finalizing', finalizing_at = $2, updated_at = $2
-        WHERE id = $1 AND status = 'in_progress'
+        WHERE id = $1 AND status = 'in_progress' AND ending IS NULL
           AND total > 0 AND completed + failed >= total
         RETURNING id
         """,
@@ -170,13 +171,16 @@ class BatchToFinalize:
     failed: int
     metadata_json: str | None
     output_expires_after: int | None
+    # 'expired': the watchdog found it past expires_at; it closes as `expired`, not `completed`
+    ending: str | None = None
+    closed_out_at: int | None = None  # every line has a row (cancelled/expired batches)
 
 
 async def load_batch(conn: asyncpg.Connection, batch_id: str) -> BatchToFinalize | None:
     row = await conn.fetchrow(
         """
         SELECT id, status, total, completed, failed, metadata::text AS metadata_json,
-               output_expires_after
+               output_expires_after, ending, closed_out_at
         FROM batches WHERE id = $1
         """,
         batch_id,
@@ -235,9 +239,17 @@ async def finish_batch(
     output_file_id: str | None,
     error_file_id: str | None,
 ) -> bool:
-    """finalizing -> completed, or cancelling -> cancelled. False if the status moved on."""
+    """finalizing -> completed, cancelling -> cancelled, or in_progress (an expiring batch) ->
+    expired. False if the status moved on."""
     params: list[Any] = [batch_id, from_status, now, output_file_id, error_file_id]
-    if from_status == "cancelling":
+    if from_status == "in_progress":
+        sql = """
+            UPDATE batches SET status = 'expired', expired_at = $3, updated_at = $3,
+                               output_file_id = $4, error_file_id = $5
+            WHERE id = $1 AND status = $2 AND ending = 'expired'
+            RETURNING id
+        """
+    elif from_status == "cancelling":
         sql = """
             UPDATE batches SET status = 'cancelled', cancelled_at = $3, updated_at = $3,
                                output_file_id = $4, error_file_id = $5

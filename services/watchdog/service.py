@@ -1,9 +1,29 @@
 """watchdog: keeps the system honest.
 
-Consumes: KV `jetbatch_workers` (heartbeats), table `batches`.
-Emits: log lines now; batch transitions (expiry, re-drive, dead letters) in the lifecycle issue.
-
-This first version flags workers whose heartbeat is stale, every `interval_s`.
+Consumes: stream DEADLETTERS, durable `watchdog`, subjects `jetbatch.deadletters.>`
+  (DeadLetterMessage, from services without a database) and
+  `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.REQUESTS.*` (JetStream's advisory for a request
+  that reached max deliveries: its worker crashed or hung on it every time), ack_wait ACK_WAIT_S,
+  max_deliver unlimited. Each becomes a row of `dead_letters`; a request's also becomes an error
+  line (`dead_lettered` ResultMessage on RESULTS, msg id `<batch_id>:<line>:r:dead_letter`), so
+  its batch can still finish, and a max-delivered request is then deleted from REQUESTS.
+Reads: table batches, KV `jetbatch_workers`.
+Every JETBATCH_WATCHDOG_INTERVAL_S it:
+  1. expires in_progress batches past expires_at (`ending = 'expired'`),
+  2. puts every cancelled or expiring batch into KV `jetbatch_cancelled` (workers stop running
+     its requests; the api puts cancels there too, this repairs a put that failed),
+  3. once a cancelled/expiring batch's JETBATCH_CLOSE_GRACE_S is over, asks the api to close it
+     out (BatchCommand `close_out` on CONTROL): its lines without a result become
+     batch_cancelled / batch_expired lines, then the results writer finalizes it,
+  4. asks the api to re-drive batches left in `validating` (or in progress, not fully
+     published) for JETBATCH_REDRIVE_AFTER_S (BatchCommand `redrive`),
+  5. flags open batches without progress for JETBATCH_BATCH_STALL_S (`stalled_at`, shown on the
+     batch object) and clears the flag when they move again,
+  6. logs workers whose heartbeat is older than JETBATCH_WORKER_STALE_S (GET /v1/workers shows
+     them with `stale: true`).
+Finishing batches whose finalization was interrupted is the results writer's own sweep (every
+5 s, services/results_writer): not repeated here. Every step is idempotent; several watchdogs may
+run at once (commands carry deterministic msg ids, so their duplicates are dropped).
 """
 
 from __future__ import annotations
@@ -13,21 +33,56 @@ import contextlib
 import logging
 import signal
 import time
+from contextlib import AsyncExitStack
 
+import asyncpg
 import msgspec
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
-from schemas.messages import WorkerHeartbeat
-from shared import bus, config, telemetry
+from schemas.messages import (
+    BatchCommand,
+    BatchStop,
+    DeadLetterMessage,
+    LineKey,
+    ResultMessage,
+    WorkerHeartbeat,
+)
+from services.watchdog import store
+from shared import bus, config, db, deadletters, telemetry
+from shared.ids import stable_id
 
 log = logging.getLogger(__name__)
 
-STALE_AFTER_S = 60
-INTERVAL_S = 10.0
+SERVICE = "watchdog"
+DURABLE = "watchdog"
+ACK_WAIT_S = 60
+FETCH_BATCH = 64
+RETRY_DELAY_S = 5.0
+# Commands to the api are re-sent at most once per this many seconds (msg id bucket).
+COMMAND_PERIOD_S = 60
 
 _heartbeat = msgspec.json.Decoder(WorkerHeartbeat)
+_letter_decoder = msgspec.json.Decoder(DeadLetterMessage)
+_encoder = msgspec.json.Encoder()
 
 
-def stale_workers(beats: list[WorkerHeartbeat], now: float, stale_after_s: float) -> list[WorkerHeartbeat]:
+class MaxDeliveriesAdvisory(msgspec.Struct, kw_only=True):
+    """JetStream's io.nats.jetstream.advisory.v1.max_deliver (the fields we use)."""
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int
+
+
+_advisory_decoder = msgspec.json.Decoder(MaxDeliveriesAdvisory)
+
+
+def stale_workers(
+    beats: list[WorkerHeartbeat], now: float, stale_after_s: float
+) -> list[WorkerHeartbeat]:
     return [b for b in beats if now - b.seen_at > stale_after_s]
 
 
@@ -45,28 +100,270 @@ async def read_heartbeats(kv) -> list[WorkerHeartbeat]:  # type: ignore[no-untyp
     return beats
 
 
+def dead_lettered_result(key: LineKey, dead_letter_id: int, reason: str) -> ResultMessage:
+    """The error line a dead-lettered request becomes."""
+    assert key.batch_id is not None and key.custom_id is not None and key.line is not None
+    return ResultMessage(
+        batch_id=key.batch_id,
+        line=key.line,
+        custom_id=key.custom_id,
+        request_id=stable_id("req_", key.batch_id, key.custom_id),
+        status_code=500,
+        error_code="dead_lettered",
+        error_message=f"{reason}; the request was set aside as dead letter {dead_letter_id} "
+        "(GET /v1/dead_letters)",
+        worker_id=SERVICE,
+        finished_at_ms=int(time.time() * 1000),
+    )
+
+
+class Watchdog:
+    def __init__(
+        self,
+        settings: config.Settings,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        workers,  # type: ignore[no-untyped-def]
+        cancelled,  # type: ignore[no-untyped-def]
+    ) -> None:
+        self.settings = settings
+        self.health = settings.health
+        self.pool = pool
+        self.js = js
+        self.workers = workers
+        self.cancelled = cancelled
+        self._announced: set[str] = set()  # batches put into jetbatch_cancelled by this process
+        self._stale_logged: set[str] = set()
+
+    # -- dead letters ---------------------------------------------------------------------------
+
+    async def handle_dead_letter(self, msg: Msg) -> None:
+        """Record one DEADLETTERS message; the caller acks it after this returns."""
+        if msg.subject.startswith(bus.MAX_DELIVERIES_ADVISORY):
+            await self._max_delivered(msg)
+            return
+        try:
+            letter = _letter_decoder.decode(msg.data)
+        except msgspec.DecodeError as e:
+            await deadletters.record_msg(self.pool, msg, f"undecodable dead letter: {e}")
+            return
+        dead_letter_id = await deadletters.record(
+            self.pool,
+            source=letter.stream,
+            stream_seq=letter.stream_seq,
+            consumer=letter.consumer,
+            subject=letter.original_subject,
+            payload=letter.payload,
+            headers=letter.headers,
+            error=letter.error,
+            deliveries=letter.deliveries,
+        )
+        if letter.stream == bus.REQUESTS.name:
+            await self._error_line(letter.payload, dead_letter_id, letter.error)
+
+    async def _max_delivered(self, msg: Msg) -> None:
+        try:
+            advisory = _advisory_decoder.decode(msg.data)
+        except msgspec.DecodeError as e:
+            log.error("undecodable advisory on %s: %s", msg.subject, e)
+            return
+        try:
+            original = await self.js.get_msg(advisory.stream, advisory.stream_seq)
+        except NotFoundError:
+            # Already recorded and deleted by an earlier attempt (or acked at the last moment).
+            log.info(
+                "%s seq %d reached max deliveries but is gone: nothing to record",
+                advisory.stream, advisory.stream_seq,
+            )  # fmt: skip
+            return
+        payload = original.data or b""
+        reason = (
+            f"reached max deliveries ({advisory.deliveries}) on consumer {advisory.consumer} "
+            "without a result: its worker crashed or timed out on every delivery"
+        )
+        dead_letter_id = await deadletters.record(
+            self.pool,
+            source=advisory.stream,
+            stream_seq=advisory.stream_seq,
+            consumer=advisory.consumer,
+            subject=original.subject or "",
+            payload=payload,
+            headers=dict(original.headers) if original.headers else None,
+            error=reason,
+            deliveries=advisory.deliveries,
+        )
+        if advisory.stream == bus.REQUESTS.name:
+            await self._error_line(payload, dead_letter_id, "the request failed on every delivery")
+        # Recorded (and answered): it no longer needs to sit in the work queue.
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_msg(advisory.stream, advisory.stream_seq)
+
+    async def _error_line(self, payload: bytes, dead_letter_id: int, reason: str) -> None:
+        key = deadletters.line_key(payload)
+        if key.batch_id is None or key.custom_id is None or key.line is None:
+            log.warning("dead letter %d names no batch line: no error line", dead_letter_id)
+            return
+        result = dead_lettered_result(key, dead_letter_id, reason)
+        publisher = bus.Publisher(self.js)
+        # Not the result's usual msg id: a replay of the request within the duplicate window
+        # must not have its real result dropped as a duplicate of this one. The results writer
+        # keeps whichever result of the line it writes first.
+        await publisher.publish(
+            ResultMessage.subject_for(result.batch_id),
+            _encoder.encode(result),
+            f"{result.msg_id}:dead_letter",
+        )
+        await publisher.flush()
+
+    async def consume_dead_letters(self, stop: asyncio.Event) -> None:
+        sub = await bus.durable_pull(
+            self.js,
+            bus.DEADLETTERS,
+            DURABLE,
+            ">",
+            ack_wait_s=ACK_WAIT_S,
+            max_deliver=-1,
+            max_ack_pending=1_000,
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await bus.fetch(sub, FETCH_BATCH, timeout_s=1.0)
+                except Exception as e:  # disconnected: the client reconnects by itself
+                    log.warning("dead letter fetch failed: %r", e)
+                    await _sleep(stop, RETRY_DELAY_S)
+                    continue
+                for msg in msgs:
+                    try:
+                        await self.handle_dead_letter(msg)
+                        await msg.ack()
+                    except Exception:
+                        log.exception("dead letter on %s not recorded; retrying", msg.subject)
+                        with contextlib.suppress(Exception):
+                            await msg.nak(delay=RETRY_DELAY_S)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # -- rounds ---------------------------------------------------------------------------------
+
+    async def round(self) -> None:
+        """One look at everything. Each step runs even if an earlier one failed."""
+        for step in (
+            self.expire,
+            self.stop_and_close_out,
+            self.redrive,
+            self.flag_stalled,
+            self.flag_stale_workers,
+        ):
+            try:
+                await step()
+            except Exception:
+                log.exception("watchdog step %s failed; next round retries", step.__name__)
+
+    async def expire(self) -> None:
+        async with self.pool.acquire() as conn:
+            expired = await store.expire_due(conn, int(time.time()))
+        for batch_id in expired:
+            log.info("batch %s: completion window over, expiring", batch_id)
+
+    async def stop_and_close_out(self) -> None:
+        now = int(time.time())
+        async with self.pool.acquire() as conn:
+            batches = await store.stopping(conn)
+        publisher = bus.Publisher(self.js)
+        for batch in batches:
+            if batch.batch_id not in self._announced:
+                stop = BatchStop(batch_id=batch.batch_id, reason=batch.reason, at=batch.since)  # type: ignore[arg-type]
+                await self.cancelled.put(batch.batch_id, _encoder.encode(stop))
+                self._announced.add(batch.batch_id)
+            if not batch.closed_out and now - batch.since >= self.health.close_grace_s:
+                await self._command(publisher, batch.batch_id, "close_out", now)
+        await publisher.flush()
+        # Forget batches that are done stopping, so the set stays small.
+        self._announced &= {b.batch_id for b in batches}
+
+    async def redrive(self) -> None:
+        now = int(time.time())
+        async with self.pool.acquire() as conn:
+            due = await store.redrive_due(conn, now - int(self.health.redrive_after_s))
+        publisher = bus.Publisher(self.js)
+        for batch_id in due:
+            log.warning("batch %s: not validated and published in time; re-driving", batch_id)
+            await self._command(publisher, batch_id, "redrive", now)
+        await publisher.flush()
+
+    async def _command(
+        self, publisher: bus.Publisher, batch_id: str, action: str, now: int
+    ) -> None:
+        command = BatchCommand(batch_id=batch_id, action=action, issued_at=now)  # type: ignore[arg-type]
+        # One command per batch and action per period: a command the api is still working on
+        # is not piled up every round.
+        msg_id = f"{action}:{batch_id}:{now // COMMAND_PERIOD_S}"
+        await publisher.publish(BatchCommand.subject_for(action), _encoder.encode(command), msg_id)
+
+    async def flag_stalled(self) -> None:
+        now = int(time.time())
+        async with self.pool.acquire() as conn:
+            flagged = await store.flag_stalled(conn, now, self.health.batch_stall_s)
+            cleared = await store.clear_stalled(conn)
+        for batch_id in flagged:
+            log.warning(
+                "batch %s: no progress for %.0f s (flagged stalled)",
+                batch_id, self.health.batch_stall_s,
+            )  # fmt: skip
+        for batch_id in cleared:
+            log.info("batch %s: moving again (stalled flag cleared)", batch_id)
+
+    async def flag_stale_workers(self) -> None:
+        now = time.time()
+        stale = stale_workers(await read_heartbeats(self.workers), now, self.health.worker_stale_s)
+        for beat in stale:
+            if beat.worker_id not in self._stale_logged:
+                log.warning(
+                    "worker %s (model %s on %s) last seen %ds ago: stale",
+                    beat.worker_id, beat.model, beat.host, int(now - beat.seen_at),
+                )  # fmt: skip
+        self._stale_logged = {b.worker_id for b in stale}
+
+    async def rounds(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.round()
+            await _sleep(stop, self.health.watchdog_interval_s)
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
 async def run(settings: config.Settings, stop: asyncio.Event) -> None:
-    if not settings.nats_url:
-        raise config.ConfigError("JETBATCH_NATS_URL is not set")
-    nc = await bus.connect(settings.nats_url, name="watchdog")
-    try:
+    if not settings.nats_url or not settings.database_url:
+        raise config.ConfigError("the watchdog needs JETBATCH_NATS_URL and JETBATCH_DATABASE_URL")
+    async with AsyncExitStack() as stack:
+        pool = await db.connect_pool(settings.database_url, min_size=1, max_size=4)
+        stack.push_async_callback(pool.close)
+        nc = await bus.connect(settings.nats_url, name=SERVICE)
+        stack.push_async_callback(_drain, nc)
         js = nc.jetstream()
         await bus.ensure_streams(js)
-        kv = await bus.workers_kv(js)
-        while not stop.is_set():
-            for beat in stale_workers(await read_heartbeats(kv), time.time(), STALE_AFTER_S):
-                log.warning("worker %s (model %s on %s) last seen %ds ago", beat.worker_id,
-                            beat.model, beat.host, int(time.time() - beat.seen_at))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), INTERVAL_S)
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        watchdog = Watchdog(
+            settings, pool, js, await bus.workers_kv(js), await bus.cancelled_kv(js)
+        )
+        log.info("watchdog: every %.1f s; dead letters from %s", settings.health.watchdog_interval_s,
+                 bus.DEADLETTERS.name)  # fmt: skip
+        await asyncio.gather(watchdog.rounds(stop), watchdog.consume_dead_letters(stop))
+        log.info("watchdog: stopped")
+
+
+async def _drain(nc) -> None:  # type: ignore[no-untyped-def]
+    with contextlib.suppress(Exception):
+        await nc.drain()
 
 
 def main() -> None:
     settings = config.load()
-    telemetry.setup("watchdog", settings.log_level)
+    telemetry.setup(SERVICE, settings.log_level)
     asyncio.run(_main(settings))
 
 

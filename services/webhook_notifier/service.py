@@ -1,12 +1,19 @@
-"""webhook_notifier: tells clients that a batch ended.
+"""webhook_notifier: tells clients that a batch ended, with Standard-Webhooks-signed POSTs.
 
-Consumes: stream EVENTS, durable `webhook_notifier`, subjects `jetbatch.events.>`,
-  message BatchEvent (JSON), ack_wait 60 s, max_deliver 10.
-Emits: nothing on the bus; HTTP deliveries to registered endpoints (Standard Webhooks).
+Consumes: stream EVENTS, durable `webhook_notifier`, filter `jetbatch.events.batch.>`, messages
+`schemas.messages.BatchEvent` (JSON), ack_wait ACK_WAIT_S, max_deliver unlimited (an event is
+data that must reach the database; one that does not decode is termed). Each fetch becomes one
+transaction that inserts a delivery per destination (idempotent on (event_id, destination)),
+and is acked after its commit: from then on the delivery lives in PostgreSQL, not on the bus.
+Emits: HTTP POSTs of `schemas.webhooks.WebhookEvent` to the registered endpoints whose event types
+match, and to the batch's own `metadata.webhook_url` (signed with JETBATCH_WEBHOOK_SECRET).
 
-This first version records each event in the log and acks it; signed delivery with retries and a
-delivery log is the webhooks issue. The consumer is durable already, so events published before
-delivery exists are not lost to a later version that reads from the same durable.
+The delivery loop, in the same process, claims due deliveries (`FOR UPDATE SKIP LOCKED`, then a
+lease: services/webhook_notifier/store.py) and attempts each: any non-2xx answer or network error
+is retried with exponential backoff and full jitter until JETBATCH_WEBHOOK_MAX_ATTEMPTS or
+JETBATCH_WEBHOOK_MAX_AGE_S, then the delivery is a dead letter (`/v1/webhook_deliveries`). Every
+attempt is recorded. Each retry carries the same `webhook-id` (the event id), so a receiver
+de-duplicates the rare second copy (a notifier killed after the POST but before recording it).
 """
 
 from __future__ import annotations
@@ -14,60 +21,460 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
+import time
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
 
+import aiohttp
+import asyncpg
 import msgspec
+from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError
+from nats.js import JetStreamContext
 
 from schemas.messages import BatchEvent
-from shared import bus, config, telemetry
+from schemas.webhooks import WebhookEvent, WebhookEventData
+from services.webhook_notifier import sender, store
+from shared import bus, config, db, telemetry
+from shared.config import ConfigError, Settings, WebhookSettings
+from shared.ids import stable_id
+from shared.webhooks import UnsafeUrl, host_key, parse_url
 
 log = logging.getLogger(__name__)
+tracer = telemetry.tracer(__name__)
 
+SERVICE = "webhook_notifier"
+STREAM = bus.EVENTS
+DURABLE = "webhook_notifier"
+FILTER_SUBJECT = "jetbatch.events.batch.>"
+ACK_WAIT_S = 60
+MAX_DELIVER = -1
+FETCH_BATCH = 100
+FETCH_TIMEOUT_S = 1.0
+RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # consumer: the database is unavailable
+
+BATCH_URL_KEY = "webhook_url"  # metadata key of a batch's own destination
+BATCH_URL_DESTINATION = "batch_url"
+# The body is small (an id and at most 16 metadata pairs); an event published straight onto the
+# bus with more than this is dead-lettered rather than sent.
+MAX_PAYLOAD_BYTES = 64 * 1024
+# A claimed delivery is leased for its attempt's timeout plus this margin (the time to record
+# the outcome); past it, a notifier that died mid-attempt is presumed dead and the delivery is
+# claimed again.
+LEASE_MARGIN_S = 10.0
+IDLE_POLL_S = 2.0  # longest sleep of the delivery loop (new rows also wake it)
+CANDIDATES_PER_SLOT = 2
+
+# Errors caused by an event's content rather than by the database being unavailable.
+_DATA_ERRORS: tuple[type[Exception], ...] = (asyncpg.DataError, UnicodeError)
 _decoder = msgspec.json.Decoder(BatchEvent)
+_encoder = msgspec.json.Encoder()
+_metadata_decoder = msgspec.json.Decoder(dict[str, str] | None)
 
 
-async def handle(event: BatchEvent) -> None:
-    log.info("event %s %s batch_id=%s", event.id, event.type, event.batch_id)
+def delivery_id(event_id: str, destination: str) -> str:
+    return stable_id("whd_", event_id, destination)
 
 
-async def run(settings: config.Settings, stop: asyncio.Event) -> None:
-    if not settings.nats_url:
-        raise config.ConfigError("JETBATCH_NATS_URL is not set")
-    nc = await bus.connect(settings.nats_url, name="webhook_notifier")
-    sub = None
-    try:
-        js = nc.jetstream()
-        await bus.ensure_streams(js)
-        sub = await bus.durable_pull(
-            js, bus.EVENTS, "webhook_notifier", "jetbatch.events.>",
-            ack_wait_s=60, max_deliver=10, max_ack_pending=1000,
+def payload(event: BatchEvent, metadata: dict[str, str] | None) -> bytes:
+    body = WebhookEvent(
+        id=event.id,
+        type=event.type,
+        created_at=event.created_at,
+        data=WebhookEventData(id=event.batch_id, metadata=metadata),
+    )
+    return _encoder.encode(body)
+
+
+def backoff_s(policy: WebhookSettings, cycle_attempt: int, rng: random.Random) -> float:
+    """Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"): uniform in
+    [0, min(max, base * 2**(n-1))] after the n-th failed attempt."""
+    ceiling = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** min(cycle_attempt - 1, 62))
+    return rng.uniform(0, ceiling)
+
+
+def next_state(
+    policy: WebhookSettings,
+    claimed: store.Claimed,
+    outcome: sender.Outcome,
+    rng: random.Random,
+) -> tuple[str, float, str | None]:
+    """(status, seconds until the next attempt, error to record) after an attempt."""
+    if outcome.ok:
+        return "delivered", 0.0, None
+    error = outcome.error or "failed"
+    if outcome.permanent:
+        return "dead", 0.0, error
+    if claimed.cycle_attempt >= policy.max_attempts:
+        return "dead", 0.0, f"gave up after {claimed.cycle_attempt} attempts; last: {error}"
+    left_s = policy.max_age_s - claimed.cycle_age_s
+    if left_s <= 0:
+        return "dead", 0.0, f"gave up after {policy.max_age_s:g}s; last: {error}"
+    # The last retry lands at the max age rather than never happening.
+    return "pending", min(backoff_s(policy, claimed.cycle_attempt, rng), left_s), error
+
+
+# Scheduling: events -> delivery rows --------------------------------------------------------
+
+
+class Scheduler:
+    """Turns events into delivery rows, one per destination, in one transaction."""
+
+    def __init__(self, pool: asyncpg.Pool, policy: WebhookSettings) -> None:
+        self._pool = pool
+        self._policy = policy
+
+    async def handle(self, events: Sequence[BatchEvent]) -> int:
+        """Returns how many deliveries were new."""
+        now = int(time.time())
+        async with self._pool.acquire() as conn, conn.transaction():
+            endpoints = await store.live_endpoints(conn)
+            missing = [e.batch_id for e in events if e.metadata is None]
+            stored = await store.batch_metadata(conn, missing) if missing else {}
+            rows: list[store.NewDelivery] = []
+            for event in events:
+                metadata = event.metadata
+                if metadata is None and event.batch_id in stored:
+                    with contextlib.suppress(msgspec.DecodeError):
+                        metadata = _metadata_decoder.decode(stored[event.batch_id])
+                rows.extend(self._rows(event, metadata, endpoints, now))
+            inserted = await store.insert_deliveries(conn, rows)
+            await store.refresh_batches(conn, sorted(set(inserted)))
+        return len(inserted)
+
+    def _rows(
+        self,
+        event: BatchEvent,
+        metadata: dict[str, str] | None,
+        endpoints: Sequence[store.EndpointRow],
+        now: int,
+    ) -> list[store.NewDelivery]:
+        body = payload(event, metadata)
+        too_big = (
+            f"payload of {len(body)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit"
+            if len(body) > MAX_PAYLOAD_BYTES
+            else None
         )
+        text = body.decode()
+        rows: list[store.NewDelivery] = []
+
+        def add(destination: str, endpoint_id: str | None, url: str, refused: str | None) -> None:
+            rows.append((
+                delivery_id(event.id, destination), event.id, event.type, event.batch_id,
+                destination, endpoint_id, url, host_key(url), text,
+                "dead" if refused else "pending", now, now if refused else None, refused,
+            ))  # fmt: skip
+            if refused:
+                log.warning(
+                    "batch %s: webhook %s to %s refused: %s", event.batch_id, event.id, url, refused
+                )
+
+        for endpoint in endpoints:
+            if event.type in endpoint.event_types:
+                add(endpoint.id, endpoint.id, endpoint.url, too_big)
+        url = (metadata or {}).get(BATCH_URL_KEY)
+        if url:
+            refused = too_big
+            try:
+                parse_url(url)
+            except UnsafeUrl as e:
+                refused = refused or str(e)
+            if self._policy.secret is None:
+                refused = refused or (
+                    "JETBATCH_WEBHOOK_SECRET is not set: nothing to sign metadata.webhook_url "
+                    "deliveries with"
+                )
+            add(BATCH_URL_DESTINATION, None, url, refused)
+        return rows
+
+
+# Delivery: due rows -> signed POSTs ---------------------------------------------------------
+
+
+class Deliverer:
+    """Claims due deliveries within its concurrency (total and per host) and attempts them."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        session: aiohttp.ClientSession,
+        policy: WebhookSettings,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._pool = pool
+        self._session = session
+        self._policy = policy
+        self._rng = rng or random.Random()
+        self._in_flight: Counter[str] = Counter()  # per host
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.wake = asyncio.Event()
+
+    @property
+    def lease_s(self) -> float:
+        return self._policy.timeout_s + LEASE_MARGIN_S
+
+    def _saturated(self) -> list[str]:
+        limit = self._policy.concurrency_per_host
+        return [host for host, n in self._in_flight.items() if n >= limit]
+
+    async def claim(self) -> int:
+        """One round: lease what fits in the free slots and start attempting it."""
+        free = self._policy.concurrency - len(self._tasks)
+        if free <= 0:
+            return 0
+        saturated = self._saturated()
+        async with self._pool.acquire() as conn, conn.transaction():
+            candidates = await store.due_candidates(conn, saturated, free * CANDIDATES_PER_SLOT)
+            picked: list[asyncpg.Record] = []
+            room = Counter(
+                {h: self._policy.concurrency_per_host - n for h, n in self._in_flight.items()}
+            )
+            for row in candidates:
+                host = row["host"]
+                left = room.get(host, self._policy.concurrency_per_host)
+                if left <= 0 or len(picked) >= free:
+                    continue  # stays due; its lock ends with this transaction
+                room[host] = left - 1
+                picked.append(row)
+            claimed = await store.start_attempts(conn, picked, self.lease_s, int(time.time()))
+        for delivery in claimed:
+            self._in_flight[delivery.host] += 1
+            task = asyncio.create_task(self._attempt(delivery), name=f"deliver {delivery.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(claimed)
+
+    async def _attempt(self, delivery: store.Claimed) -> None:
+        try:
+            with tracer.start_as_current_span("webhook deliver") as span:
+                span.set_attribute("jetbatch.batch_id", delivery.batch_id)
+                span.set_attribute("jetbatch.delivery_id", delivery.id)
+                outcome = await self._send(delivery)
+                span.set_attribute("http.response.status_code", outcome.status_code or 0)
+            status, retry_in_s, error = next_state(self._policy, delivery, outcome, self._rng)
+            async with self._pool.acquire() as conn:
+                kept = await store.finish_attempt(
+                    conn, delivery, status_code=outcome.status_code, error=outcome.error,
+                    latency_ms=outcome.latency_ms, new_status=status, last_error=error,
+                    retry_in_s=retry_in_s,
+                    now=int(time.time()),
+                )  # fmt: skip
+            self._log(delivery, outcome, status, retry_in_s, error, kept)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The lease runs out and the delivery is attempted again (same webhook-id).
+            log.exception("batch %s: recording delivery %s failed", delivery.batch_id, delivery.id)
+        finally:
+            self._in_flight[delivery.host] -= 1
+            if self._in_flight[delivery.host] <= 0:
+                del self._in_flight[delivery.host]
+            self.wake.set()
+
+    async def _send(self, delivery: store.Claimed) -> sender.Outcome:
+        if delivery.endpoint_deleted:
+            return sender.Outcome(ok=False, error="endpoint removed", permanent=True)
+        if delivery.endpoint_id is None:
+            secrets: tuple[str, ...] = (self._policy.secret,) if self._policy.secret else ()
+        else:
+            secrets = delivery.secrets
+        return await sender.send(
+            self._session, delivery.url, delivery.payload.encode(), msg_id=delivery.event_id,
+            secrets=secrets, allowed=self._policy.allowed_networks,
+            timeout_s=self._policy.timeout_s,
+        )  # fmt: skip
+
+    @staticmethod
+    def _log(
+        d: store.Claimed,
+        outcome: sender.Outcome,
+        status: str,
+        retry_in_s: float,
+        error: str | None,
+        kept: bool,
+    ) -> None:
+        where = f"batch {d.batch_id}: webhook {d.event_id} to {d.url} (attempt {d.attempt})"
+        if not kept:
+            log.warning("%s: outcome recorded, but the delivery was taken over or cancelled", where)
+        elif status == "delivered":
+            log.info(
+                "%s: delivered, HTTP %s in %s ms", where, outcome.status_code, outcome.latency_ms
+            )
+        elif status == "dead":
+            log.error("%s: dead letter: %s", where, error)
+        else:
+            log.warning("%s: %s; retrying in %.1fs", where, error, retry_in_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            for msg in await bus.fetch(sub, 100, timeout_s=1.0):
+            self.wake.clear()
+            try:
+                while await self.claim():
+                    pass
+                wait_s = await store.seconds_until_due(self._pool, self._saturated())
+            except Exception:
+                log.exception("claiming deliveries failed; retrying")
+                wait_s = RETRY_BACKOFF_S[1]
+            if len(self._tasks) >= self._policy.concurrency or wait_s is None:
+                wait_s = IDLE_POLL_S
+            wait_s = min(max(wait_s, 0.005), IDLE_POLL_S)
+            waiter = asyncio.create_task(self.wake.wait())
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({waiter, stopper}, timeout=wait_s, return_when="FIRST_COMPLETED")
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let attempts in flight finish and be recorded; past the timeout, cancel them (their
+        lease runs out and they are attempted again)."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
+# The EVENTS consumer ------------------------------------------------------------------------
+
+
+class _Consumer:
+    def __init__(
+        self, scheduler: Scheduler, deliverer: Deliverer, sub: JetStreamContext.PullSubscription
+    ) -> None:
+        self._scheduler = scheduler
+        self._deliverer = deliverer
+        self._sub = sub
+        self._failures = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                msgs = await bus.fetch(self._sub, FETCH_BATCH, FETCH_TIMEOUT_S)
+            except Exception as e:  # disconnected: the client reconnects by itself
+                log.warning("fetch failed: %r", e)
+                await _sleep(stop, RETRY_BACKOFF_S[0])
+                continue
+            if msgs:
+                await self._process_or_retry(msgs, stop)
+
+    async def _process_or_retry(self, msgs: list[Msg], stop: asyncio.Event) -> None:
+        try:
+            with tracer.start_as_current_span(f"{FILTER_SUBJECT} process"):
+                await self.process(msgs)
+            self._failures = 0
+        except Exception:
+            delay = RETRY_BACKOFF_S[min(self._failures, len(RETRY_BACKOFF_S) - 1)]
+            self._failures += 1
+            log.exception("scheduling %d events failed; retrying in %.0fs", len(msgs), delay)
+            for msg in msgs:
+                with contextlib.suppress(MsgAlreadyAckdError):
+                    await msg.nak(delay=delay)
+            await _sleep(stop, delay)
+
+    async def process(self, msgs: list[Msg]) -> None:
+        events: list[BatchEvent] = []
+        held: list[Msg] = []
+        for msg in msgs:
+            try:
+                events.append(_decoder.decode(msg.data))
+                held.append(msg)
+            except msgspec.DecodeError as e:
+                await _reject(msg, f"undecodable: {e}")
+        if not events:
+            return
+        try:
+            new = await self._scheduler.handle(events)
+        except _DATA_ERRORS:
+            # Text PostgreSQL refuses (a NUL in a URL, say) in one event: schedule them one by
+            # one, so the culprit alone is rejected and the others go out.
+            new = 0
+            kept: list[tuple[BatchEvent, Msg]] = []
+            for event, msg in zip(events, held, strict=True):
                 try:
-                    event = _decoder.decode(msg.data)
-                except msgspec.DecodeError as e:
-                    log.error("undecodable event on %s: %s", msg.subject, e)
-                    await msg.term()
-                    continue
-                await handle(event)
-                await msg.ack()
-    finally:
+                    new += await self._scheduler.handle([event])
+                    kept.append((event, msg))
+                except _DATA_ERRORS as e:
+                    await _reject(msg, f"unstorable event {event.id} of {event.batch_id}: {e!r}")
+            events, held = [e for e, _ in kept], [m for _, m in kept]
+        for event in events:
+            log.info("batch %s: event %s %s scheduled", event.batch_id, event.id, event.type)
+        if new:
+            self._deliverer.wake.set()
+        for msg in held:  # after commit: a crash before this only causes redelivery
+            await msg.ack()
+
+
+async def _reject(msg: Msg, reason: str) -> None:
+    """An event we will never be able to use: logged and termed (EVENTS keeps it for replay)."""
+    log.error("rejected event on %s: %s", msg.subject, reason)
+    await msg.term()
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+# Wiring -------------------------------------------------------------------------------------
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set, then let attempts in flight finish (up to one timeout), drain
+    NATS and close the pool."""
+    if not settings.database_url or not settings.nats_url:
+        raise ConfigError("webhook_notifier needs JETBATCH_DATABASE_URL and JETBATCH_NATS_URL")
+    policy = settings.webhooks
+    if policy.secret is None:
+        log.warning(
+            "JETBATCH_WEBHOOK_SECRET is not set: batches' metadata.webhook_url deliveries will "
+            "be dead-lettered (registered endpoints have their own secrets)"
+        )
+    async with AsyncExitStack() as stack:
+        pool = await db.connect_pool(settings.database_url, min_size=2, max_size=4)
+        stack.push_async_callback(pool.close)
+        session = sender.new_session(
+            allowed=policy.allowed_networks,
+            concurrency=policy.concurrency,
+            concurrency_per_host=policy.concurrency_per_host,
+        )
+        stack.push_async_callback(session.close)
+        nc = await bus.connect(settings.nats_url, name=SERVICE)
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream()
+        await bus.ensure_streams(js, (bus.EVENTS,))
+        sub = await bus.durable_pull(
+            js, STREAM, DURABLE, FILTER_SUBJECT,
+            ack_wait_s=ACK_WAIT_S, max_deliver=MAX_DELIVER, max_ack_pending=10 * FETCH_BATCH,
+        )  # fmt: skip
         # An open pull subscription makes drain() wait out its whole timeout.
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        stack.push_async_callback(sub.unsubscribe)
+        deliverer = Deliverer(pool, session, policy)
+        consumer = _Consumer(Scheduler(pool, policy), deliverer, sub)
+        log.info("webhook_notifier: consuming %s as %s", FILTER_SUBJECT, DURABLE)
+        delivering = asyncio.create_task(deliverer.run(stop), name="deliver")
+        try:
+            await consumer.run(stop)
+        finally:
+            stop.set()
+            await delivering
+            await deliverer.drain(policy.timeout_s + 2)
+        log.info("webhook_notifier: stopped")
 
 
 def main() -> None:
     settings = config.load()
-    telemetry.setup("webhook_notifier", settings.log_level)
-    asyncio.run(_main(settings))
+    telemetry.setup(SERVICE, settings.log_level)
+    asyncio.run(_serve(settings))
 
 
-async def _main(settings: config.Settings) -> None:
+async def _serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -38,3 +38,37 @@ def test_models_accept_paths_and_tasks() -> None:
 def test_bad_settings_fail_before_anything_starts(env: dict[str, str], needle: str) -> None:
     with pytest.raises(config.ConfigError, match=needle):
         config.load(env)
+
+
+def test_limits_and_health_have_the_documented_defaults_and_can_be_set() -> None:
+    s = config.load({})
+    assert (s.limits.completion_window_s, s.limits.max_active_batches) == (86_400, 10)
+    assert s.limits.max_queued_requests == 500_000 and s.max_batch_lines == 50_000
+    assert (s.health.worker_stale_s, s.health.batch_stall_s) == (60, 1800)
+    assert not s.health.require_healthy_worker
+    s = config.load(
+        {
+            "JETBATCH_COMPLETION_WINDOW_S": "5",
+            "JETBATCH_REQUIRE_HEALTHY_WORKER": "yes",
+            "JETBATCH_GPU_MAX_TEMPERATURE_C": "0",
+        }
+    )
+    assert s.limits.completion_window_s == 5 and s.health.require_healthy_worker
+    assert s.health.gpu_max_temperature_c == 0
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"JETBATCH_COMPLETION_WINDOW_S": "0"}, "JETBATCH_COMPLETION_WINDOW_S"),
+        ({"JETBATCH_MAX_ACTIVE_BATCHES": "many"}, "JETBATCH_MAX_ACTIVE_BATCHES"),
+        ({"JETBATCH_REQUIRE_HEALTHY_WORKER": "perhaps"}, "true or false"),
+        ({"JETBATCH_WORKER_STALE_S": "-1"}, "JETBATCH_WORKER_STALE_S"),
+        ({"JETBATCH_CLOSE_GRACE_S": "-1"}, "JETBATCH_CLOSE_GRACE_S"),
+    ],
+)
+def test_bad_lifecycle_settings_fail_before_anything_starts(
+    env: dict[str, str], needle: str
+) -> None:
+    with pytest.raises(config.ConfigError, match=needle):
+        config.load(env)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 
-from schemas.messages import RequestMessage
+from schemas.messages import BatchStop, RequestMessage
 from services.inference.engine import EngineResult, InstantEngine
-from services.inference.gpu import GpuMonitor
+from services.inference.gpu import GpuMonitor, GpuReading
 from services.inference.service import Worker
 from shared import config
 
@@ -107,3 +109,83 @@ def test_no_gpu_means_no_readings_and_a_heartbeat_without_gpu_fields() -> None:
     assert GpuMonitor(0).read() is None  # no NVML library here: degrades, does not raise
     beat = w.heartbeat()
     assert beat.gpu_name is None and beat.model == CHAT.name and beat.capacity == 256
+
+
+# Cancellation and expiry ---------------------------------------------------------------------
+
+
+def chat_request(line: int = 0) -> RequestMessage:
+    return request({"model": CHAT.name, "messages": [{"role": "user", "content": "hi"}]}, line=line)
+
+
+async def test_request_of_a_cancelled_batch_is_answered_without_the_engine() -> None:
+    w = worker(FailingEngine())  # would raise if it ran
+    w.cancellations.add(BatchStop(batch_id="batch_x", reason="cancelled", at=1))
+    result = await w.handle(chat_request(), 1)
+    assert result is not None and not result.ok and not result.has_body
+    assert result.error_code == "batch_cancelled" and result.status_code == 499
+    assert result.custom_id == "c0" and result.msg_id == "batch_x:0:r"
+
+
+async def test_request_of_an_expired_batch_is_a_batch_expired_line() -> None:
+    w = worker(FailingEngine())
+    w.cancellations.add(BatchStop(batch_id="batch_x", reason="expired", at=1))
+    result = await w.handle(chat_request(), 1)
+    assert result is not None and result.error_code == "batch_expired"
+    assert "completion window" in (result.error_message or "")
+
+
+async def test_running_request_is_aborted_when_its_batch_is_cancelled() -> None:
+    w = worker(InstantEngine(CHAT, delay_s=30))
+    running = asyncio.create_task(w.handle(chat_request(), 1))
+    other = asyncio.create_task(w.handle(chat_request(line=1), 1))
+    await asyncio.sleep(0.05)
+    w.cancellations.add(BatchStop(batch_id="batch_x", reason="cancelled", at=1))
+    result = await asyncio.wait_for(running, 5)
+    assert result is not None and result.error_code == "batch_cancelled"
+    assert (await asyncio.wait_for(other, 5)).error_code == "batch_cancelled"  # type: ignore[union-attr]
+
+
+async def test_request_aborted_for_another_reason_is_retried() -> None:
+    engine = InstantEngine(CHAT, delay_s=30)
+    w = worker(engine)
+    running = asyncio.create_task(w.handle(chat_request(), 1))
+    await asyncio.sleep(0.05)
+    [request_id] = w._running["batch_x"]
+    await engine.abort(request_id)  # as at shutdown: not because of a cancel
+    assert await asyncio.wait_for(running, 5) is None  # nak: another delivery runs it
+
+
+class RecordedGpu(GpuMonitor):
+    def __init__(self, readings: list[GpuReading]) -> None:
+        super().__init__(None)
+        self.index = 0
+        self.readings = readings
+
+    def read(self) -> GpuReading | None:
+        return self.readings.pop(0) if self.readings else None
+
+
+def test_heartbeat_says_unhealthy_while_the_gpu_is_over_a_threshold() -> None:
+    settings = config.load({"JETBATCH_ENGINE": "instant", "JETBATCH_GPU_MAX_TEMPERATURE_C": "85"})
+    hot = GpuReading(
+        index=0,
+        name="H100",
+        memory_used_mb=70_000,
+        memory_total_mb=81_559,
+        temperature_c=91,
+        utilization_pct=99,
+    )
+    cool = GpuReading(
+        index=0,
+        name="H100",
+        memory_used_mb=70_000,
+        memory_total_mb=81_559,
+        temperature_c=60,
+        utilization_pct=99,
+    )
+    w = Worker(settings, CHAT, InstantEngine(CHAT), RecordedGpu([hot, cool]), "w1")
+    beat = w.heartbeat()
+    assert not beat.healthy and beat.gpu_temperature_c == 91 and not w.gate.healthy
+    beat = w.heartbeat()
+    assert beat.healthy and w.gate.healthy

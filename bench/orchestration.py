@@ -1,0 +1,140 @@
+"""1. Orchestration capacity: a 50,000-line chat batch on the instant engine through the whole
+`jetbatch up` stack, from `batches.create` to `completed` with the output file downloaded,
+against the raw JetStream ceiling measured in the same run (bench/raw.py).
+Targets: >= 5,000 lines/s end to end, >= 0.5 of the raw ceiling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+
+from bench import raw
+from bench.common import (
+    CHAT_MODEL,
+    cpu_delta,
+    cpu_seconds,
+    quiet_machine,
+    running_system,
+    scratch,
+    show,
+    write_chat_file,
+    write_result,
+)
+
+TARGET_LINES_PER_S = 5_000
+TARGET_RATIO = 0.5
+
+
+class _Line(msgspec.Struct):
+    custom_id: str
+    error: Any = None
+
+
+def run_batch_e2e(system: Any, path: Any, lines: int, timeout_s: float = 600) -> dict[str, Any]:
+    """Upload (untimed), then time create -> completed -> output downloaded, with milestones."""
+    client = system.client(timeout=120)
+    started = time.perf_counter()
+    with open(path, "rb") as f:
+        upload = client.files.create(file=f, purpose="batch")
+    upload_s = time.perf_counter() - started
+
+    procs = system.processes()
+    cpu_before = cpu_seconds(procs)
+    t0 = time.perf_counter()
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    milestones: dict[str, float] = {}
+    while True:
+        batch = client.batches.retrieve(batch.id)
+        now = time.perf_counter() - t0
+        counts = batch.request_counts
+        if batch.status != "validating":
+            milestones.setdefault("validated_s", now)
+        if counts is not None and counts.completed + counts.failed > 0:
+            milestones.setdefault("first_result_s", now)
+        if counts is not None and counts.completed + counts.failed >= lines:
+            milestones.setdefault("all_results_written_s", now)
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            milestones["completed_s"] = now
+            break
+        if now > timeout_s:
+            raise TimeoutError(f"batch still {batch.status} after {timeout_s}s: {counts}")
+        time.sleep(0.05)
+    if batch.status != "completed":
+        raise RuntimeError(f"batch ended {batch.status}: {batch.errors}")
+    decoder = msgspec.json.Decoder(_Line)
+    content = client.files.content(batch.output_file_id)
+    ids = set()
+    for raw_line in content.iter_lines():
+        if raw_line:
+            line = decoder.decode(raw_line)
+            ids.add(line.custom_id)
+    elapsed = time.perf_counter() - t0
+    milestones["downloaded_s"] = elapsed
+    cpu = cpu_delta(cpu_before, cpu_seconds(procs))
+    if len(ids) != lines:
+        raise RuntimeError(f"output has {len(ids)} distinct lines, expected {lines}")
+    return {
+        "lines": lines,
+        "upload_s": round(upload_s, 3),
+        "e2e_s": round(elapsed, 3),
+        "lines_per_s": round(lines / elapsed, 1),
+        "milestones_s": {k: round(v, 3) for k, v in milestones.items()},
+        "cpu_s_by_process": cpu,
+        "output_bytes": None,
+    }
+
+
+def run(args: Any) -> dict[str, Any]:
+    lines = args.lines or 50_000
+    work = scratch("orchestration")
+    path = write_chat_file(work / "chat.jsonl", lines)
+    messages = raw.request_messages(path)
+    load = quiet_machine()
+
+    print(f"raw JetStream ceiling ({lines:,} messages)...", flush=True)
+    raw_before = asyncio.run(raw.measure(messages))
+    with running_system("orchestration", "instant", CHAT_MODEL) as system:
+        time.sleep(2)  # let start-up work settle
+        print(f"end to end through jetbatch up ({lines:,} lines, instant engine)...", flush=True)
+        e2e = run_batch_e2e(system, path, lines)
+    raw_after = asyncio.run(raw.measure(messages, with_reference=False))
+    best = raw_before if raw_before["ceiling_s"] <= raw_after["ceiling_s"] else raw_after
+    ratio = e2e["lines_per_s"] / best["ceiling_lines_per_s"]
+    figures = {
+        "lines": lines,
+        "e2e_lines_per_s": e2e["lines_per_s"],
+        "e2e_s": e2e["e2e_s"],
+        "raw_ceiling_lines_per_s": round(best["ceiling_lines_per_s"], 1),
+        "ratio_to_raw": round(ratio, 3),
+        "target_lines_per_s": TARGET_LINES_PER_S,
+        "target_ratio": TARGET_RATIO,
+        "meets_targets": e2e["lines_per_s"] >= TARGET_LINES_PER_S and ratio >= TARGET_RATIO,
+    }
+    show(
+        "orchestration capacity (instant engine, full stack)",
+        [
+            ("lines", lines),
+            ("end to end (create -> downloaded)", f"{e2e['e2e_s']:.2f} s"),
+            ("end to end lines/s", e2e["lines_per_s"]),
+            ("  milestones", e2e["milestones_s"]),
+            ("  CPU seconds by process", e2e["cpu_s_by_process"]),
+            ("raw publish (core, PubAcks counted)", f"{raw_before['core_publish_per_s']:,.0f} msg/s"),
+            ("raw publish (jetbatch Publisher)", f"{raw_before['publisher_per_s']:,.0f} msg/s"),
+            ("raw pull+ack (bus.FastPull)", f"{raw_before['fast_pull_per_s']:,.0f} msg/s"),
+            ("raw pull+ack (nats-py fetch)", f"{raw_before['nats_py_fetch_per_s']:,.0f} msg/s"),
+            ("raw ceiling (best publish + best pull)", f"{best['ceiling_lines_per_s']:,.0f} lines/s"),
+            ("ratio end to end / raw", f"{ratio:.3f}  (target >= {TARGET_RATIO})"),
+            ("target lines/s", f">= {TARGET_LINES_PER_S:,}: {'met' if e2e['lines_per_s'] >= TARGET_LINES_PER_S else 'NOT met'}"),
+        ],
+    )  # fmt: skip
+    out = write_result(
+        "orchestration", figures, e2e=e2e, raw_before=raw_before, raw_after=raw_after,
+        load_average_before=load,
+    )  # fmt: skip
+    print(f"  -> {out.relative_to(out.parents[2])}")
+    return figures

@@ -1,0 +1,214 @@
+"""jetbatch's own routes, beyond OpenAI's (README: Operations, Dead letters):
+
+- `GET /v1/workers`: every worker's last heartbeat, flagged `stale` past JETBATCH_WORKER_STALE_S.
+- `GET /v1/dead_letters` (`?limit=&after=&batch_id=`), `GET /v1/dead_letters/{id}`: messages set
+  aside because they could not be processed.
+- `POST /v1/dead_letters/{id}/replay`: publish a dead letter's message again, as it was, to its
+  subject. If it was a request whose batch is still in progress, the error line its dead letter
+  made is withdrawn first, so the replayed request's result takes its place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated
+
+import msgspec
+import nats.errors
+from litestar import get, post
+from litestar.params import Parameter
+
+from schemas.admin import DeadLetter, DeadLetterList, WorkerList, WorkerStatus
+from schemas.messages import WorkerHeartbeat
+from services.api import store
+from services.api.deps import Deps
+from shared import bus
+from shared.errors import InvalidRequest, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+KV_READ_TIMEOUT_S = 2.0
+# Streams whose messages a replay may publish again.
+REPLAYABLE_SOURCES = frozenset({bus.REQUESTS.name, bus.RESULTS.name, bus.CONTROL.name})
+
+_heartbeat_decoder = msgspec.json.Decoder(WorkerHeartbeat)
+
+
+async def read_heartbeats(deps: Deps) -> list[WorkerHeartbeat]:
+    """Every heartbeat in the workers KV bucket (undecodable ones skipped)."""
+    beats: list[WorkerHeartbeat] = []
+    watcher = await deps.workers.watchall(ignore_deletes=True)
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=KV_READ_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                log.warning("reading worker heartbeats timed out; the list may be short")
+                break
+            if entry is None:  # the end of the initial values (also for an empty bucket)
+                break
+            try:
+                beats.append(_heartbeat_decoder.decode(entry.value or b""))
+            except msgspec.DecodeError:
+                log.warning("undecodable heartbeat under key %s", entry.key)
+    finally:
+        await watcher.stop()
+    return beats
+
+
+def is_stale(beat: WorkerHeartbeat, now: float, stale_after_s: float) -> bool:
+    return now - beat.seen_at > stale_after_s
+
+
+async def require_healthy_worker(deps: Deps, models: list[str]) -> None:
+    """503 unless each model has a worker whose last heartbeat is fresh and says healthy."""
+    stale_after_s = deps.settings.health.worker_stale_s
+    now = time.time()
+    beats = await read_heartbeats(deps)
+    for model in models:
+        if not any(
+            b.model == model and b.healthy and not is_stale(b, now, stale_after_s) for b in beats
+        ):
+            raise Unavailable(
+                f"No healthy worker for model {model!r} has been seen in the last "
+                f"{stale_after_s:g} s: the batch would not run. Retry once a worker is up "
+                "(GET /v1/workers shows them).",
+                param="input_file_id",
+                code="no_healthy_worker",
+            )
+
+
+@get("/workers")
+async def list_workers(deps: Deps) -> WorkerList:
+    now = time.time()
+    stale_after_s = deps.settings.health.worker_stale_s
+    beats = sorted(await read_heartbeats(deps), key=lambda b: (b.model, b.worker_id))
+    return WorkerList(
+        data=[
+            WorkerStatus(
+                worker_id=b.worker_id,
+                host=b.host,
+                pid=b.pid,
+                model=b.model,
+                engine=b.engine,
+                started_at=b.started_at,
+                seen_at=b.seen_at,
+                age_s=round(max(0.0, now - b.seen_at), 1),
+                stale=is_stale(b, now, stale_after_s),
+                healthy=b.healthy,
+                in_flight=b.in_flight,
+                capacity=b.capacity,
+                completed=b.completed,
+                tokens_per_s=b.tokens_per_s,
+                gpu_index=b.gpu_index,
+                gpu_name=b.gpu_name,
+                gpu_memory_used_mb=b.gpu_memory_used_mb,
+                gpu_memory_total_mb=b.gpu_memory_total_mb,
+                gpu_temperature_c=b.gpu_temperature_c,
+                gpu_utilization_pct=b.gpu_utilization_pct,
+            )
+            for b in beats
+        ]
+    )
+
+
+# Dead letters ---------------------------------------------------------------------------------
+
+
+def dead_letter_from_row(row: store.Row, *, with_payload: bool = False) -> DeadLetter:
+    return DeadLetter(
+        id=row["id"],
+        created_at=row["created_at"],
+        source=row["source"],
+        subject=row["subject"],
+        error=row["error"],
+        deliveries=row["deliveries"],
+        stream_seq=row["stream_seq"],
+        consumer=row["consumer"],
+        batch_id=row["batch_id"],
+        custom_id=row["custom_id"],
+        line=row["line"],
+        replayed_at=row["replayed_at"],
+        replay_count=row["replay_count"],
+        payload_bytes=row["payload_bytes"] or 0,
+        payload=bytes(row["payload"]).decode("utf-8", "replace") if with_payload else None,
+    )
+
+
+def dead_letter_not_found(dead_letter_id: int) -> NotFound:
+    return NotFound(f"No such dead letter: {dead_letter_id}", param="dead_letter_id")
+
+
+@get("/dead_letters")
+async def list_dead_letters(
+    deps: Deps,
+    limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+    after: int | None = None,
+    batch_id: str | None = None,
+) -> DeadLetterList:
+    rows, has_more = await store.list_dead_letters(
+        deps.pool, limit=limit, after=after, batch_id=batch_id
+    )
+    data = [dead_letter_from_row(r) for r in rows]
+    return DeadLetterList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=has_more,
+    )
+
+
+@get("/dead_letters/{dead_letter_id:int}")
+async def retrieve_dead_letter(dead_letter_id: int, deps: Deps) -> DeadLetter:
+    row = await store.get_dead_letter(deps.pool, dead_letter_id)
+    if row is None:
+        raise dead_letter_not_found(dead_letter_id)
+    return dead_letter_from_row(row, with_payload=True)
+
+
+@post("/dead_letters/{dead_letter_id:int}/replay", status_code=200)
+async def replay_dead_letter(dead_letter_id: int, deps: Deps) -> DeadLetter:
+    row = await store.get_dead_letter(deps.pool, dead_letter_id)
+    if row is None:
+        raise dead_letter_not_found(dead_letter_id)
+    if row["source"] not in REPLAYABLE_SOURCES:
+        raise InvalidRequest(
+            f"dead letter {dead_letter_id} came from {row['source'] or 'outside JetStream'}; "
+            f"only messages of {', '.join(sorted(REPLAYABLE_SOURCES))} can be replayed",
+            param="dead_letter_id",
+        )
+    headers = {
+        k: v
+        for k, v in (msgspec.json.decode(row["headers"]) if row["headers"] else {}).items()
+        if k.lower() != bus.MSG_ID.lower()
+    }
+    async with deps.pool.acquire() as conn, conn.transaction():
+        reopened = False
+        if row["batch_id"] and row["custom_id"] and row["source"] == bus.REQUESTS.name:
+            reopened = await store.reopen_dead_lettered_line(
+                conn, row["batch_id"], row["custom_id"]
+            )
+        # Published before the commit: if the publish fails nothing changed; if the commit
+        # fails, the request runs and its result is ignored (its error line stayed).
+        publisher = bus.Publisher(deps.js)
+        await publisher.publish(
+            row["subject"],
+            bytes(row["payload"]),
+            f"replay:{dead_letter_id}:{row['replay_count'] + 1}",
+            headers or None,
+        )
+        try:
+            await publisher.flush()
+        except Exception as e:
+            raise Unavailable(f"could not publish the dead letter again: {e}") from None
+        updated = await store.mark_replayed(conn, dead_letter_id)
+    assert updated is not None
+    log.info(
+        "dead letter %d replayed to %s (batch_id=%s custom_id=%s, error line withdrawn: %s)",
+        dead_letter_id, row["subject"], row["batch_id"], row["custom_id"], reopened,
+    )  # fmt: skip
+    return dead_letter_from_row(updated)
+
+
+ROUTES = [list_workers, list_dead_letters, retrieve_dead_letter, replay_dead_letter]

@@ -1,0 +1,209 @@
+"""The api's part in the batch lifecycle beyond HTTP: the watchdog's orders (README: Lifecycle).
+
+Consumes: stream CONTROL, durable `api` (shared by every api replica), subjects
+`jetbatch.control.>`, message BatchCommand (JSON), ack_wait CONTROL_ACK_WAIT_S (kept alive while
+a command runs), max_deliver CONTROL_MAX_DELIVER. A command that does not decode is a dead letter.
+
+- `redrive`: ingest.process_batch, idempotent, for a batch a crashed api left in `validating`
+  (or in progress and not fully published).
+- `close_out`: a cancelled or expired batch whose grace period is over. Every line of its input
+  file without a result gets a `batch_cancelled` / `batch_expired` error line (written straight
+  to PostgreSQL, counted like the results writer counts), then `closed_out_at` is set and the
+  results writer's sweep finalizes the batch to `cancelled` / `expired`.
+
+The api does this work because it owns reading input files (validation.py); the watchdog decides
+when. Both commands run under the batch's claim (store.claim), so one process at a time works on
+a batch, and a process that dies mid-way leaves nothing that a re-run does not finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterator
+
+import anyio.to_thread
+import msgspec
+from nats.aio.msg import Msg
+
+from schemas.messages import BatchCommand, BatchStop, StopReason
+from schemas.openai import RequestLine
+from services.api import ingest, store
+from services.api.deps import Deps
+from services.api.validation import iter_requests
+from shared import bus, deadletters
+from shared.ids import stable_id
+
+log = logging.getLogger(__name__)
+
+DURABLE = "api"
+FILTER_SUBJECT = "jetbatch.control.>"
+CONTROL_ACK_WAIT_S = 60
+CONTROL_MAX_DELIVER = 20
+CONCURRENCY = 4
+FILL_CHUNK_LINES = 5_000
+RETRY_DELAY_S = 2.0
+
+
+_command_decoder = msgspec.json.Decoder(BatchCommand)
+
+
+def closing_reason(row: store.Row) -> StopReason | None:
+    """Why the batch's unfinished lines are to be closed out, if they are."""
+    if row["status"] == "cancelling":
+        return "cancelled"
+    if row["status"] == "in_progress" and row["ending"] == "expired":
+        return "expired"
+    return None
+
+
+async def close_out(deps: Deps, batch_id: str) -> bool:
+    """Give every line of a cancelled/expired batch a result row. False: another process holds
+    the batch (publishing it, or closing it out): try again later."""
+    assert deps.settings.database_url is not None
+    async with store.claim(deps.settings.database_url, batch_id) as claimed:
+        if not claimed:
+            return False
+        await _close_out_claimed(deps, batch_id)
+        return True
+
+
+async def _close_out_claimed(deps: Deps, batch_id: str) -> None:
+    row = await store.get_batch(deps.pool, batch_id)
+    if row is None or row["closed_out_at"] is not None:
+        return
+    reason = closing_reason(row)
+    if reason is None:
+        log.debug("batch %s: %s, nothing to close out", batch_id, row["status"])
+        return
+    if row["total"] == 0:
+        # Cancelled before its validation finished (or the api died validating it): count it.
+        errors, model, total = await ingest.check_input(deps, row)
+        if errors or model is None:
+            await store.record_unrunnable(deps.pool, batch_id, errors)
+            log.info("batch %s: cancelled before it had any valid request", batch_id)
+            return
+        await store.record_validation(deps.pool, batch_id, model=model, total=total)
+    file_row = await store.get_file(deps.pool, row["input_file_id"])
+    path = deps.storage.path(file_row["storage_key"]) if file_row is not None else None
+    if path is None or not path.exists():
+        log.error(
+            "batch %s: input file %s is gone; its lines without a result cannot be named, the "
+            "batch ends with the %d it has", batch_id, row["input_file_id"],
+            row["completed"] + row["failed"],
+        )  # fmt: skip
+        await store.shrink_to_results(deps.pool, batch_id)
+        await store.mark_closed_out(deps.pool, batch_id)
+        return
+    stop = BatchStop(batch_id=batch_id, reason=reason, at=store.now_s())
+    code, message = stop.error_code, stop.error_message
+    filled = 0
+    lines = iter_requests(path, ingest.max_line_bytes(deps))
+    with contextlib.closing(lines):
+        while chunk := await anyio.to_thread.run_sync(_take, lines, FILL_CHUNK_LINES):
+            keyed = [
+                (index, r.custom_id, stable_id("req_", batch_id, r.custom_id)) for index, r in chunk
+            ]
+            added = await store.fill_missing_lines(deps.pool, batch_id, keyed, code, message)
+            if added is None:
+                log.info("batch %s left %s while being closed out", batch_id, row["status"])
+                return
+            filled += added
+    if await store.mark_closed_out(deps.pool, batch_id):
+        log.info("batch %s %s: %d unfinished lines are %s lines", batch_id, reason, filled, code)
+
+
+def _take(lines: Iterator[tuple[int, RequestLine]], n: int) -> list[tuple[int, RequestLine]]:
+    return list(itertools.islice(lines, n))
+
+
+# The consumer -----------------------------------------------------------------------------
+
+
+async def handle(deps: Deps, command: BatchCommand) -> bool:
+    """Run one command. False = not now (the batch is claimed elsewhere): retry later."""
+    if command.action == "redrive":
+        log.info("batch %s: re-driven by the watchdog", command.batch_id)
+        await ingest.process_batch(deps, command.batch_id)
+        return True
+    return await close_out(deps, command.batch_id)
+
+
+async def consume(deps: Deps, stop: asyncio.Event) -> None:
+    """Take the watchdog's commands until `stop` is set. The api serves HTTP whatever happens
+    here, so a failure is logged and the consumer started again."""
+    while not stop.is_set():
+        try:
+            await _consume(deps, stop)
+        except Exception:
+            log.exception("control consumer failed; restarting it")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RETRY_DELAY_S)
+
+
+async def _consume(deps: Deps, stop: asyncio.Event) -> None:
+    sub = await bus.durable_pull(
+        deps.js,
+        bus.CONTROL,
+        DURABLE,
+        FILTER_SUBJECT,
+        ack_wait_s=CONTROL_ACK_WAIT_S,
+        max_deliver=CONTROL_MAX_DELIVER,
+        max_ack_pending=1_000,
+    )
+    slots = asyncio.Semaphore(CONCURRENCY)
+    running: set[asyncio.Task[None]] = set()
+    try:
+        while not stop.is_set():
+            await slots.acquire()
+            slots.release()
+            try:
+                msgs = await bus.fetch(sub, CONCURRENCY, timeout_s=1.0)
+            except Exception as e:  # disconnected: the client reconnects by itself
+                log.warning("control fetch failed: %r", e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RETRY_DELAY_S)
+                continue
+            for msg in msgs:
+                await slots.acquire()
+                task = asyncio.create_task(_run(deps, msg, slots))
+                running.add(task)
+                task.add_done_callback(running.discard)
+    finally:
+        # Commands in hand finish (their work is short and idempotent); a shutdown that cuts
+        # one short only means it is redelivered.
+        if running:
+            await asyncio.wait(set(running), timeout=20)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def _run(deps: Deps, msg: Msg, slots: asyncio.Semaphore) -> None:
+    keep_alive = asyncio.create_task(_keep_alive(msg))
+    try:
+        try:
+            command = _command_decoder.decode(msg.data)
+        except msgspec.DecodeError as e:
+            await deadletters.record_msg(deps.pool, msg, f"undecodable command: {e}")
+            await msg.term()
+            return
+        if await handle(deps, command):
+            await msg.ack()
+        else:
+            await msg.nak(delay=RETRY_DELAY_S)
+    except Exception:
+        log.exception("control command on %s failed; it will be redelivered", msg.subject)
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=RETRY_DELAY_S * 2)
+    finally:
+        keep_alive.cancel()
+        slots.release()
+
+
+async def _keep_alive(msg: Msg) -> None:
+    while True:
+        await asyncio.sleep(CONTROL_ACK_WAIT_S / 3)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()

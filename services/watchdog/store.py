@@ -1,0 +1,101 @@
+"""The watchdog's SQL: what it finds in `batches` every round, and the marks it leaves there.
+
+Every change is one conditional UPDATE, so a watchdog racing the results writer or a second
+watchdog can never move a batch backwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+async def expire_due(conn: asyncpg.Connection, now: int) -> list[str]:
+    """in_progress batches past expires_at and not fully accounted: mark them expiring (their
+    unfinished lines will become batch_expired lines, then they finalize to `expired`)."""
+    rows = await conn.fetch(
+        """
+        UPDATE batches SET ending = 'expired', ending_at = $1, updated_at = $1
+        WHERE status = 'in_progress' AND ending IS NULL AND expires_at <= $1
+          AND (total = 0 OR completed + failed < total)
+        RETURNING id
+        """,
+        now,
+    )
+    return [r["id"] for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Stopping:
+    """A batch whose remaining requests must not run."""
+
+    batch_id: str
+    reason: str  # cancelled | expired
+    since: int
+    closed_out: bool
+
+
+async def stopping(conn: asyncpg.Connection) -> list[Stopping]:
+    rows = await conn.fetch(
+        """
+        SELECT id, status, cancelling_at, ending_at, closed_out_at FROM batches
+        WHERE status = 'cancelling' OR (status = 'in_progress' AND ending = 'expired')
+        ORDER BY id
+        """
+    )
+    return [
+        Stopping(
+            batch_id=r["id"],
+            reason="cancelled" if r["status"] == "cancelling" else "expired",
+            since=(r["cancelling_at"] if r["status"] == "cancelling" else r["ending_at"]) or 0,
+            closed_out=r["closed_out_at"] is not None,
+        )
+        for r in rows
+    ]
+
+
+async def redrive_due(conn: asyncpg.Connection, before: int) -> list[str]:
+    """Batches an api should have validated and published by now: still `validating`, or in
+    progress without `published_at`, since before `before`."""
+    rows = await conn.fetch(
+        """
+        SELECT id FROM batches
+        WHERE (status = 'validating' AND created_at <= $1)
+           OR (status = 'in_progress' AND ending IS NULL AND published_at IS NULL
+               AND in_progress_at <= $1)
+        ORDER BY id
+        """,
+        before,
+    )
+    return [r["id"] for r in rows]
+
+
+async def flag_stalled(conn: asyncpg.Connection, now: int, stall_s: float) -> list[str]:
+    """Open batches without progress (updated_at) for stall_s: set stalled_at. Returns them."""
+    rows = await conn.fetch(
+        """
+        UPDATE batches SET stalled_at = $1
+        WHERE status = ANY($2::text[]) AND stalled_at IS NULL AND updated_at <= $1 - $3::bigint
+        RETURNING id
+        """,
+        now,
+        OPEN_STATUSES,
+        int(stall_s),
+    )
+    return [r["id"] for r in rows]
+
+
+async def clear_stalled(conn: asyncpg.Connection) -> list[str]:
+    """Flagged batches that moved on (progress since the flag, or closed): clear the flag."""
+    rows = await conn.fetch(
+        """
+        UPDATE batches SET stalled_at = NULL
+        WHERE stalled_at IS NOT NULL
+          AND (status <> ALL($1::text[]) OR updated_at > stalled_at)
+        RETURNING id
+        """,
+        OPEN_STATUSES,
+    )
+    return [r["id"] for r in rows]

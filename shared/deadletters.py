@@ -1,0 +1,108 @@
+"""Dead letters: messages set aside because they could not be processed, kept in table
+`dead_letters` (infra/migrations/002_dead_letters.sql) with their payload, error and delivery
+count, for an operator to list and replay (README: Dead letters).
+
+Recording is idempotent per stored message (source stream + sequence), so a rejection retried
+after a crash records one dead letter."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import asyncpg
+import msgspec
+from nats.aio.msg import Msg
+
+from schemas.messages import LineKey
+
+log = logging.getLogger(__name__)
+
+_line_key = msgspec.json.Decoder(LineKey)
+
+
+def line_key(payload: bytes) -> LineKey:
+    """The batch line a payload names, as far as it can be read."""
+    try:
+        return _line_key.decode(payload)
+    except msgspec.DecodeError:
+        return LineKey()
+
+
+def _text(value: str | None) -> str | None:
+    # PostgreSQL text and jsonb cannot hold NUL, and a rejected message may be rejected for
+    # exactly that: keep it readable rather than lose the dead letter.
+    return value.replace("\x00", "\ufffd") if value is not None else None
+
+
+async def record(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    source: str,
+    subject: str,
+    payload: bytes,
+    error: str,
+    deliveries: int = 1,
+    stream_seq: int | None = None,
+    consumer: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """Insert a dead letter; returns its id (the earlier one's if this message was recorded
+    before)."""
+    key = line_key(payload)
+    row = await conn.fetchrow(
+        """
+        INSERT INTO dead_letters (created_at, source, stream_seq, consumer, subject, headers,
+                                  payload, error, deliveries, batch_id, custom_id, line)
+        VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12)
+        ON CONFLICT (source, stream_seq) WHERE stream_seq IS NOT NULL
+        DO UPDATE SET deliveries = greatest(dead_letters.deliveries, EXCLUDED.deliveries)
+        RETURNING id, (xmax = 0) AS inserted
+        """,
+        int(time.time()),
+        source,
+        stream_seq,
+        consumer,
+        _text(subject),
+        (
+            msgspec.json.encode({_text(k): _text(v) for k, v in headers.items()}).decode()
+            if headers
+            else None
+        ),
+        payload,
+        _text(error[:4000]),
+        deliveries,
+        _text(key.batch_id),
+        _text(key.custom_id),
+        key.line,
+    )
+    assert row is not None
+    dead_letter_id: int = row["id"]
+    if row["inserted"]:
+        log.error(
+            "dead letter %d: %s seq %s (%s) batch_id=%s custom_id=%s after %d deliveries: %s",
+            dead_letter_id, source, stream_seq, subject, key.batch_id, key.custom_id,
+            deliveries, error,
+        )  # fmt: skip
+    return dead_letter_id
+
+
+async def record_msg(conn: asyncpg.Connection | asyncpg.Pool, msg: Msg, error: str) -> int:
+    """Record a JetStream message this process received and rejects."""
+    try:
+        meta = msg.metadata
+        stream, seq, consumer = meta.stream, meta.sequence.stream, meta.consumer
+        deliveries = int(meta.num_delivered)
+    except Exception:  # not a JetStream message
+        stream, seq, consumer, deliveries = "", None, None, 1
+    return await record(
+        conn,
+        source=stream,
+        subject=msg.subject,
+        payload=msg.data,
+        error=error,
+        deliveries=deliveries,
+        stream_seq=seq,
+        consumer=consumer,
+        headers=dict(msg.headers) if msg.headers else None,
+    )
