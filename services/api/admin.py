@@ -22,7 +22,7 @@ from litestar.params import Parameter
 from schemas.admin import DeadLetter, DeadLetterList, WorkerList, WorkerStatus
 from schemas.messages import WorkerHeartbeat
 from services.api import store
-from services.api.deps import Deps
+from services.api.deps import DepsParam
 from shared import bus
 from shared.errors import InvalidRequest, NotFound, Unavailable
 
@@ -35,7 +35,7 @@ REPLAYABLE_SOURCES = frozenset({bus.REQUESTS.name, bus.RESULTS.name, bus.CONTROL
 _heartbeat_decoder = msgspec.json.Decoder(WorkerHeartbeat)
 
 
-async def read_heartbeats(deps: Deps) -> list[WorkerHeartbeat]:
+async def read_heartbeats(deps: DepsParam) -> list[WorkerHeartbeat]:
     """Every heartbeat in the workers KV bucket (undecodable ones skipped)."""
     beats: list[WorkerHeartbeat] = []
     watcher = await deps.workers.watchall(ignore_deletes=True)
@@ -61,7 +61,7 @@ def is_stale(beat: WorkerHeartbeat, now: float, stale_after_s: float) -> bool:
     return now - beat.seen_at > stale_after_s
 
 
-async def require_healthy_worker(deps: Deps, models: list[str]) -> None:
+async def require_healthy_worker(deps: DepsParam, models: list[str]) -> None:
     """503 unless each model has a worker whose last heartbeat is fresh and says healthy."""
     stale_after_s = deps.settings.health.worker_stale_s
     now = time.time()
@@ -80,7 +80,7 @@ async def require_healthy_worker(deps: Deps, models: list[str]) -> None:
 
 
 @get("/workers")
-async def list_workers(deps: Deps) -> WorkerList:
+async def list_workers(deps: DepsParam) -> WorkerList:
     now = time.time()
     stale_after_s = deps.settings.health.worker_stale_s
     beats = sorted(await read_heartbeats(deps), key=lambda b: (b.model, b.worker_id))
@@ -142,7 +142,7 @@ def dead_letter_not_found(dead_letter_id: int) -> NotFound:
 
 @get("/dead_letters")
 async def list_dead_letters(
-    deps: Deps,
+    deps: DepsParam,
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
     after: int | None = None,
     batch_id: str | None = None,
@@ -160,7 +160,7 @@ async def list_dead_letters(
 
 
 @get("/dead_letters/{dead_letter_id:int}")
-async def retrieve_dead_letter(dead_letter_id: int, deps: Deps) -> DeadLetter:
+async def retrieve_dead_letter(dead_letter_id: int, deps: DepsParam) -> DeadLetter:
     row = await store.get_dead_letter(deps.pool, dead_letter_id)
     if row is None:
         raise dead_letter_not_found(dead_letter_id)
@@ -168,7 +168,7 @@ async def retrieve_dead_letter(dead_letter_id: int, deps: Deps) -> DeadLetter:
 
 
 @post("/dead_letters/{dead_letter_id:int}/replay", status_code=200)
-async def replay_dead_letter(dead_letter_id: int, deps: Deps) -> DeadLetter:
+async def replay_dead_letter(dead_letter_id: int, deps: DepsParam) -> DeadLetter:
     row = await store.get_dead_letter(deps.pool, dead_letter_id)
     if row is None:
         raise dead_letter_not_found(dead_letter_id)

@@ -20,7 +20,7 @@ from schemas.openai import (
 )
 from services.api import store
 from services.api.admin import require_healthy_worker
-from services.api.deps import Deps
+from services.api.deps import DepsParam
 from services.api.files import not_found as file_not_found
 from services.api.ingest import run_process_batch
 from services.api.store import now_s
@@ -122,7 +122,7 @@ def check_limits(limits: LimitSettings, active: int, queued: int, adding: int) -
 
 
 @post("/batches", status_code=200)
-async def create_batch(data: CreateBatchRequest, deps: Deps) -> Batch:
+async def create_batch(data: CreateBatchRequest, deps: DepsParam) -> Batch:
     settings = deps.settings
     check_endpoint(data.endpoint)
     if data.completion_window != COMPLETION_WINDOW:
@@ -178,7 +178,7 @@ async def create_batch(data: CreateBatchRequest, deps: Deps) -> Batch:
 
 
 @get("/batches/{batch_id:str}")
-async def retrieve_batch(batch_id: str, deps: Deps) -> Batch:
+async def retrieve_batch(batch_id: str, deps: DepsParam) -> Batch:
     row = await store.get_batch(deps.pool, batch_id)
     if row is None:
         raise not_found(batch_id)
@@ -187,7 +187,7 @@ async def retrieve_batch(batch_id: str, deps: Deps) -> Batch:
 
 @get("/batches")
 async def list_batches(
-    deps: Deps,
+    deps: DepsParam,
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> BatchList:
@@ -208,7 +208,7 @@ async def list_batches(
 
 
 @post("/batches/{batch_id:str}/cancel", status_code=200)
-async def cancel_batch(batch_id: str, deps: Deps) -> Batch:
+async def cancel_batch(batch_id: str, deps: DepsParam) -> Batch:
     row = await store.cancel_batch(deps.pool, batch_id)
     if row is None:
         row = await store.get_batch(deps.pool, batch_id)
@@ -230,7 +230,7 @@ async def cancel_batch(batch_id: str, deps: Deps) -> Batch:
     return store.batch_from_row(row)
 
 
-async def announce_stop(deps: Deps, stop: BatchStop) -> None:
+async def announce_stop(deps: DepsParam, stop: BatchStop) -> None:
     """Tell the workers at once (KV `jetbatch_cancelled`, which they watch). If this fails the
     watchdog puts it there on its next round: the database is the truth."""
     if deps.cancelled is None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -59,3 +60,7 @@ class Deps:
 def get_deps(state: State) -> Deps:
     deps: Deps = state.deps
     return deps
+
+
+# How route handlers ask for Deps: named explicitly, as Litestar 3 will require.
+DepsParam = NamedDependency[Deps]

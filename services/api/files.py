@@ -12,7 +12,7 @@ from litestar.response import Stream
 
 from schemas.openai import DeletedFile, FileList, FilePurpose, OpenAIFile
 from services.api import store, uploads
-from services.api.deps import Deps
+from services.api.deps import DepsParam
 from shared.errors import InvalidRequest, NotFound
 from shared.ids import new_id
 
@@ -70,7 +70,7 @@ def _expires_at(fields: dict[str, str], created_at: int, purpose: str) -> int | 
 
 
 @post("/files", status_code=200, request_max_body_size=None)
-async def create_file(request: Request[Any, Any, Any], deps: Deps) -> OpenAIFile:
+async def create_file(request: Request[Any, Any, Any], deps: DepsParam) -> OpenAIFile:
     """Multipart `file` + `purpose` (+ optional `expires_after`). The body limit is ours, not
     Litestar's: the file part is counted as it streams and refused past max_file_bytes (413)."""
     file_id = new_id("file-")
@@ -113,7 +113,7 @@ async def create_file(request: Request[Any, Any, Any], deps: Deps) -> OpenAIFile
 
 
 @get("/files/{file_id:str}")
-async def retrieve_file(file_id: str, deps: Deps) -> OpenAIFile:
+async def retrieve_file(file_id: str, deps: DepsParam) -> OpenAIFile:
     row = await store.get_file(deps.pool, file_id)
     if row is None:
         raise not_found(file_id)
@@ -121,7 +121,7 @@ async def retrieve_file(file_id: str, deps: Deps) -> OpenAIFile:
 
 
 @get("/files/{file_id:str}/content")
-async def file_content(file_id: str, deps: Deps) -> Stream:
+async def file_content(file_id: str, deps: DepsParam) -> Stream:
     row = await store.get_file(deps.pool, file_id)
     if row is None:
         raise not_found(file_id)
@@ -145,7 +145,7 @@ async def file_content(file_id: str, deps: Deps) -> Stream:
 
 @get("/files")
 async def list_files(
-    deps: Deps,
+    deps: DepsParam,
     purpose: str | None = None,
     limit: Annotated[int, Parameter(ge=1, le=10_000)] = 10_000,
     order: Literal["asc", "desc"] = "desc",
@@ -170,7 +170,7 @@ async def list_files(
 
 
 @delete("/files/{file_id:str}", status_code=200)
-async def delete_file(file_id: str, deps: Deps) -> DeletedFile:
+async def delete_file(file_id: str, deps: DepsParam) -> DeletedFile:
     row = await store.delete_file(deps.pool, file_id)
     if row is None:
         raise not_found(file_id)

@@ -30,7 +30,7 @@ import msgspec
 from schemas.messages import BatchEvent, RequestMessage
 from schemas.openai import BatchError, RequestLine
 from services.api import store
-from services.api.deps import Deps
+from services.api.deps import DepsParam
 from services.api.validation import MESSAGE_OVERHEAD_BYTES, iter_requests, validate_file
 from shared.bus import Publisher
 from shared.ids import stable_id
@@ -48,12 +48,12 @@ YIELD_EVERY = 50
 _encoder = msgspec.json.Encoder()
 
 
-def max_line_bytes(deps: Deps) -> int:
+def max_line_bytes(deps: DepsParam) -> int:
     """The largest request line that still fits one NATS message on this server."""
     return deps.nc.max_payload - MESSAGE_OVERHEAD_BYTES
 
 
-async def run_process_batch(deps: Deps, batch_id: str) -> None:
+async def run_process_batch(deps: DepsParam, batch_id: str) -> None:
     """process_batch as a background task: failures are logged, never lost in an unawaited task."""
     try:
         await process_batch(deps, batch_id)
@@ -66,7 +66,7 @@ async def run_process_batch(deps: Deps, batch_id: str) -> None:
         log.exception("batch %s: processing failed; re-running process_batch resumes it", batch_id)
 
 
-async def process_batch(deps: Deps, batch_id: str) -> None:
+async def process_batch(deps: DepsParam, batch_id: str) -> None:
     """Validate batch `batch_id`'s input file and publish its requests; see the module docstring."""
     assert deps.settings.database_url is not None
     async with store.claim(deps.settings.database_url, batch_id) as claimed:
@@ -76,7 +76,7 @@ async def process_batch(deps: Deps, batch_id: str) -> None:
         await _process_claimed(deps, batch_id)
 
 
-async def _process_claimed(deps: Deps, batch_id: str) -> None:
+async def _process_claimed(deps: DepsParam, batch_id: str) -> None:
     row = await store.get_batch(deps.pool, batch_id)
     if row is None:
         log.warning("batch %s: no such batch, nothing to process", batch_id)
@@ -95,7 +95,7 @@ async def _process_claimed(deps: Deps, batch_id: str) -> None:
     await _publish(deps, row)
 
 
-async def check_input(deps: Deps, row: store.Row) -> tuple[list[BatchError], str | None, int]:
+async def check_input(deps: DepsParam, row: store.Row) -> tuple[list[BatchError], str | None, int]:
     """Validate a batch's input file: (errors, model, line count)."""
     file_row = await store.get_file(deps.pool, row["input_file_id"])
     check_file = partial(
@@ -121,7 +121,7 @@ async def check_input(deps: Deps, row: store.Row) -> tuple[list[BatchError], str
     return check.errors, check.model, check.count
 
 
-async def _validate(deps: Deps, row: store.Row) -> store.Row | None:
+async def _validate(deps: DepsParam, row: store.Row) -> store.Row | None:
     """Pass 1. Returns the batch's row once in_progress, or None when it must not be published."""
     batch_id = row["id"]
     errors, model, total = await check_input(deps, row)
@@ -150,7 +150,7 @@ def _take(lines: Iterator[tuple[int, RequestLine]], n: int) -> list[tuple[int, R
     return list(itertools.islice(lines, n))
 
 
-async def _publish(deps: Deps, row: store.Row) -> None:
+async def _publish(deps: DepsParam, row: store.Row) -> None:
     """Pass 2: one RequestMessage per line, pipelined, then `published_at`."""
     batch_id, model, endpoint = row["id"], row["model"], row["endpoint"]
     file_row = await store.get_file(deps.pool, row["input_file_id"])
@@ -202,12 +202,12 @@ async def _publish(deps: Deps, row: store.Row) -> None:
     log.info("batch %s: %d requests published on %s", batch_id, published, subject)
 
 
-async def _still_running(deps: Deps, batch_id: str) -> bool:
+async def _still_running(deps: DepsParam, batch_id: str) -> bool:
     state = await store.batch_state(deps.pool, batch_id)
     return state == ("in_progress", None)
 
 
-async def _emit_failed(deps: Deps, row: store.Row) -> None:
+async def _emit_failed(deps: DepsParam, row: store.Row) -> None:
     batch = store.batch_from_row(row)
     event = BatchEvent(
         # Deterministic: a re-emitted event is dropped by the stream's duplicate window.

@@ -15,7 +15,7 @@ from litestar import Request, Response, get, post
 
 from schemas.messages import InteractiveRequest, ResultMessage, WorkerHeartbeat
 from schemas.openai import ErrorDetail, ErrorResponse, Model, ModelList
-from services.api.deps import Deps
+from services.api.deps import DepsParam
 from services.api.exceptions import BadGateway, error_type
 from shared.config import ModelSpec
 from shared.errors import InvalidRequest, NotFound, PayloadTooLarge, Unavailable, UpstreamTimeout
@@ -41,7 +41,7 @@ _result_decoder = msgspec.json.Decoder(ResultMessage)
 _encoder = msgspec.json.Encoder()
 
 
-async def live_workers(deps: Deps) -> Counter[str]:
+async def live_workers(deps: DepsParam) -> Counter[str]:
     """Live workers per model, from every heartbeat in the workers KV bucket."""
     cutoff = time.time() - LIVE_HEARTBEATS * deps.settings.heartbeat_interval_s
     counts: Counter[str] = Counter()
@@ -74,7 +74,7 @@ def _model(spec: ModelSpec, created: int, workers: int) -> Model:
 
 
 @get("/models")
-async def list_models(deps: Deps) -> ModelList:
+async def list_models(deps: DepsParam) -> ModelList:
     counts = await live_workers(deps)
     return ModelList(
         data=[_model(m, deps.started_at, counts[m.name]) for m in deps.settings.models]
@@ -82,7 +82,7 @@ async def list_models(deps: Deps) -> ModelList:
 
 
 @get("/models/{model_id:path}")
-async def retrieve_model(model_id: str, deps: Deps) -> Model:
+async def retrieve_model(model_id: str, deps: DepsParam) -> Model:
     # Model names may hold slashes (org/name); Litestar's path params keep the leading one.
     name = model_id.lstrip("/")
     spec = deps.settings.model(name)
@@ -107,7 +107,7 @@ def _error_body(result: ResultMessage) -> bytes:
     )
 
 
-async def _infer(request: Request[Any, Any, Any], deps: Deps, endpoint: str) -> Response[bytes]:
+async def _infer(request: Request[Any, Any, Any], deps: DepsParam, endpoint: str) -> Response[bytes]:
     raw = await request.body()
     try:
         probe = _sync_decoder.decode(raw)
@@ -166,17 +166,17 @@ async def _infer(request: Request[Any, Any, Any], deps: Deps, endpoint: str) -> 
 
 
 @post("/chat/completions", status_code=200)
-async def chat_completions(request: Request[Any, Any, Any], deps: Deps) -> Response[bytes]:
+async def chat_completions(request: Request[Any, Any, Any], deps: DepsParam) -> Response[bytes]:
     return await _infer(request, deps, "/v1/chat/completions")
 
 
 @post("/completions", status_code=200)
-async def completions(request: Request[Any, Any, Any], deps: Deps) -> Response[bytes]:
+async def completions(request: Request[Any, Any, Any], deps: DepsParam) -> Response[bytes]:
     return await _infer(request, deps, "/v1/completions")
 
 
 @post("/embeddings", status_code=200)
-async def embeddings(request: Request[Any, Any, Any], deps: Deps) -> Response[bytes]:
+async def embeddings(request: Request[Any, Any, Any], deps: DepsParam) -> Response[bytes]:
     return await _infer(request, deps, "/v1/embeddings")
 
 

@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from schemas.messages import BatchCommand, BatchStop, StopReason
 from schemas.openai import RequestLine
 from services.api import ingest, store
-from services.api.deps import Deps
+from services.api.deps import DepsParam
 from services.api.validation import iter_requests
 from shared import bus, deadletters
 from shared.ids import stable_id
@@ -59,7 +59,7 @@ def closing_reason(row: store.Row) -> StopReason | None:
     return None
 
 
-async def close_out(deps: Deps, batch_id: str) -> bool:
+async def close_out(deps: DepsParam, batch_id: str) -> bool:
     """Give every line of a cancelled/expired batch a result row. False: another process holds
     the batch (publishing it, or closing it out): try again later."""
     assert deps.settings.database_url is not None
@@ -70,7 +70,7 @@ async def close_out(deps: Deps, batch_id: str) -> bool:
         return True
 
 
-async def _close_out_claimed(deps: Deps, batch_id: str) -> None:
+async def _close_out_claimed(deps: DepsParam, batch_id: str) -> None:
     row = await store.get_batch(deps.pool, batch_id)
     if row is None or row["closed_out_at"] is not None:
         return
@@ -122,7 +122,7 @@ def _take(lines: Iterator[tuple[int, RequestLine]], n: int) -> list[tuple[int, R
 # The consumer -----------------------------------------------------------------------------
 
 
-async def handle(deps: Deps, command: BatchCommand) -> bool:
+async def handle(deps: DepsParam, command: BatchCommand) -> bool:
     """Run one command. False = not now (the batch is claimed elsewhere): retry later."""
     if command.action == "redrive":
         log.info("batch %s: re-driven by the watchdog", command.batch_id)
@@ -131,7 +131,7 @@ async def handle(deps: Deps, command: BatchCommand) -> bool:
     return await close_out(deps, command.batch_id)
 
 
-async def consume(deps: Deps, stop: asyncio.Event) -> None:
+async def consume(deps: DepsParam, stop: asyncio.Event) -> None:
     """Take the watchdog's commands until `stop` is set. The api serves HTTP whatever happens
     here, so a failure is logged and the consumer started again."""
     while not stop.is_set():
@@ -143,7 +143,7 @@ async def consume(deps: Deps, stop: asyncio.Event) -> None:
                 await asyncio.wait_for(stop.wait(), RETRY_DELAY_S)
 
 
-async def _consume(deps: Deps, stop: asyncio.Event) -> None:
+async def _consume(deps: DepsParam, stop: asyncio.Event) -> None:
     sub = await bus.durable_pull(
         deps.js,
         bus.CONTROL,
@@ -180,7 +180,7 @@ async def _consume(deps: Deps, stop: asyncio.Event) -> None:
             await sub.unsubscribe()
 
 
-async def _run(deps: Deps, msg: Msg, slots: asyncio.Semaphore) -> None:
+async def _run(deps: DepsParam, msg: Msg, slots: asyncio.Semaphore) -> None:
     keep_alive = asyncio.create_task(_keep_alive(msg))
     try:
         try:

@@ -31,7 +31,7 @@ from litestar.types import Guard
 from nats.aio.client import Client as NATS
 
 from services.api import admin, batches, files, interactive, lifecycle, webhooks
-from services.api.deps import Deps, get_deps
+from services.api.deps import Deps, DepsParam, get_deps
 from services.api.exceptions import EXCEPTION_HANDLERS
 from shared import bus, config, telemetry
 from shared.config import ConfigError, Settings
@@ -55,7 +55,7 @@ class Health(msgspec.Struct, kw_only=True):
 
 
 @get("/healthz")
-async def healthz(deps: Deps) -> Health:
+async def healthz(deps: DepsParam) -> Health:
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_S):
             await deps.pool.fetchval("SELECT 1")

@@ -35,7 +35,7 @@ from schemas.webhooks import (
     WebhookEndpointList,
     WebhookEndpointWithSecret,
 )
-from services.api.deps import Deps
+from services.api.deps import DepsParam
 from services.api.store import now_s
 from shared.config import ConfigError, check_webhook_secret
 from shared.errors import Conflict, InvalidRequest, NotFound
@@ -159,7 +159,7 @@ def delivery_from_row(
 
 @post("/webhook_endpoints", status_code=200)
 async def create_endpoint(
-    data: CreateWebhookEndpointRequest, deps: Deps
+    data: CreateWebhookEndpointRequest, deps: DepsParam
 ) -> WebhookEndpointWithSecret:
     url = await check_destination(data.url, deps.settings.webhooks.allowed_networks)
     event_types = check_event_types(data.event_types)
@@ -183,7 +183,7 @@ async def create_endpoint(
 
 @get("/webhook_endpoints")
 async def list_endpoints(
-    deps: Deps,
+    deps: DepsParam,
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> WebhookEndpointList:
@@ -206,7 +206,7 @@ async def list_endpoints(
     )
 
 
-async def _live_endpoint(deps: Deps, endpoint_id: str) -> asyncpg.Record:
+async def _live_endpoint(deps: DepsParam, endpoint_id: str) -> asyncpg.Record:
     row = await deps.pool.fetchrow(
         "SELECT * FROM webhook_endpoints WHERE id = $1 AND deleted_at IS NULL", endpoint_id
     )
@@ -216,13 +216,13 @@ async def _live_endpoint(deps: Deps, endpoint_id: str) -> asyncpg.Record:
 
 
 @get("/webhook_endpoints/{webhook_endpoint_id:str}")
-async def retrieve_endpoint(webhook_endpoint_id: str, deps: Deps) -> WebhookEndpoint:
+async def retrieve_endpoint(webhook_endpoint_id: str, deps: DepsParam) -> WebhookEndpoint:
     return endpoint_from_row(await _live_endpoint(deps, webhook_endpoint_id))
 
 
 @post("/webhook_endpoints/{webhook_endpoint_id:str}", status_code=200)
 async def update_endpoint(
-    webhook_endpoint_id: str, data: UpdateWebhookEndpointRequest, deps: Deps
+    webhook_endpoint_id: str, data: UpdateWebhookEndpointRequest, deps: DepsParam
 ) -> WebhookEndpoint:
     current = await _live_endpoint(deps, webhook_endpoint_id)
     url = current["url"]
@@ -260,7 +260,7 @@ async def update_endpoint(
 
 @post("/webhook_endpoints/{webhook_endpoint_id:str}/rotate_secret", status_code=200)
 async def rotate_secret(
-    webhook_endpoint_id: str, deps: Deps, data: RotateSecretRequest | None = None
+    webhook_endpoint_id: str, deps: DepsParam, data: RotateSecretRequest | None = None
 ) -> WebhookEndpointWithSecret:
     keep_old = data.keep_old_secret_active_for_24_hours if data is not None else False
     now = now_s()
@@ -278,7 +278,7 @@ async def rotate_secret(
 
 
 @delete("/webhook_endpoints/{webhook_endpoint_id:str}", status_code=200)
-async def delete_endpoint(webhook_endpoint_id: str, deps: Deps) -> DeletedWebhookEndpoint:
+async def delete_endpoint(webhook_endpoint_id: str, deps: DepsParam) -> DeletedWebhookEndpoint:
     now = now_s()
     async with deps.pool.acquire() as conn, conn.transaction():
         deleted = await conn.fetchval(
@@ -309,7 +309,7 @@ async def delete_endpoint(webhook_endpoint_id: str, deps: Deps) -> DeletedWebhoo
 
 @get("/webhook_deliveries")
 async def list_deliveries(
-    deps: Deps,
+    deps: DepsParam,
     status: DeliveryFilter | None = None,
     batch_id: str | None = None,
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
@@ -353,13 +353,13 @@ async def _delivery_with_attempts(
 
 
 @get("/webhook_deliveries/{delivery_id:str}")
-async def retrieve_delivery(delivery_id: str, deps: Deps) -> WebhookDelivery:
+async def retrieve_delivery(delivery_id: str, deps: DepsParam) -> WebhookDelivery:
     """The delivery with every attempt (`attempt_log`)."""
     return await _delivery_with_attempts(deps.pool, delivery_id)
 
 
 @post("/webhook_deliveries/{delivery_id:str}/resend", status_code=200)
-async def resend_delivery(delivery_id: str, deps: Deps) -> WebhookDelivery:
+async def resend_delivery(delivery_id: str, deps: DepsParam) -> WebhookDelivery:
     """A new round of attempts (the full retry policy again) for a delivery that is not pending:
     a dead letter, typically. The body and webhook-id are the same as before."""
     async with deps.pool.acquire() as conn, conn.transaction():
