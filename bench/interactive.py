@@ -59,10 +59,7 @@ def run(args: Any) -> dict[str, Any]:
     work = scratch("interactive")
     path = write_chat_file(work / "load.jsonl", lines)
     quiet_machine()
-    import os
-
-    extra = {"PYTHONPATH": os.environ["BENCH_PYTHONPATH"]} if os.environ.get("BENCH_PYTHONPATH") else None
-    with running_system("interactive", "instant", CHAT_MODEL, env=extra) as system:
+    with running_system("interactive", "instant", CHAT_MODEL) as system:
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.Client(base_url=system.base_url, headers=headers, timeout=60) as http:
             for _ in range(WARMUP_REQUESTS):
@@ -117,14 +114,22 @@ def run(args: Any) -> dict[str, Any]:
     show(
         f"interactive latency (sync chat, instant engine) idle vs a {lines:,}-line batch in flight",
         [
-            ("idle", f"p50 {idle_stats['p50_ms']:.2f} ms, p99 {idle_stats['p99_ms']:.2f} ms ({len(idle)} requests)"),
-            ("under load", f"p50 {load_stats['p50_ms']:.2f} ms, p99 {load_stats['p99_ms']:.2f} ms ({len(loaded)} requests over {batch_s:.1f} s)"),
+            (
+                "idle",
+                f"p50 {idle_stats['p50_ms']:.2f} ms, p99 {idle_stats['p99_ms']:.2f} ms ({len(idle)} requests)",
+            ),
+            (
+                "under load",
+                f"p50 {load_stats['p50_ms']:.2f} ms, p99 {load_stats['p99_ms']:.2f} ms ({len(loaded)} requests over {batch_s:.1f} s)",
+            ),
             ("p99 under load / idle", f"{factor:.2f}x  (target <= {TARGET_P99_FACTOR}x)"),
         ],
-    )  # fmt: skip
+    )
     by_phase = {k: _stats(v) for k, v in phases.items()}
     for phase, st in by_phase.items():
-        print(f"    while {phase}: p50 {st['p50_ms']:.2f} ms, p99 {st['p99_ms']:.2f} ms, max {st['max_ms']:.1f} ms ({st['requests']} requests)")
+        print(
+            f"    while {phase}: p50 {st['p50_ms']:.2f} ms, p99 {st['p99_ms']:.2f} ms, max {st['max_ms']:.1f} ms ({st['requests']} requests)"
+        )
     slowest = sorted(timeline, key=lambda x: -x[1])[:10]
     out = write_result("interactive", figures, by_phase=by_phase, slowest=slowest)
     print(f"  -> {out.relative_to(out.parents[2])}")

@@ -77,14 +77,33 @@ def run(args: Any) -> dict[str, Any]:
     show(
         f"memory ({size / 1e6:.0f} MB, {lines:,}-line upload; {output_bytes / 1e6:.0f} MB output)",
         [
-            ("api peak RSS", f"{peaks.get('api')} MB (before the upload: {sampler.start_mb.get('api')} MB; sampled {sampler.peak_mb.get('api', 0):.1f}, VmHWM {hwm.get('api')})"),
-            ("results writer peak RSS", f"{peaks.get('results_writer')} MB (before: {sampler.start_mb.get('results_writer')} MB; sampled {sampler.peak_mb.get('results_writer', 0):.1f}, VmHWM {hwm.get('results_writer')})"),
-            ("target", f"<= {TARGET_MB} MB each: {'met' if figures['meets_target'] else 'NOT met'}"),
-            ("upload / completed / downloaded", f"{upload_s:.1f} s / {done_s:.1f} s / {total_s:.1f} s"),
+            (
+                "api peak RSS",
+                f"{peaks.get('api')} MB (before the upload: {sampler.start_mb.get('api')} MB; sampled {sampler.peak_mb.get('api', 0):.1f}, VmHWM {hwm.get('api')})",
+            ),
+            (
+                "results writer peak RSS",
+                f"{peaks.get('results_writer')} MB (before: {sampler.start_mb.get('results_writer')} MB; sampled {sampler.peak_mb.get('results_writer', 0):.1f}, VmHWM {hwm.get('results_writer')})",
+            ),
+            (
+                "target",
+                f"<= {TARGET_MB} MB each: {'met' if figures['meets_target'] else 'NOT met'}",
+            ),
+            (
+                "upload / completed / downloaded",
+                f"{upload_s:.1f} s / {done_s:.1f} s / {total_s:.1f} s",
+            ),
         ],
-    )  # fmt: skip
-    out = write_result("memory", figures, samples=sampler.samples, vmhwm_mb=hwm,
-                       sampled_peak_mb=sampler.peak_mb, upload_s=round(upload_s, 2),
-                       completed_s=round(done_s, 2), downloaded_s=round(total_s, 2))  # fmt: skip
+    )
+    out = write_result(
+        "memory",
+        figures,
+        samples=sampler.samples,
+        vmhwm_mb=hwm,
+        sampled_peak_mb=sampler.peak_mb,
+        upload_s=round(upload_s, 2),
+        completed_s=round(done_s, 2),
+        downloaded_s=round(total_s, 2),
+    )
     print(f"  -> {out.relative_to(out.parents[2])}")
     return figures

@@ -51,8 +51,8 @@ def request_messages(path: Path, batch_id: str = "batch_raw") -> list[Message]:
 
 
 async def _core_publish(nc: nats.NATS, messages: Sequence[Message], subject: str) -> float:
-    """Core publishes with a reply inbox per message, PubAcks counted off one wildcard
-    subscription (no future per message)."""
+    """Core publishes with a reply subject per message, every PubAck counted off one wildcard
+    subscription after the last publish (no future, timer or callback per message)."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(f"{inbox}.*", pending_msgs_limit=1_000_000)
     queue = sub._pending_queue
@@ -74,7 +74,8 @@ async def _core_publish(nc: nats.NATS, messages: Sequence[Message], subject: str
 
 
 async def _publisher(nc: nats.NATS, messages: Sequence[Message], subject: str) -> float:
-    """jetbatch's own Publisher (what the api uses), flushed every 2,000 as the api does."""
+    """jetbatch's bus.Publisher (what the api uses: core publishes too, PubAcks drained in bulk
+    as they come), flushed every 2,000 as the api does."""
     js = nc.jetstream()
     publisher = bus.Publisher(js)
     started = time.perf_counter()
@@ -127,16 +128,23 @@ async def _setup(js, durable: str) -> None:  # type: ignore[no-untyped-def]
         pass
     await js.add_stream(
         StreamConfig(
-            name=STREAM, subjects=["rawbench.>"], retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE, duplicate_window=120,
-        )  # fmt: skip
+            name=STREAM,
+            subjects=["rawbench.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=120,
+        )
     )
     await js.add_consumer(
         STREAM,
         ConsumerConfig(
-            durable_name=durable, ack_policy=AckPolicy.EXPLICIT, filter_subject="rawbench.>",
-            max_ack_pending=-1, max_waiting=512, ack_wait=600,
-        ),  # fmt: skip
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            filter_subject="rawbench.>",
+            max_ack_pending=-1,
+            max_waiting=512,
+            ack_wait=600,
+        ),
     )
 
 

@@ -225,6 +225,15 @@ _VLLM_MODULES = (
 )
 
 
+def admission_capacity(max_num_seqs: int) -> int:
+    """Requests a worker keeps in its vLLM engine: a quarter more than the engine runs at once,
+    so a finishing sequence is replaced from vLLM's own waiting queue (already parsed,
+    templated and tokenized) rather than after our publish, ack and next pull. Measured on the
+    2-core box: 1.18x vLLM run_batch's output tok/s, against 0.995x with exactly max_num_seqs
+    (bench/engine.py)."""
+    return max_num_seqs + max(4, max_num_seqs // 4)
+
+
 def _import_vllm() -> None:
     for module in _VLLM_MODULES:
         importlib.import_module(module)
@@ -338,7 +347,7 @@ class VllmEngine:
             self._handlers[EMBEDDINGS] = (TypeAdapter(EmbeddingRequest).validate_json, embedding)
 
         max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
-        self.capacity = self._max_in_flight or max_num_seqs
+        self.capacity = self._max_in_flight or admission_capacity(max_num_seqs)
         self._started = True
         log.info(
             "vLLM engine for %s ready in %.1f s: tasks %s, max_num_seqs %d, capacity %d",

@@ -226,11 +226,12 @@ async def test_abort_withdraws_a_running_request(chat_engine: Engine) -> None:
 async def test_capacity_is_sized_from_vllms_scheduler(chat_engine: Engine) -> None:
     from vllm.platforms import current_platform
 
-    # max_num_seqs: the engine sets 64 on the CPU; on a GPU it is vLLM's own default.
+    # max_num_seqs: the engine sets 64 on the CPU; on a GPU it is vLLM's own default. A quarter
+    # more are kept waiting in vLLM's queue, ready for the next free slot.
     if current_platform.is_cpu():
-        assert chat_engine.capacity == 64
+        assert chat_engine.capacity == 64 + 16
     else:
-        assert chat_engine.capacity >= 64
+        assert chat_engine.capacity >= 64 + 16
 
 
 # -- embed -------------------------------------------------------------------------------------

@@ -123,9 +123,11 @@ async def test_ack_after_publish_acks_each_source_once_its_result_is_stored(
     while len(msgs) < 300:
         msgs += await pull.fetch(300, 5)
     await asyncio.gather(
-        *(results.publish_then_ack(f"done.{m.data.decode()}", m.data, f"r-{m.data.decode()}", m)
-          for m in msgs)
-    )  # fmt: skip
+        *(
+            results.publish_then_ack(f"done.{m.data.decode()}", m.data, f"r-{m.data.decode()}", m)
+            for m in msgs
+        )
+    )
     await nc.flush()
     await results.close()
     assert (await js.stream_info(DONE.name)).state.messages == 300
@@ -160,3 +162,24 @@ async def test_ack_after_publish_leaves_the_source_unacked_when_no_stream_takes_
         await results.publish_then_ack("nowhere.0", b"0", "r-0", msg)
     assert not msg.is_acked
     await results.close()
+
+
+async def test_publisher_flush_counts_every_message_the_stream_took(js: JetStreamContext) -> None:
+    publisher = bus.Publisher(js)
+    for i in range(10_000):  # past the point where it drains PubAcks while publishing
+        await publisher.publish("work.item", b"x", f"many-{i}")
+    assert await publisher.flush() == 10_000
+    # A re-publish of the same ids is dropped by the duplicate window and still succeeds.
+    for i in range(10):
+        await publisher.publish("work.item", b"x", f"many-{i}")
+    assert await publisher.flush() == 10
+    assert (await js.stream_info(WORK.name)).state.messages == 10_000
+
+
+async def test_publisher_flush_raises_when_no_stream_takes_a_message(js: JetStreamContext) -> None:
+    publisher = bus.Publisher(js)
+    await publisher.publish("work.item", b"x", "ok-1")
+    await publisher.publish("nowhere.item", b"x", "lost-1")
+    with pytest.raises(bus.PublishError):
+        await publisher.flush()
+    assert await publisher.flush() == 0  # the failure was reported once
