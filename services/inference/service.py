@@ -95,38 +95,35 @@ def result_for(
     )
 
 
-def engine_failure(
-    req: RequestMessage, request_id: str, error: str, worker_id: str
+def error_result(
+    req: RequestMessage, request_id: str, status_code: int, code: str, message: str, worker_id: str
 ) -> ResultMessage:
-    """The request crashed the engine on its last delivery: an error line, so the batch finishes."""
+    """An error line that no engine answer produced (no response body)."""
     return ResultMessage(
         batch_id=req.batch_id,
         line=req.line,
         custom_id=req.custom_id,
         request_id=request_id,
-        status_code=500,
-        error_code="engine_error",
-        error_message=error,
+        status_code=status_code,
+        error_code=code,
+        error_message=message,
         worker_id=worker_id,
         finished_at_ms=int(time.time() * 1000),
     )
+
+
+def engine_failure(
+    req: RequestMessage, request_id: str, error: str, worker_id: str
+) -> ResultMessage:
+    """The request crashed the engine on its last delivery: an error line, so the batch finishes."""
+    return error_result(req, request_id, 500, "engine_error", error, worker_id)
 
 
 def stopped_result(
     req: RequestMessage, request_id: str, stop: BatchStop, worker_id: str
 ) -> ResultMessage:
     """The request's batch was cancelled or expired before it ran (or while it ran)."""
-    return ResultMessage(
-        batch_id=req.batch_id,
-        line=req.line,
-        custom_id=req.custom_id,
-        request_id=request_id,
-        status_code=499,
-        error_code=stop.error_code,
-        error_message=stop.error_message,
-        worker_id=worker_id,
-        finished_at_ms=int(time.time() * 1000),
-    )
+    return error_result(req, request_id, 499, stop.error_code, stop.error_message, worker_id)
 
 
 class Worker:
