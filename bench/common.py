@@ -80,7 +80,7 @@ def machine() -> dict[str, Any]:
         "usable_cores": len(os.sched_getaffinity(0)),
         "memory_total_mb": round(vm.total / 2**20),
         "os": platform.platform(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_when_written": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -142,17 +142,16 @@ def show(title: str, rows: list[tuple[str, Any]]) -> None:
     sys.stdout.flush()
 
 
-def quiet_machine(max_load: float = 1.0, wait_s: float = 120) -> float:
-    """Wait (a while) for the load average to drop: figures taken beside other heavy work are
-    worth little. Returns the 1-minute load when the benchmark starts."""
+def quiet_machine(max_busy_pct: float = 20, wait_s: float = 600) -> float:
+    """Wait (up to `wait_s`) until the machine is nearly idle: figures taken beside other heavy
+    work are worth little. Returns the CPU utilisation (%) when the benchmark starts."""
     deadline = time.monotonic() + wait_s
-    load = os.getloadavg()[0]
-    while load > max_load and time.monotonic() < deadline:
-        time.sleep(5)
-        load = os.getloadavg()[0]
-    if load > max_load:
-        print(f"  (warning: load average {load:.2f} at start: other work is running)")
-    return load
+    busy = psutil.cpu_percent(interval=3)
+    while busy > max_busy_pct and time.monotonic() < deadline:
+        busy = psutil.cpu_percent(interval=5)
+    if busy > max_busy_pct:
+        print(f"  (warning: the machine is {busy:.0f}% busy at start: other work is running)")
+    return busy
 
 
 def scratch(prefix: str) -> Path:
@@ -446,6 +445,74 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class ForeignLoad:
+    """CPU seconds that processes outside this benchmark (other work on a shared machine) used
+    while it measured, sampled every second: a figure taken beside foreign load is suspect, and
+    the JSON says so."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.cpu_s = 0.0
+        self.wall_s = 0.0
+        self._last: dict[int, float] = {}
+        self._started = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _ours(self) -> set[int]:
+        me = psutil.Process()
+        with contextlib.suppress(psutil.Error):
+            return {me.pid, *(p.pid for p in me.children(recursive=True))}
+        return {me.pid}
+
+    def _sample(self) -> None:
+        ours = self._ours()
+        for proc in psutil.process_iter():
+            if proc.pid in ours:
+                continue
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total = t.user + t.system
+                previous = self._last.get(proc.pid)
+                if previous is None:
+                    # Seen for the first time: count all of it if it started after we did.
+                    previous = 0.0 if proc.create_time() > self._started_epoch else total
+                self.cpu_s += max(0.0, total - previous)
+                self._last[proc.pid] = total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    @property
+    def share(self) -> float:
+        """Foreign CPU as a share of the machine's capacity over the window (0..1)."""
+        cores = psutil.cpu_count() or 1
+        return self.cpu_s / (self.wall_s * cores) if self.wall_s else 0.0
+
+    def report(self) -> dict[str, float]:
+        return {"foreign_cpu_s": round(self.cpu_s, 2), "foreign_share": round(self.share, 3)}
+
+    def __enter__(self) -> ForeignLoad:
+        self._started = time.monotonic()
+        self._started_epoch = time.time()
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.wall_s = time.monotonic() - self._started
+        if self.share > 0.05:
+            print(
+                f"  (warning: other processes used {self.cpu_s:.1f} CPU-s, "
+                f"{self.share:.0%} of the machine, while this was measured)",
+                flush=True,
+            )
 
 
 def percentile(values: list[float], pct: float) -> float:

@@ -28,6 +28,7 @@ from bench.common import (
     CHAT_MODEL,
     EMBED_MODEL,
     REPO,
+    ForeignLoad,
     quiet_machine,
     running_system,
     scratch,
@@ -234,10 +235,14 @@ def run(args: Any) -> dict[str, Any]:
             model, endpoint, key = EMBED_MODEL, "/v1/embeddings", "lines_per_s"
         quiet_machine()
         print(f"{half}: vLLM run_batch on {lines} lines...", flush=True)
-        baseline = run_batch_baseline(model, path, work)
+        with ForeignLoad() as foreign:
+            baseline = run_batch_baseline(model, path, work)
+        baseline.update(foreign.report())
         quiet_machine()
         print(f"{half}: jetbatch (vLLM engine) on the same {lines} lines...", flush=True)
-        ours = jetbatch_run(model, endpoint, path)
+        with ForeignLoad() as foreign:
+            ours = jetbatch_run(model, endpoint, path)
+        ours.update(foreign.report())
         ratio = ours[key] / baseline[key]
         figures[half] = {
             "lines": lines,

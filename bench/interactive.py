@@ -14,6 +14,7 @@ import httpx
 from bench.common import (
     API_KEY,
     CHAT_MODEL,
+    ForeignLoad,
     percentile,
     quiet_machine,
     running_system,
@@ -59,7 +60,7 @@ def run(args: Any) -> dict[str, Any]:
     work = scratch("interactive")
     path = write_chat_file(work / "load.jsonl", lines)
     quiet_machine()
-    with running_system("interactive", "instant", CHAT_MODEL) as system:
+    with running_system("interactive", "instant", CHAT_MODEL) as system, ForeignLoad() as foreign:
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.Client(base_url=system.base_url, headers=headers, timeout=60) as http:
             for _ in range(WARMUP_REQUESTS):
@@ -110,6 +111,7 @@ def run(args: Any) -> dict[str, Any]:
         "load_batch_s": round(batch_s, 2),
         "target_p99_factor": TARGET_P99_FACTOR,
         "meets_target": factor <= TARGET_P99_FACTOR,
+        **foreign.report(),
     }
     show(
         f"interactive latency (sync chat, instant engine) idle vs a {lines:,}-line batch in flight",

@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.common import (
     CHAT_MODEL,
+    ForeignLoad,
     RssSampler,
     peak_rss_mb,
     quiet_machine,
@@ -44,7 +45,7 @@ def run(args: Any) -> dict[str, Any]:
         procs = system.processes()
         watched = {k: procs[k] for k in ("api", "results_writer") if k in procs}
         client = system.client(timeout=600)
-        with RssSampler(watched) as sampler:
+        with RssSampler(watched) as sampler, ForeignLoad() as foreign:
             t0 = time.perf_counter()
             with open(path, "rb") as f:
                 upload = client.files.create(file=f, purpose="batch")
@@ -73,6 +74,7 @@ def run(args: Any) -> dict[str, Any]:
         "results_writer_baseline_rss_mb": sampler.start_mb.get("results_writer"),
         "target_mb": TARGET_MB,
         "meets_target": all(v <= TARGET_MB for v in peaks.values()),
+        **foreign.report(),
     }
     show(
         f"memory ({size / 1e6:.0f} MB, {lines:,}-line upload; {output_bytes / 1e6:.0f} MB output)",

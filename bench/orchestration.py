@@ -14,6 +14,7 @@ import msgspec
 from bench import raw
 from bench.common import (
     CHAT_MODEL,
+    ForeignLoad,
     cpu_delta,
     cpu_seconds,
     quiet_machine,
@@ -97,12 +98,14 @@ def run(args: Any) -> dict[str, Any]:
     load = quiet_machine()
 
     print(f"raw JetStream ceiling ({lines:,} messages)...", flush=True)
+    foreign = ForeignLoad().__enter__()
     raw_before = asyncio.run(raw.measure(messages))
     with running_system("orchestration", "instant", CHAT_MODEL) as system:
         time.sleep(2)  # let start-up work settle
         print(f"end to end through jetbatch up ({lines:,} lines, instant engine)...", flush=True)
         e2e = run_batch_e2e(system, path, lines)
     raw_after = asyncio.run(raw.measure(messages, with_reference=False))
+    foreign.__exit__()
     best = raw_before if raw_before["ceiling_s"] <= raw_after["ceiling_s"] else raw_after
     ratio = e2e["lines_per_s"] / best["ceiling_lines_per_s"]
     figures = {
@@ -114,6 +117,7 @@ def run(args: Any) -> dict[str, Any]:
         "target_lines_per_s": TARGET_LINES_PER_S,
         "target_ratio": TARGET_RATIO,
         "meets_targets": e2e["lines_per_s"] >= TARGET_LINES_PER_S and ratio >= TARGET_RATIO,
+        **foreign.report(),
     }
     show(
         "orchestration capacity (instant engine, full stack)",
@@ -150,7 +154,7 @@ def run(args: Any) -> dict[str, Any]:
         e2e=e2e,
         raw_before=raw_before,
         raw_after=raw_after,
-        load_average_before=load,
+        cpu_busy_pct_before=load,
     )
     print(f"  -> {out.relative_to(out.parents[2])}")
     return figures
