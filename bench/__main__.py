@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         help="override the benchmark's line count (quick runs; not the targets)",
     )
     parser.add_argument("--only", default="", help="engine: 'chat' or 'embed' to run one half")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="engine: alternate runs this many times, keep the best",
+    )
     args = parser.parse_args(argv)
     common.COMMAND[:] = [
         ".venv/bin/python",

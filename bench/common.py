@@ -285,7 +285,6 @@ def start_system(
             "JETBATCH_API_KEY": API_KEY,
             "JETBATCH_ENGINE": engine,
             "JETBATCH_MODELS": models,
-            "JETBATCH_HEARTBEAT_INTERVAL_S": "1",
             "JETBATCH_LOG_LEVEL": os.environ.get("JETBATCH_LOG_LEVEL", "WARNING"),
             "HF_HUB_OFFLINE": "1",
         }
@@ -344,7 +343,7 @@ def _live_models(system: System) -> set[str]:
             for key in await kv.keys():
                 entry = await kv.get(key)
                 beat = msgspec.json.decode(entry.value or b"", type=WorkerHeartbeat)
-                if beat.seen_at >= time.time() - 5:
+                if beat.seen_at >= time.time() - 15:  # 3 heartbeats at the default 5 s
                     live.add(beat.model)
             return live
         finally:
@@ -457,15 +456,19 @@ class ForeignLoad:
         self.cpu_s = 0.0
         self.wall_s = 0.0
         self._last: dict[int, float] = {}
+        self._seen_ours: set[int] = set()
         self._started = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _ours(self) -> set[int]:
+        # Sticky: a child that outlives its parent is re-parented to init (vLLM's worker does, as
+        # its engine core exits) and must still count as ours.
         me = psutil.Process()
+        self._seen_ours.add(me.pid)
         with contextlib.suppress(psutil.Error):
-            return {me.pid, *(p.pid for p in me.children(recursive=True))}
-        return {me.pid}
+            self._seen_ours.update(p.pid for p in me.children(recursive=True))
+        return self._seen_ours
 
     def _sample(self) -> None:
         ours = self._ours()

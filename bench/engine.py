@@ -198,7 +198,7 @@ def jetbatch_run(model: str, endpoint: str, input_path: Path) -> dict[str, Any]:
             input_file_id=upload.id, endpoint=endpoint, completion_window="24h"
         )
         while batch.status not in ("completed", "failed", "expired", "cancelled"):
-            time.sleep(0.1)
+            time.sleep(0.5)  # polls cost the api and PostgreSQL CPU the engine would use
             batch = client.batches.retrieve(batch.id)
         if batch.status != "completed" or not batch.output_file_id:
             raise RuntimeError(f"jetbatch batch ended {batch.status}: {batch.errors}")
@@ -233,16 +233,25 @@ def run(args: Any) -> dict[str, Any]:
             lines = args.lines or EMBED_LINES
             path = embed_file(work / "embed.jsonl", lines)
             model, endpoint, key = EMBED_MODEL, "/v1/embeddings", "lines_per_s"
-        quiet_machine()
-        print(f"{half}: vLLM run_batch on {lines} lines...", flush=True)
-        with ForeignLoad() as foreign:
-            baseline = run_batch_baseline(model, path, work)
-        baseline.update(foreign.report())
-        quiet_machine()
-        print(f"{half}: jetbatch (vLLM engine) on the same {lines} lines...", flush=True)
-        with ForeignLoad() as foreign:
-            ours = jetbatch_run(model, endpoint, path)
-        ours.update(foreign.report())
+        # Alternated, best of each: on a small shared machine one run can lose a third to
+        # someone else's work; the best run is the closest to what each can do.
+        baselines: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = []
+        for attempt in range(1, max(1, args.repeat) + 1):
+            quiet_machine()
+            print(f"{half}: vLLM run_batch on {lines} lines (run {attempt})...", flush=True)
+            with ForeignLoad() as foreign:
+                baselines.append(run_batch_baseline(model, path, work))
+            baselines[-1].update(foreign.report())
+            quiet_machine()
+            print(
+                f"{half}: jetbatch (vLLM engine) on the same lines (run {attempt})...", flush=True
+            )
+            with ForeignLoad() as foreign:
+                runs.append(jetbatch_run(model, endpoint, path))
+            runs[-1].update(foreign.report())
+        baseline = max(baselines, key=lambda r: r[key])
+        ours = max(runs, key=lambda r: r[key])
         ratio = ours[key] / baseline[key]
         figures[half] = {
             "lines": lines,
@@ -252,8 +261,9 @@ def run(args: Any) -> dict[str, Any]:
             "ratio": round(ratio, 3),
             "target_ratio": TARGET_RATIO,
             "meets_target": ratio >= TARGET_RATIO,
+            "runs": len(runs),
         }
-        detail[half] = {"jetbatch": ours, "run_batch": baseline}
+        detail[half] = {"jetbatch": runs, "run_batch": baselines}
         show(
             f"engine efficiency: {half} ({model}, {lines} lines)",
             [

@@ -439,20 +439,66 @@ class PublishError(Exception):
     """The stream did not take a message (its PubAck was an error, or never came)."""
 
 
+class _Waiter:
+    """What callers await: one future for a group of publishes, settled when each has been acked
+    at its source or has failed."""
+
+    __slots__ = ("future", "left", "errors")
+
+    def __init__(self, n: int) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.left = n
+        self.errors: dict[int, BaseException] = {}
+
+    def settle(self, index: int, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.errors[index] = error
+        self.left -= 1
+        if self.left == 0 and not self.future.done():  # a cancelled caller's future is done
+            self.future.set_result(None)
+
+
+class _Entry:
+    __slots__ = ("subject", "payload", "headers", "source", "waiter", "index", "settled")
+
+    def __init__(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str],
+        source: Msg,
+        waiter: _Waiter,
+        index: int,
+    ) -> None:
+        self.subject = subject
+        self.payload = payload
+        self.headers = headers
+        self.source = source
+        self.waiter = waiter
+        self.index = index
+        self.settled = False
+
+    def settle(self, error: BaseException | None = None) -> None:
+        if not self.settled:
+            self.settled = True
+            self.waiter.settle(self.index, error)
+
+
 class AckAfterPublish:
     """Group commit of "publish a message, then ack the message it came from" (a result for its
-    request): callers hand in both and await; one flusher publishes everything handed in
+    request): callers hand in pairs and await; one flusher publishes everything handed in
     meanwhile in one pipelined burst, and acks each source as soon as its PubAck says the stream
-    holds the new message. Under load many messages share one round trip; alone, one costs what
-    a publish-await-ack costs.
+    holds the new message. Under load many messages share one round trip (and the burst grows
+    while the previous one is out: self-clocking); alone, one costs what a publish-await-ack
+    costs. `publish_many_then_ack` hands in a whole group for one await.
 
     Publishes are plain core publishes with a reply subject per message under one inbox whose
     queue the flusher drains itself: no future, timer or callback per message (nats-py's
-    publish_async has all three). A caller whose publish failed gets PublishError and its source
-    is left unacked, for the caller to nak."""
+    publish_async has all three). A publish that failed (refused, or no PubAck in time) leaves
+    its source unacked, for the caller to nak."""
 
     def __init__(
-        self, nc: NATS | JetStreamContext, *, ack_timeout_s: float = 30, max_burst: int = 2_000
+        self, nc: NATS | JetStreamContext, *, ack_timeout_s: float = 30, max_burst: int = 4_000
     ) -> None:
         self._nc: NATS = nc._nc if isinstance(nc, JetStreamContext) else nc
         self._ack_timeout_s = ack_timeout_s
@@ -460,9 +506,7 @@ class AckAfterPublish:
         self._inbox = self._nc.new_inbox()
         self._tokens = itertools.count()
         self._sub: Subscription | None = None
-        self._queue: list[
-            tuple[str, bytes, dict[str, str], Msg, asyncio.Future[None]]
-        ] = []
+        self._queue: list[_Entry] = []
         self._flusher: asyncio.Task[None] | None = None
 
     async def publish_then_ack(
@@ -473,15 +517,35 @@ class AckAfterPublish:
         source: Msg,
         headers: dict[str, str] | None = None,
     ) -> None:
-        """Returns once the message is in its stream and `source` is acked."""
+        """Returns once the message is in its stream and `source` is acked; raises if not."""
         hdrs = {MSG_ID: msg_id}
         if headers:
             hdrs.update(headers)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((subject, payload, hdrs, source, done))
+        waiter = _Waiter(1)
+        self._queue.append(_Entry(subject, payload, hdrs, source, waiter, 0))
+        await self._wait(waiter)
+        if waiter.errors:
+            raise waiter.errors[0]
+
+    async def publish_many_then_ack(
+        self, items: Sequence[tuple[str, bytes, str, Msg]]
+    ) -> dict[int, BaseException]:
+        """(subject, payload, msg_id, source) each; returns once every one is settled, with the
+        failures by index (their sources are left unacked)."""
+        if not items:
+            return {}
+        waiter = _Waiter(len(items))
+        self._queue.extend(
+            _Entry(subject, payload, {MSG_ID: msg_id}, source, waiter, i)
+            for i, (subject, payload, msg_id, source) in enumerate(items)
+        )
+        await self._wait(waiter)
+        return waiter.errors
+
+    async def _wait(self, waiter: _Waiter) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_all())
-        await done
+        await waiter.future
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -499,8 +563,8 @@ class AckAfterPublish:
                 )
             except Exception as e:  # closed or draining: nobody waits forever
                 burst, self._queue = self._queue, []
-                for *_, done in burst:
-                    _fail(done, e)
+                for entry in burst:
+                    entry.settle(e)
                 return
         while self._queue:
             burst = self._queue[: self._max_burst]
@@ -508,27 +572,28 @@ class AckAfterPublish:
             try:
                 await self._flush(burst)
             except BaseException as e:
-                for *_, done in burst:
-                    _fail(done, e if isinstance(e, Exception) else PublishError(repr(e)))
+                for entry in burst:
+                    entry.settle(e if isinstance(e, Exception) else PublishError(repr(e)))
                 if not isinstance(e, Exception):
                     raise
 
-    async def _flush(
-        self, burst: list[tuple[str, bytes, dict[str, str], Msg, asyncio.Future[None]]]
-    ) -> None:
+    async def _flush(self, burst: list[_Entry]) -> None:
         sub = self._sub
         assert sub is not None
-        waiting: dict[str, tuple[Msg, asyncio.Future[None]]] = {}
-        for subject, payload, hdrs, source, done in burst:
+        waiting: dict[str, _Entry] = {}
+        for entry in burst:
             token = str(next(self._tokens))
             try:
                 await self._nc.publish(
-                    subject, payload, reply=f"{self._inbox}.{token}", headers=hdrs
+                    entry.subject,
+                    entry.payload,
+                    reply=f"{self._inbox}.{token}",
+                    headers=entry.headers,
                 )
             except Exception as e:
-                _fail(done, e)
+                entry.settle(e)
                 continue
-            waiting[token] = (source, done)
+            waiting[token] = entry
         queue = sub._pending_queue
         deadline = time.monotonic() + self._ack_timeout_s
         while waiting:
@@ -539,8 +604,8 @@ class AckAfterPublish:
                         raise TimeoutError
                     reply = await asyncio.wait_for(queue.get(), remaining)
                 except TimeoutError:
-                    for _, done in waiting.values():
-                        _fail(done, PublishError("no PubAck in time"))
+                    for entry in waiting.values():
+                        entry.settle(PublishError("no PubAck in time"))
                     return
             else:
                 reply = queue.get_nowait()
@@ -548,24 +613,17 @@ class AckAfterPublish:
             entry = waiting.pop(reply.subject.rpartition(".")[2], None)
             if entry is None:
                 continue  # the PubAck of a burst that gave up waiting
-            source, done = entry
             error = _puback_error(reply)
             if error is not None:
-                _fail(done, PublishError(error))
+                entry.settle(PublishError(error))
                 continue
             try:
                 # Acked even if the caller gave up waiting: the new message is in the stream.
-                await source.ack()
+                await entry.source.ack()
             except Exception as e:
-                _fail(done, e)
+                entry.settle(e)
                 continue
-            if not done.done():
-                done.set_result(None)
-
-
-def _fail(done: asyncio.Future[None], error: BaseException) -> None:
-    if not done.done():  # a caller cancelled while waiting has a cancelled future
-        done.set_exception(error)
+            entry.settle()
 
 
 def _puback_error(reply: Msg) -> str | None:

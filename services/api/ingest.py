@@ -11,7 +11,7 @@ drops re-published messages, and the results writer writes each custom_id once. 
 asks for that re-run (a `redrive` BatchCommand, services/api/lifecycle.py). One api process
 works on a batch at a time: it holds the batch's claim (store.claim), which dies with it.
 
-A batch cancelled meanwhile stops being published (checked every PUBLISH_FLUSH_EVERY lines); one
+A batch cancelled meanwhile stops being published (checked every CHECK_CANCEL_EVERY lines); one
 cancelled while validating keeps its line count, so its lines become batch_cancelled lines.
 """
 
@@ -38,8 +38,9 @@ from shared.telemetry import inject_headers, tracer
 
 log = logging.getLogger(__name__)
 
-# Wait for PubAcks every this many messages: bounds the acks pending (nats-py allows 4000).
-PUBLISH_FLUSH_EVERY = 2_000
+# Look for a cancel this often. Publishing never stops to wait for PubAcks (Publisher bounds how
+# many are outstanding by itself); only `published_at` waits for all of them.
+CHECK_CANCEL_EVERY = 2_000
 # Lines read from disk per worker-thread hop in pass 2.
 READ_BATCH_LINES = 1_000
 # Publishing hands the event loop back this often (bench/interactive.py measures why).
@@ -184,13 +185,13 @@ async def _publish(deps: DepsParam, row: store.Row) -> None:
                         # A publish rarely waits, so without this a chunk would hold the event
                         # loop for tens of ms and synchronous requests would queue behind it.
                         await asyncio.sleep(0)
-                    if published % PUBLISH_FLUSH_EVERY == 0:
-                        await publisher.flush()
+                    if published % CHECK_CANCEL_EVERY == 0:
                         if not await _still_running(deps, batch_id):
                             log.info(
                                 "batch %s cancelled or expired: publishing stopped after %d "
                                 "requests", batch_id, published,
                             )  # fmt: skip
+                            await publisher.flush()
                             return
         await publisher.flush()
     if published != row["total"]:

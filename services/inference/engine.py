@@ -91,6 +91,11 @@ class Engine(Protocol):
 
     async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult: ...
 
+    def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:
+        """The answer if it needs no waiting (the worker then skips the per-request task), or
+        None: the request goes through `run`."""
+        ...
+
     async def abort(self, request_id: str) -> None: ...
 
     async def stop(self) -> None: ...
@@ -354,6 +359,9 @@ class VllmEngine:
             self.spec.name, time.monotonic() - started, tasks, max_num_seqs, self.capacity,
         )  # fmt: skip
 
+    def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:
+        return None  # every request waits for the engine
+
     async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
         if not self._started:
             raise RuntimeError("engine not started")
@@ -524,6 +532,9 @@ class InstantEngine:
 
     async def abort(self, request_id: str) -> None:
         self._in_flight.abort(request_id)
+
+    def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:
+        return self._answer(endpoint, body, request_id) if self._delay_s <= 0 else None
 
     async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
         if self._delay_s <= 0:

@@ -29,6 +29,7 @@ from collections import deque
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from schemas.messages import (
     BatchStop,
@@ -47,7 +48,11 @@ from shared.ids import new_id, stable_id
 
 log = logging.getLogger(__name__)
 
-FETCH_MAX = 256
+FETCH_MAX = 512
+# Requests whose result is on its way to RESULTS (published, PubAck pending, then acked) do not
+# hold an engine slot: the engine is refilled as soon as a request finishes, and up to this many
+# finished ones may wait for their PubAck meanwhile. Bounded, so a stalled stream stops the pulls.
+RESULTS_WINDOW = 2_048
 # While the GPU is unhealthy, how often the pull loop looks again.
 UNHEALTHY_POLL_S = 1.0
 
@@ -126,6 +131,13 @@ def stopped_result(
     return error_result(req, request_id, 499, stop.error_code, stop.error_message, worker_id)
 
 
+class _NeedsEngine:
+    """Marker: the request must wait for the engine."""
+
+
+NEEDS_ENGINE = _NeedsEngine()
+
+
 class Worker:
     def __init__(
         self,
@@ -147,8 +159,11 @@ class Worker:
         # batch id -> request ids of that batch now in the engine, to abort on cancel
         self._running: dict[str, set[str]] = {}
         self.capacity = settings.max_in_flight or engine.capacity
-        self.in_flight: dict[str, Msg] = {}
+        self.max_unacked = self.capacity + RESULTS_WINDOW
+        self.in_flight: dict[str, Msg] = {}  # every message not acked yet
+        self.running = 0  # of those, requests in the engine (or about to enter it)
         self.results: bus.AckAfterPublish | None = None  # set by pull_loop
+        self._js: JetStreamContext | None = None
         self.completed = 0
         self.started_at = int(time.time())
         self._slot_free = asyncio.Event()
@@ -159,6 +174,34 @@ class Worker:
     async def handle(self, req: RequestMessage, delivery: int) -> ResultMessage | None:
         """Run one request. None = retry later (engine failure before the last delivery)."""
         request_id = stable_id("req_", req.batch_id, req.custom_id)
+        now = self.answer_now(req, request_id, delivery)
+        if now is not NEEDS_ENGINE:
+            return now
+        running = self._running.setdefault(req.batch_id, set())
+        running.add(request_id)
+        try:
+            outcome = await self.engine.run(req.endpoint, bytes(req.body), request_id)
+        except Exception as e:
+            log.exception(
+                "engine failed on batch_id=%s custom_id=%s (delivery %d)",
+                req.batch_id,
+                req.custom_id,
+                delivery,
+            )
+            if delivery >= self.settings.request_max_deliver:
+                return engine_failure(req, request_id, f"engine error: {e}", self.worker_id)
+            return None
+        finally:
+            running.discard(request_id)
+            if not running and self._running.get(req.batch_id) is running:
+                del self._running[req.batch_id]
+        return self._result(req, request_id, outcome, delivery)
+
+    def answer_now(
+        self, req: RequestMessage, request_id: str, delivery: int
+    ) -> ResultMessage | None | _NeedsEngine:
+        """The request's result when it needs no waiting: its batch stopped, its endpoint is
+        not served here, or the engine answers at once. NEEDS_ENGINE otherwise."""
         stop = self.cancellations.get(req.batch_id)
         if stop is not None:
             return stopped_result(req, request_id, stop, self.worker_id)
@@ -168,42 +211,29 @@ class Worker:
                 body=None,
                 error_code="invalid_request_error",
                 error_message=f"model {req.model!r} does not serve {req.endpoint}",
-                input_tokens=0,
-                output_tokens=0,
-                cached_tokens=0,
             )
-        else:
-            running = self._running.setdefault(req.batch_id, set())
-            running.add(request_id)
-            try:
-                outcome = await self.engine.run(req.endpoint, bytes(req.body), request_id)
-            except Exception as e:
-                log.exception(
-                    "engine failed on batch_id=%s custom_id=%s (delivery %d)",
-                    req.batch_id,
-                    req.custom_id,
-                    delivery,
-                )
-                if delivery >= self.settings.request_max_deliver:
-                    return engine_failure(req, request_id, f"engine error: {e}", self.worker_id)
-                return None
-            finally:
-                running.discard(request_id)
-                if not running and self._running.get(req.batch_id) is running:
-                    del self._running[req.batch_id]
-            if outcome.status_code == 499:  # aborted in the engine
-                stop = self.cancellations.get(req.batch_id)
-                if stop is not None:
-                    return stopped_result(req, request_id, stop, self.worker_id)
-                return None  # not by a cancel (shutting down): another delivery runs it
-            if outcome.status_code >= 500 and delivery < self.settings.request_max_deliver:
-                # The engine failed, not the request: let another delivery (maybe another
-                # worker) try; on the last one the failure becomes the request's error line.
-                log.warning(
-                    "engine error on batch_id=%s custom_id=%s (delivery %d): %s",
-                    req.batch_id, req.custom_id, delivery, outcome.error_message,
-                )
-                return None
+            return self._result(req, request_id, outcome, delivery)
+        outcome_now = self.engine.answer_now(req.endpoint, bytes(req.body), request_id)
+        if outcome_now is None:
+            return NEEDS_ENGINE
+        return self._result(req, request_id, outcome_now, delivery)
+
+    def _result(
+        self, req: RequestMessage, request_id: str, outcome: EngineResult, delivery: int
+    ) -> ResultMessage | None:
+        if outcome.status_code == 499:  # aborted in the engine
+            stop = self.cancellations.get(req.batch_id)
+            if stop is not None:
+                return stopped_result(req, request_id, stop, self.worker_id)
+            return None  # not by a cancel (shutting down): another delivery runs it
+        if outcome.status_code >= 500 and delivery < self.settings.request_max_deliver:
+            # The engine failed, not the request: let another delivery (maybe another worker)
+            # try; on the last one the failure becomes the request's error line.
+            log.warning(
+                "engine error on batch_id=%s custom_id=%s (delivery %d): %s",
+                req.batch_id, req.custom_id, delivery, outcome.error_message,
+            )
+            return None
         self._count_tokens(outcome.output_tokens)
         return result_for(
             request_id,
@@ -215,18 +245,80 @@ class Worker:
         )
 
     # -- the runner ---------------------------------------------------------------------------
-    async def process(self, msg: Msg, publisher: bus.Publisher) -> None:
+    def take(self, msgs: list[Msg]) -> None:
+        """Start on a pulled chunk. Requests answered without waiting are published and acked
+        as one group (one task for the chunk); the others each get a task that awaits the
+        engine."""
+        self.running += len(msgs)
+        ready: list[tuple[Msg, ResultMessage | None]] = []
+        for msg in msgs:
+            try:
+                req = _request_decoder.decode(msg.data)
+                delivery = bus.delivery_count(msg)
+                now = self.answer_now(
+                    req, stable_id("req_", req.batch_id, req.custom_id), delivery
+                )
+            except Exception:  # undecodable, or the engine failed: the full path handles it
+                now = NEEDS_ENGINE
+            if now is NEEDS_ENGINE:
+                self._spawn(self.process(msg))
+                continue
+            self.in_flight[msg.reply or new_id("m")] = msg
+            self._release_slot()
+            ready.append((msg, now))  # type: ignore[arg-type]
+        if ready:
+            self._spawn(self._publish_ready(ready))
+
+    async def _publish_ready(self, ready: list[tuple[Msg, ResultMessage | None]]) -> None:
+        assert self.results is not None
+        items: list[tuple[str, bytes, str, Msg]] = []
+        retry: list[Msg] = []
+        for msg, result in ready:
+            if result is None:
+                retry.append(msg)
+            else:
+                items.append(
+                    (
+                        ResultMessage.subject_for(result.batch_id),
+                        _encoder.encode(result),
+                        result.msg_id,
+                        msg,
+                    )
+                )
+        try:
+            for msg in retry:
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=min(30.0, 2.0 ** bus.delivery_count(msg)))
+            failed = await self.results.publish_many_then_ack(items)
+            self.completed += len(items) - len(failed)
+            for index, error in failed.items():
+                msg = items[index][3]
+                log.warning("result of %s not published (%r); it will be redelivered", msg.subject, error)
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=5)
+        finally:
+            for msg, _ in ready:
+                self.in_flight.pop(msg.reply or "", None)
+            self._slot_free.set()
+
+    async def process(self, msg: Msg) -> None:
+        """One pulled message that waits for the engine; `self.running` counted it already."""
         token = msg.reply or new_id("m")
         self.in_flight[token] = msg
+        in_engine = True
         try:
             try:
                 req = _request_decoder.decode(msg.data)
             except msgspec.DecodeError as e:
                 log.error("undecodable request on %s: %s", msg.subject, e)
-                await self._dead_letter(msg, f"undecodable request: {e}", publisher)
+                await self._dead_letter(msg, f"undecodable request: {e}")
                 await msg.term()
                 return
-            result = await self.handle(req, bus.delivery_count(msg))
+            try:
+                result = await self.handle(req, bus.delivery_count(msg))
+            finally:
+                in_engine = False
+                self._release_slot()
             if result is None:
                 await msg.nak(delay=min(30.0, 2.0 ** bus.delivery_count(msg)))
                 return
@@ -244,11 +336,18 @@ class Worker:
             with contextlib.suppress(Exception):
                 await msg.nak(delay=5)
         finally:
+            if in_engine:
+                self._release_slot()
             self.in_flight.pop(token, None)
             self._slot_free.set()
 
+    def _release_slot(self) -> None:
+        self.running -= 1
+        self._slot_free.set()
+
     async def pull_loop(self, js, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
         token = subject_token(self.spec.name)
+        self._js = js
         self.results = bus.AckAfterPublish(js)
         sub = await bus.durable_fast_pull(
             js,
@@ -257,7 +356,7 @@ class Worker:
             f"jetbatch.requests.{token}.>",
             ack_wait_s=self.settings.request_ack_wait_s,
             max_deliver=self.settings.request_max_deliver,
-            max_ack_pending=max(10_000, self.capacity * 8),
+            max_ack_pending=max(10_000, self.max_unacked * 2),
         )
         while not stop.is_set():
             if not self.gate.healthy:
@@ -266,16 +365,13 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), UNHEALTHY_POLL_S)
                 continue
-            free = self.capacity - len(self.in_flight)
+            free = min(self.capacity - self.running, self.max_unacked - len(self.in_flight))
             if free <= 0:
                 self._slot_free.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_free.wait(), 1.0)
                 continue
-            msgs = await sub.fetch(min(free, FETCH_MAX), 1.0)
-            for msg in msgs:
-                # Each request gets its own publisher so one slow ack never holds up another.
-                self._spawn(self.process(msg, bus.Publisher(js)))
+            self.take(await sub.fetch(min(free, FETCH_MAX), 1.0))
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
 
@@ -409,7 +505,7 @@ class Worker:
         for request_id in list(self._running.get(stop.batch_id, ())):
             self._spawn(self.engine.abort(request_id))
 
-    async def _dead_letter(self, msg: Msg, error: str, publisher: bus.Publisher) -> None:
+    async def _dead_letter(self, msg: Msg, error: str) -> None:
         """Hand a message this worker cannot use to the watchdog, which records it."""
         meta = msg.metadata
         letter = DeadLetterMessage(
@@ -422,6 +518,8 @@ class Worker:
             deliveries=int(meta.num_delivered),
             headers=dict(msg.headers) if msg.headers else None,
         )
+        assert self._js is not None
+        publisher = bus.Publisher(self._js)
         await publisher.publish(
             DeadLetterMessage.subject_for(letter.stream), _encoder.encode(letter), letter.msg_id
         )

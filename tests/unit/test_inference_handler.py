@@ -39,6 +39,9 @@ class FailingEngine:
     async def stop(self) -> None: ...
     async def abort(self, request_id: str) -> None: ...
 
+    def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:
+        return None
+
     async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
         if self.outcome is None:
             raise RuntimeError("CUDA error: device-side assert")
