@@ -53,6 +53,9 @@ FETCH_MAX = 512
 # hold an engine slot: the engine is refilled as soon as a request finishes, and up to this many
 # finished ones may wait for their PubAck meanwhile. Bounded, so a stalled stream stops the pulls.
 RESULTS_WINDOW = 2_048
+# Requests handled per turn of the event loop, so a synchronous request waits for at most one
+# slice of batch work (~1 ms), never a whole fetch.
+TAKE_SLICE = 64
 # While the GPU is unhealthy, how often the pull loop looks again.
 UNHEALTHY_POLL_S = 1.0
 
@@ -245,11 +248,17 @@ class Worker:
         )
 
     # -- the runner ---------------------------------------------------------------------------
-    def take(self, msgs: list[Msg]) -> None:
+    async def take(self, msgs: list[Msg]) -> None:
         """Start on a pulled chunk. Requests answered without waiting are published and acked
-        as one group (one task for the chunk); the others each get a task that awaits the
-        engine."""
+        in groups (one task per slice); the others each get a task that awaits the engine.
+        Between slices the event loop runs whatever else is ready (a synchronous request)."""
         self.running += len(msgs)
+        for start in range(0, len(msgs), TAKE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            self._take_slice(msgs[start : start + TAKE_SLICE])
+
+    def _take_slice(self, msgs: list[Msg]) -> None:
         ready: list[tuple[Msg, ResultMessage | None]] = []
         for msg in msgs:
             try:
@@ -371,13 +380,32 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_free.wait(), 1.0)
                 continue
-            self.take(await sub.fetch(min(free, FETCH_MAX), 1.0))
+            await self.take(await sub.fetch(min(free, FETCH_MAX), 1.0))
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
 
     async def serve_interactive(self, nc) -> None:  # type: ignore[no-untyped-def]
+        """Serve synchronous requests on `nc`: a connection of their own, so a request never
+        waits in the socket behind a batch's deliveries or its reply behind a burst of
+        results. One the engine answers at once is answered in the callback; the others get a
+        task each, so a long one never holds up the next."""
+
         async def on_request(msg: Msg) -> None:
-            self._spawn(self._interactive(msg))
+            try:
+                req = _interactive_decoder.decode(msg.data)
+            except msgspec.DecodeError as e:
+                outcome = EngineResult(
+                    status_code=400,
+                    error_code="invalid_request_error",
+                    error_message=f"undecodable request: {e}",
+                )
+                await msg.respond(_encoder.encode(result_for("", outcome, worker_id=self.worker_id)))
+                return
+            outcome = self._interactive_now(req)
+            if outcome is None:
+                self._spawn(self._interactive(msg, req))
+            else:
+                await self._respond(msg, req, outcome)
 
         await nc.subscribe(
             InteractiveRequest.subject_for(self.spec.name),
@@ -385,45 +413,29 @@ class Worker:
             cb=on_request,
         )
 
-    async def _interactive(self, msg: Msg) -> None:
-        try:
-            req = _interactive_decoder.decode(msg.data)
-        except msgspec.DecodeError as e:
-            outcome = EngineResult(
-                status_code=400,
-                body=None,
-                error_code="invalid_request_error",
-                error_message=f"undecodable request: {e}",
-                input_tokens=0,
-                output_tokens=0,
-                cached_tokens=0,
-            )
-            await msg.respond(_encoder.encode(result_for("", outcome, worker_id=self.worker_id)))
-            return
+    def _interactive_now(self, req: InteractiveRequest) -> EngineResult | None:
         if req.endpoint not in self.spec.endpoints:
-            outcome = EngineResult(
+            return EngineResult(
                 status_code=400,
-                body=None,
                 error_code="invalid_request_error",
                 error_message=f"model {req.model!r} does not serve {req.endpoint}",
-                input_tokens=0,
-                output_tokens=0,
-                cached_tokens=0,
             )
-        else:
-            try:
-                outcome = await self.engine.run(req.endpoint, bytes(req.body), req.request_id)
-            except Exception as e:
-                log.exception("engine failed on interactive request %s", req.request_id)
-                outcome = EngineResult(
-                    status_code=500,
-                    body=None,
-                    error_code="engine_error",
-                    error_message=str(e),
-                    input_tokens=0,
-                    output_tokens=0,
-                    cached_tokens=0,
-                )
+        try:
+            return self.engine.answer_now(req.endpoint, bytes(req.body), req.request_id)
+        except Exception:
+            return None  # the engine's full path reports it
+
+    async def _interactive(self, msg: Msg, req: InteractiveRequest) -> None:
+        try:
+            outcome = await self.engine.run(req.endpoint, bytes(req.body), req.request_id)
+        except Exception as e:
+            log.exception("engine failed on interactive request %s", req.request_id)
+            outcome = EngineResult(
+                status_code=500, error_code="engine_error", error_message=str(e)
+            )
+        await self._respond(msg, req, outcome)
+
+    async def _respond(self, msg: Msg, req: InteractiveRequest, outcome: EngineResult) -> None:
         self._count_tokens(outcome.output_tokens)
         await msg.respond(
             _encoder.encode(result_for(req.request_id, outcome, worker_id=self.worker_id))
@@ -562,6 +574,7 @@ async def run(
     await engine.start()
     telemetry.freeze_heap()  # vLLM's imports: millions of objects no collection should rescan
     nc = await bus.connect(settings.nats_url, name=f"inference:{worker_id}")
+    nc_sync = None
     try:
         js = nc.jetstream(publish_async_max_pending=8192)
         await bus.ensure_streams(js)
@@ -569,7 +582,8 @@ async def run(
         worker = Worker(settings, spec, engine, GpuMonitor(gpu_index), worker_id)
         # Before the first pull: a request of a batch cancelled while we were down must not run.
         await worker.cancellations.start(nc, js)
-        await worker.serve_interactive(nc)
+        nc_sync = await bus.connect(settings.nats_url, name=f"inference-sync:{worker_id}")
+        await worker.serve_interactive(nc_sync)
         fetching = asyncio.Event()  # set = stop fetching
         drained = asyncio.Event()  # heartbeats and ack extensions go on while draining
         background = [
@@ -592,8 +606,10 @@ async def run(
         with contextlib.suppress(Exception):
             await kv.delete(worker_id)
     finally:
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        for conn in (nc_sync, nc):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.drain()
         await engine.stop()
 
 
