@@ -89,7 +89,12 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
 
-    async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult: ...
+    async def run(
+        self, endpoint: str, body: bytes, request_id: str, *, interactive: bool = False
+    ) -> EngineResult:
+        """`interactive`: a synchronous request, which goes ahead of the batch requests the
+        engine holds."""
+        ...
 
     def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:
         """The answer if it needs no waiting (the worker then skips the per-request task), or
@@ -270,6 +275,9 @@ class VllmEngine:
             "--enforce-eager",
             # Puts usage.prompt_tokens_details.cached_tokens in bodies, as OpenAI does.
             "--enable-prompt-tokens-details",
+            # Synchronous requests get a lower priority number than batch requests (run()), so
+            # one never waits behind the batch requests queued in the engine.
+            "--scheduling-policy", "priority",
         ]  # fmt: skip
         if self.spec.task == "embed":
             # vLLM converts a generative checkpoint to an embedding model when it has to.
@@ -362,7 +370,9 @@ class VllmEngine:
     def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:
         return None  # every request waits for the engine
 
-    async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
+    async def run(
+        self, endpoint: str, body: bytes, request_id: str, *, interactive: bool = False
+    ) -> EngineResult:
         if not self._started:
             raise RuntimeError("engine not started")
         handler = self._handlers.get(endpoint)
@@ -388,6 +398,12 @@ class VllmEngine:
         # vLLM derives its engine request id from this (e.g. "chatcmpl-<request_id>"): ours makes
         # response ids traceable, and a client-chosen one could collide with another line's.
         request.request_id = request_id
+        if hasattr(request, "priority"):
+            # The engine runs with `--scheduling-policy priority` (lower runs first): whatever a
+            # line asks for, a synchronous request goes ahead of every batch request waiting in
+            # the engine, and a batch line cannot jump ahead of synchronous traffic.
+            priority = request.priority or 0
+            request.priority = min(priority, 0) - 1 if interactive else max(priority, 0)
         return await self._in_flight.run(request_id, self._serve(serve, request))
 
     async def _serve(self, serve: Callable[[Any], Awaitable[Any]], request: Any) -> EngineResult:
@@ -536,7 +552,9 @@ class InstantEngine:
     def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:
         return self._answer(endpoint, body, request_id) if self._delay_s <= 0 else None
 
-    async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
+    async def run(
+        self, endpoint: str, body: bytes, request_id: str, *, interactive: bool = False
+    ) -> EngineResult:
         if self._delay_s <= 0:
             return self._answer(endpoint, body, request_id)
         return await self._in_flight.run(request_id, self._answer_later(endpoint, body, request_id))

@@ -427,7 +427,9 @@ class Worker:
 
     async def _interactive(self, msg: Msg, req: InteractiveRequest) -> None:
         try:
-            outcome = await self.engine.run(req.endpoint, bytes(req.body), req.request_id)
+            outcome = await self.engine.run(
+                req.endpoint, bytes(req.body), req.request_id, interactive=True
+            )
         except Exception as e:
             log.exception("engine failed on interactive request %s", req.request_id)
             outcome = EngineResult(

@@ -161,6 +161,34 @@ async def test_many_concurrent_requests_all_succeed(chat_engine: Engine) -> None
     assert len({_json(r)["id"] for r in results}) == 24
 
 
+async def test_a_synchronous_request_goes_ahead_of_batch_requests_queued_in_the_engine(
+    chat_engine: Engine,
+) -> None:
+    # Two waves of batch requests: the second waits in vLLM's queue while the first runs. A
+    # synchronous request sent after both must start with the second wave, not after it.
+    wave = chat_engine.capacity  # at least max_num_seqs
+    fixed = {"max_tokens": 8, "min_tokens": 8, "temperature": 0}
+    finished: list[str] = []
+
+    async def run(name: str, body: bytes, interactive: bool = False) -> EngineResult:
+        result = await chat_engine.run(CHAT, body, name, interactive=interactive)
+        finished.append(name)
+        return result
+
+    batch = [
+        asyncio.create_task(run(f"batch_{i}", _chat(f"Say {i} in words.", **fixed)))
+        for i in range(2 * wave)
+    ]
+    await asyncio.sleep(0.5)  # every batch request is in the engine before the synchronous one
+    sync = await run("sync", _chat("Say hi.", max_tokens=2, temperature=0), interactive=True)
+    assert sync.status_code == 200, sync.error_message
+    results = await asyncio.gather(*batch)
+    assert {r.status_code for r in results} == {200}
+    # First come, first served would run it after the whole second wave (measured: 128th of
+    # 160); with priority it starts as the first wave ends and finishes first (64th).
+    assert finished.index("sync") <= wave, finished.index("sync")
+
+
 @pytest.mark.parametrize(
     ("body", "mentions"),
     [

@@ -42,7 +42,9 @@ class FailingEngine:
     def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:
         return None
 
-    async def run(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
+    async def run(
+        self, endpoint: str, body: bytes, request_id: str, *, interactive: bool = False
+    ) -> EngineResult:
         if self.outcome is None:
             raise RuntimeError("CUDA error: device-side assert")
         return self.outcome
