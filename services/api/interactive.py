@@ -141,8 +141,9 @@ async def _infer(request: Request[Any, Any, Any], deps: DepsParam, endpoint: str
             "carries"
         )
     subject = InteractiveRequest.subject_for(probe.model)
+    nc = deps.nc_sync or deps.nc
     try:
-        reply = await deps.nc.request(subject, payload, timeout=deps.settings.sync_timeout_s)
+        reply = await nc.request(subject, payload, timeout=deps.settings.sync_timeout_s)
     except nats.errors.NoRespondersError:
         raise Unavailable(f"no live worker for model {probe.model}") from None
     except (TimeoutError, nats.errors.TimeoutError):

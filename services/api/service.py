@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import hmac
 import logging
 import signal
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import FrameType
@@ -47,6 +49,8 @@ SERVICE = "api"
 MAX_JSON_BODY_BYTES = 8 * 1024 * 1024
 # On SIGTERM: how long in-flight HTTP requests, then background batch work, may take to finish.
 GRACEFUL_SHUTDOWN_S = 30
+# Processes that validate batch input files (pass 1, services/api/ingest.py), off the api's GIL.
+VALIDATOR_PROCESSES = 1
 HEALTH_TIMEOUT_S = 2.0
 
 
@@ -115,6 +119,13 @@ def create_app(settings: Settings) -> Litestar:
             stack.push_async_callback(_close_nats, nc)
             js = nc.jetstream()
             await bus.ensure_streams(js)
+            nc_sync = await bus.connect(nats_url, name=f"jetbatch-{SERVICE}-sync")
+            stack.push_async_callback(_close_nats, nc_sync)
+            validator = ProcessPoolExecutor(
+                max_workers=VALIDATOR_PROCESSES, mp_context=multiprocessing.get_context("spawn")
+            )
+            stack.callback(validator.shutdown, wait=False, cancel_futures=True)
+            validator.submit(int)  # start the process now, not on the first batch
             deps = Deps(
                 settings=settings,
                 pool=pool,
@@ -124,6 +135,8 @@ def create_app(settings: Settings) -> Litestar:
                 storage=FileStorage(settings.files_dir),
                 started_at=int(time.time()),
                 cancelled=await bus.cancelled_kv(js),
+                nc_sync=nc_sync,
+                validator=validator,
             )
             # Runs first at shutdown: background batch work still has its connections.
             stack.push_async_callback(deps.wait_for_tasks, GRACEFUL_SHUTDOWN_S)

@@ -179,10 +179,12 @@ class _JsonlFile:
         self._buf = bytearray()
         self._file: BufferedWriter | None = None
 
-    async def add(self, line: OutputLine) -> None:
+    def add(self, line: OutputLine) -> None:
         _encoder.encode_into(line, self._buf, -1)
         self._buf += b"\n"
         self.lines += 1
+
+    async def flush_if_full(self) -> None:
         if len(self._buf) >= FILE_FLUSH_BYTES:
             await self._flush()
 
@@ -316,19 +318,22 @@ class ResultsWriter:
         output = _JsonlFile(self._storage, output_file_id(batch_id, "output"))
         errors = _JsonlFile(self._storage, output_file_id(batch_id, "error"))
         try:
-            async for row in store.iter_results(conn, batch_id, CURSOR_PREFETCH):
-                custom_id, ok, status_code, request_id, body, error_code, error_message = row
-                line = output_line(
-                    batch_id,
-                    custom_id,
-                    ok=ok,
-                    status_code=status_code,
-                    request_id=request_id,
-                    response_body=body,
-                    error_code=error_code,
-                    error_message=error_message,
-                )
-                await (output if ok else errors).add(line)
+            async for rows in store.iter_results(conn, batch_id, CURSOR_PREFETCH):
+                # A chunk is rendered in one go: no coroutine per line.
+                for custom_id, ok, status_code, request_id, body, error_code, error_message in rows:
+                    line = output_line(
+                        batch_id,
+                        custom_id,
+                        ok=ok,
+                        status_code=status_code,
+                        request_id=request_id,
+                        response_body=body,
+                        error_code=error_code,
+                        error_message=error_message,
+                    )
+                    (output if ok else errors).add(line)
+                await output.flush_if_full()
+                await errors.flush_if_full()
             for sink in (output, errors):
                 if sink.lines:
                     await sink.commit()

@@ -189,21 +189,20 @@ async def load_batch(conn: asyncpg.Connection, batch_id: str) -> BatchToFinalize
 
 
 async def iter_results(
-    conn: asyncpg.Connection, batch_id: str, prefetch: int
-) -> AsyncIterator[asyncpg.Record]:
-    """A batch's results in line order through a server-side cursor: memory stays bounded by
-    `prefetch` rows whatever the batch size. Must run inside a transaction."""
-    cursor = conn.cursor(
+    conn: asyncpg.Connection, batch_id: str, chunk: int
+) -> AsyncIterator[list[asyncpg.Record]]:
+    """A batch's results in line order, `chunk` rows at a time, through a server-side cursor:
+    memory stays bounded whatever the batch size. Must run inside a transaction."""
+    cursor = await conn.cursor(
         """
         SELECT custom_id, ok, status_code, request_id, response_body, error_code, error_message
         FROM request_results WHERE batch_id = $1
         ORDER BY line
         """,
         batch_id,
-        prefetch=prefetch,
     )
-    async for row in cursor:
-        yield row
+    while rows := await cursor.fetch(chunk):
+        yield rows
 
 
 async def upsert_output_file(

@@ -164,6 +164,29 @@ async def test_ack_after_publish_leaves_the_source_unacked_when_no_stream_takes_
     await results.close()
 
 
+async def test_ack_after_publish_takes_a_group_and_reports_only_its_failures(
+    nc: NATS, js: JetStreamContext
+) -> None:
+    await publish(js, 50)
+    pull = await fast_pull(js)
+    results = bus.AckAfterPublish(nc, ack_timeout_s=5)
+    msgs: list = []
+    while len(msgs) < 50:
+        msgs += await pull.fetch(50, 5)
+    # Every tenth result goes to a subject no stream listens on.
+    items = [
+        (f"{'nowhere' if i % 10 == 0 else 'done'}.{i}", m.data, f"g-{i}", m)
+        for i, m in enumerate(msgs)
+    ]
+    failed = await results.publish_many_then_ack(items)
+    await nc.flush()
+    await results.close()
+    assert sorted(failed) == list(range(0, 50, 10))
+    assert all(isinstance(e, bus.PublishError) for e in failed.values())
+    assert [i for i, m in enumerate(msgs) if not m.is_acked] == sorted(failed)
+    assert (await js.stream_info(DONE.name)).state.messages == 45
+
+
 async def test_publisher_flush_counts_every_message_the_stream_took(js: JetStreamContext) -> None:
     publisher = bus.Publisher(js)
     for i in range(10_000):  # past the point where it drains PubAcks while publishing

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+from nats.aio.msg import Msg
 
 from schemas.messages import BatchStop, RequestMessage
 from services.inference.engine import EngineResult, InstantEngine
 from services.inference.gpu import GpuMonitor, GpuReading
-from services.inference.service import Worker
+from services.inference.service import TAKE_SLICE, Worker
 from shared import config
 
 SETTINGS = config.load({"JETBATCH_ENGINE": "instant", "JETBATCH_REQUEST_MAX_DELIVER": "3"})
@@ -194,3 +195,67 @@ def test_heartbeat_says_unhealthy_while_the_gpu_is_over_a_threshold() -> None:
     assert not beat.healthy and beat.gpu_temperature_c == 91 and not w.gate.healthy
     beat = w.heartbeat()
     assert beat.healthy and w.gate.healthy
+
+
+# -- the runner: engine slots and grouped results ------------------------------------------------
+
+
+def pulled(req: RequestMessage, seq: int = 1) -> Msg:
+    """A message as a pull delivers it: the ack subject carries the delivery count (1)."""
+    return Msg(
+        _client=None,  # type: ignore[arg-type]
+        subject="jetbatch.requests.SmolLM2-135M-Instruct.batch",
+        reply=f"$JS.ACK.REQUESTS.inference-x.1.{seq}.{seq}.1700000000.0",
+        data=msgspec.json.encode(req),
+    )
+
+
+class HeldResults:
+    """Stands in for bus.AckAfterPublish: holds every publish until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.single: list[str] = []
+        self.groups: list[list[str]] = []
+
+    async def publish_then_ack(self, subject, payload, msg_id, source) -> None:  # type: ignore[no-untyped-def]
+        self.single.append(msg_id)
+        await self.release.wait()
+
+    async def publish_many_then_ack(self, items):  # type: ignore[no-untyped-def]
+        self.groups.append([msg_id for _, _, msg_id, _ in items])
+        await self.release.wait()
+        return {}
+
+
+async def test_a_finished_request_frees_its_engine_slot_while_its_result_awaits_the_stream() -> None:
+    w = worker(InstantEngine(CHAT, delay_s=0.01))  # waits for the engine: the per-request path
+    held = HeldResults()
+    w.results = held  # type: ignore[assignment]
+    body = {"model": CHAT.name, "messages": [{"role": "user", "content": "hi"}]}
+    await w.take([pulled(request(body))])
+    assert w.running == 1
+    await asyncio.sleep(0.1)
+    # Out of the engine, not yet acked: a new request may enter the engine meanwhile.
+    assert w.running == 0 and len(w.in_flight) == 1 and held.single
+    held.release.set()
+    await asyncio.sleep(0.01)
+    assert not w.in_flight and w.completed == 1
+
+
+async def test_requests_answered_without_waiting_are_published_as_one_group_per_slice() -> None:
+    w = worker(InstantEngine(CHAT))
+    held = HeldResults()
+    w.results = held  # type: ignore[assignment]
+    n = TAKE_SLICE + 10
+    msgs = [
+        pulled(request({"model": CHAT.name, "messages": [{"role": "user", "content": f"q{i}"}]}, line=i), i + 1)
+        for i in range(n)
+    ]
+    await w.take(msgs)
+    await asyncio.sleep(0)
+    assert [len(g) for g in held.groups] == [TAKE_SLICE, 10]
+    assert w.running == 0 and len(w.in_flight) == n and not held.single
+    held.release.set()
+    await asyncio.sleep(0.01)
+    assert not w.in_flight and w.completed == n
