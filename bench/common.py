@@ -410,7 +410,8 @@ def peak_rss_mb(proc: psutil.Process) -> float | None:
 
 
 class RssSampler:
-    """Samples the resident memory of processes every `interval_s` in a thread."""
+    """Samples the resident memory of processes (each with its children) every `interval_s` in a
+    thread."""
 
     def __init__(self, procs: dict[str, psutil.Process], interval_s: float = 0.02) -> None:
         self.procs = procs
@@ -422,10 +423,13 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _rss(self, proc: psutil.Process) -> float:
-        try:
-            return proc.memory_info().rss / 2**20
-        except psutil.Error:
-            return 0.0
+        """The process and its children together (the api's validation child, for one)."""
+        total = 0
+        with contextlib.suppress(psutil.Error):
+            for p in [proc, *proc.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+        return total / 2**20
 
     def _run(self) -> None:
         while not self._stop.is_set():

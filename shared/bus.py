@@ -63,9 +63,7 @@ REQUESTS = Stream("REQUESTS", ("jetbatch.requests.>",), RetentionPolicy.WORK_QUE
 RESULTS = Stream("RESULTS", ("jetbatch.results.>",), RetentionPolicy.LIMITS, max_age_s=7 * DAY_S)
 EVENTS = Stream("EVENTS", ("jetbatch.events.>",), RetentionPolicy.LIMITS, max_age_s=30 * DAY_S)
 # Work queue: the watchdog's orders to the api (re-drive, close out); stale orders are useless.
-CONTROL = Stream(
-    "CONTROL", ("jetbatch.control.>",), RetentionPolicy.WORK_QUEUE, max_age_s=3_600
-)
+CONTROL = Stream("CONTROL", ("jetbatch.control.>",), RetentionPolicy.WORK_QUEUE, max_age_s=3_600)
 # Work queue read by the watchdog, which records each message in table `dead_letters`: rejected
 # messages of services without a database, and JetStream's own advisories of requests that
 # reached max deliveries (captured here so none is missed while the watchdog is down).
@@ -189,9 +187,7 @@ async def durable_fast_pull(
     return await FastPull.bind(js._nc, stream.name, durable, api_prefix=js._prefix)
 
 
-async def fetch(
-    sub: JetStreamContext.PullSubscription, batch: int, timeout_s: float
-) -> list[Msg]:
+async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout_s: float) -> list[Msg]:
     """Up to `batch` messages; [] when none arrived within the timeout."""
     try:
         return await sub.fetch(batch, timeout=timeout_s)
@@ -219,9 +215,7 @@ class FastPull:
     # Client-side wait beyond the server's `expires`, for the 408 to arrive.
     _GRACE_S = 0.25
 
-    def __init__(
-        self, nc: NATS, stream: str, durable: str, *, api_prefix: str = "$JS.API"
-    ) -> None:
+    def __init__(self, nc: NATS, stream: str, durable: str, *, api_prefix: str = "$JS.API") -> None:
         self._nc = nc
         self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._inbox = nc.new_inbox()
@@ -367,9 +361,7 @@ class Publisher:
             hdrs.update(headers)
         if self._sub is None:
             self._inbox = self._nc.new_inbox()
-            self._sub = await self._nc.subscribe(
-                f"{self._inbox}.*", pending_msgs_limit=1_000_000
-            )
+            self._sub = await self._nc.subscribe(f"{self._inbox}.*", pending_msgs_limit=1_000_000)
         token = str(next(self._tokens))
         await self._nc.publish(subject, payload, reply=f"{self._inbox}.{token}", headers=hdrs)
         self._outstanding.add(token)
@@ -620,9 +612,10 @@ class AckAfterPublish:
                 if taken % YIELD_EVERY == 0:
                     await asyncio.sleep(0)
             sub._pending_size -= len(reply.data)
-            entry = waiting.pop(reply.subject.rpartition(".")[2], None)
-            if entry is None:
+            token = reply.subject.rpartition(".")[2]
+            if token not in waiting:
                 continue  # the PubAck of a burst that gave up waiting
+            entry = waiting.pop(token)
             error = _puback_error(reply)
             if error is not None:
                 entry.settle(PublishError(error))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +35,9 @@ class Deps:
     # Synchronous requests' own connection: on `nc` one would wait in the socket behind the
     # thousands of publishes of a batch being ingested (measured: p90 36 ms instead of 1 ms).
     nc_sync: NATS | None = None
-    # Pass 1 (validation) of a batch's file runs here, off the api's GIL: in a thread it would
-    # take the interpreter from the event loop for ~5 ms at a time and stall synchronous
-    # requests by tens of ms. None = a thread (tests).
-    validator: Executor | None = None
+    # Pass 1 (validation) of a batch's file in a child process (validation.validate_in_child),
+    # off the api's GIL; False = in a thread.
+    validate_in_child: bool = False
     # Background work (batch validation + publishing): referenced here so it is not garbage
     # collected mid-flight, and so shutdown can wait for it.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)

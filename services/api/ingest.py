@@ -23,6 +23,7 @@ import itertools
 import logging
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import anyio.to_thread
 import msgspec
@@ -31,7 +32,12 @@ from schemas.messages import BatchEvent, RequestMessage
 from schemas.openai import BatchError, RequestLine
 from services.api import store
 from services.api.deps import DepsParam
-from services.api.validation import MESSAGE_OVERHEAD_BYTES, iter_requests, validate_file
+from services.api.validation import (
+    MESSAGE_OVERHEAD_BYTES,
+    iter_requests,
+    validate_file,
+    validate_in_child,
+)
 from shared.bus import Publisher
 from shared.ids import stable_id
 from shared.telemetry import inject_headers, tracer
@@ -99,23 +105,20 @@ async def _process_claimed(deps: DepsParam, batch_id: str) -> None:
 async def check_input(deps: DepsParam, row: store.Row) -> tuple[list[BatchError], str | None, int]:
     """Validate a batch's input file: (errors, model, line count)."""
     file_row = await store.get_file(deps.pool, row["input_file_id"])
-    check_file = partial(
-        validate_file,
-        endpoint=row["endpoint"],
-        models={m.name: m.endpoints for m in deps.settings.models},
-        max_lines=deps.settings.max_batch_lines,
-        max_line_bytes=max_line_bytes(deps),
-    )
+    limits: dict[str, Any] = {
+        "endpoint": row["endpoint"],
+        "models": {m.name: m.endpoints for m in deps.settings.models},
+        "max_lines": deps.settings.max_batch_lines,
+        "max_line_bytes": max_line_bytes(deps),
+    }
     try:
         if file_row is None:
             raise FileNotFoundError(row["input_file_id"])
         path = deps.storage.path(file_row["storage_key"])
-        if deps.validator is None:
-            check = await anyio.to_thread.run_sync(check_file, path)
+        if deps.validate_in_child:
+            check = await validate_in_child(path, **limits)
         else:
-            check = await asyncio.get_running_loop().run_in_executor(
-                deps.validator, check_file, path
-            )
+            check = await anyio.to_thread.run_sync(partial(validate_file, path, **limits))
     except FileNotFoundError:
         error = BatchError(
             code="file_not_found",

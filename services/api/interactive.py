@@ -107,7 +107,9 @@ def _error_body(result: ResultMessage) -> bytes:
     )
 
 
-async def _infer(request: Request[Any, Any, Any], deps: DepsParam, endpoint: str) -> Response[bytes]:
+async def _infer(
+    request: Request[Any, Any, Any], deps: DepsParam, endpoint: str
+) -> Response[bytes]:
     raw = await request.body()
     try:
         probe = _sync_decoder.decode(raw)

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import hmac
 import logging
 import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import FrameType
@@ -49,8 +47,6 @@ SERVICE = "api"
 MAX_JSON_BODY_BYTES = 8 * 1024 * 1024
 # On SIGTERM: how long in-flight HTTP requests, then background batch work, may take to finish.
 GRACEFUL_SHUTDOWN_S = 30
-# Processes that validate batch input files (pass 1, services/api/ingest.py), off the api's GIL.
-VALIDATOR_PROCESSES = 1
 HEALTH_TIMEOUT_S = 2.0
 
 
@@ -121,11 +117,6 @@ def create_app(settings: Settings) -> Litestar:
             await bus.ensure_streams(js)
             nc_sync = await bus.connect(nats_url, name=f"jetbatch-{SERVICE}-sync")
             stack.push_async_callback(_close_nats, nc_sync)
-            validator = ProcessPoolExecutor(
-                max_workers=VALIDATOR_PROCESSES, mp_context=multiprocessing.get_context("spawn")
-            )
-            stack.callback(validator.shutdown, wait=False, cancel_futures=True)
-            validator.submit(int)  # start the process now, not on the first batch
             deps = Deps(
                 settings=settings,
                 pool=pool,
@@ -136,7 +127,7 @@ def create_app(settings: Settings) -> Litestar:
                 started_at=int(time.time()),
                 cancelled=await bus.cancelled_kv(js),
                 nc_sync=nc_sync,
-                validator=validator,
+                validate_in_child=True,
             )
             # Runs first at shutdown: background batch work still has its connections.
             stack.push_async_callback(deps.wait_for_tasks, GRACEFUL_SHUTDOWN_S)
@@ -154,7 +145,11 @@ def create_app(settings: Settings) -> Litestar:
     v1 = Router(
         "/v1",
         route_handlers=[
-            *files.ROUTES, *batches.ROUTES, *interactive.ROUTES, *webhooks.ROUTES, *admin.ROUTES
+            *files.ROUTES,
+            *batches.ROUTES,
+            *interactive.ROUTES,
+            *webhooks.ROUTES,
+            *admin.ROUTES,
         ],
         guards=[api_key_guard(settings.api_key)] if settings.api_key else [],
     )

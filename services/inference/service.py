@@ -178,7 +178,7 @@ class Worker:
         """Run one request. None = retry later (engine failure before the last delivery)."""
         request_id = stable_id("req_", req.batch_id, req.custom_id)
         now = self.answer_now(req, request_id, delivery)
-        if now is not NEEDS_ENGINE:
+        if not isinstance(now, _NeedsEngine):
             return now
         running = self._running.setdefault(req.batch_id, set())
         running.add(request_id)
@@ -234,7 +234,10 @@ class Worker:
             # try; on the last one the failure becomes the request's error line.
             log.warning(
                 "engine error on batch_id=%s custom_id=%s (delivery %d): %s",
-                req.batch_id, req.custom_id, delivery, outcome.error_message,
+                req.batch_id,
+                req.custom_id,
+                delivery,
+                outcome.error_message,
             )
             return None
         self._count_tokens(outcome.output_tokens)
@@ -264,17 +267,15 @@ class Worker:
             try:
                 req = _request_decoder.decode(msg.data)
                 delivery = bus.delivery_count(msg)
-                now = self.answer_now(
-                    req, stable_id("req_", req.batch_id, req.custom_id), delivery
-                )
+                now = self.answer_now(req, stable_id("req_", req.batch_id, req.custom_id), delivery)
             except Exception:  # undecodable, or the engine failed: the full path handles it
                 now = NEEDS_ENGINE
-            if now is NEEDS_ENGINE:
+            if isinstance(now, _NeedsEngine):
                 self._spawn(self.process(msg))
                 continue
             self.in_flight[msg.reply or new_id("m")] = msg
             self._release_slot()
-            ready.append((msg, now))  # type: ignore[arg-type]
+            ready.append((msg, now))
         if ready:
             self._spawn(self._publish_ready(ready))
 
@@ -302,7 +303,9 @@ class Worker:
             self.completed += len(items) - len(failed)
             for index, error in failed.items():
                 msg = items[index][3]
-                log.warning("result of %s not published (%r); it will be redelivered", msg.subject, error)
+                log.warning(
+                    "result of %s not published (%r); it will be redelivered", msg.subject, error
+                )
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=5)
         finally:
@@ -394,12 +397,14 @@ class Worker:
             try:
                 req = _interactive_decoder.decode(msg.data)
             except msgspec.DecodeError as e:
-                outcome = EngineResult(
+                undecodable = EngineResult(
                     status_code=400,
                     error_code="invalid_request_error",
                     error_message=f"undecodable request: {e}",
                 )
-                await msg.respond(_encoder.encode(result_for("", outcome, worker_id=self.worker_id)))
+                await msg.respond(
+                    _encoder.encode(result_for("", undecodable, worker_id=self.worker_id))
+                )
                 return
             outcome = self._interactive_now(req)
             if outcome is None:
@@ -432,9 +437,7 @@ class Worker:
             )
         except Exception as e:
             log.exception("engine failed on interactive request %s", req.request_id)
-            outcome = EngineResult(
-                status_code=500, error_code="engine_error", error_message=str(e)
-            )
+            outcome = EngineResult(status_code=500, error_code="engine_error", error_message=str(e))
         await self._respond(msg, req, outcome)
 
     async def _respond(self, msg: Msg, req: InteractiveRequest, outcome: EngineResult) -> None:

@@ -488,7 +488,9 @@ class _Runner:
             try:
                 touched += await self._writer.handle([unstorable(result, repr(error))])
             except _DATA_ERRORS as e:  # even its ids are unstorable: the stall flag shows it
-                log.error("no error line for %s/%s either: %r", result.batch_id, result.custom_id, e)
+                log.error(
+                    "no error line for %s/%s either: %r", result.batch_id, result.custom_id, e
+                )
         return touched
 
     async def _write_split(

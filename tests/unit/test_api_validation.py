@@ -17,6 +17,7 @@ from services.api.validation import (
     iter_lines,
     iter_requests,
     validate_file,
+    validate_in_child,
 )
 
 CHAT = "/v1/chat/completions"
@@ -192,6 +193,35 @@ def test_validate_file_reports_the_physical_line(tmp_path: Path) -> None:
     path.write_bytes(line("a") + b"\n\n" + line("b", method="PUT"))
     check = validate_file(path, endpoint=CHAT, models=MODELS, max_lines=10, max_line_bytes=1 << 20)
     assert [(e.code, e.line, e.param) for e in check.errors] == [("invalid_method", 4, "method")]
+
+
+async def test_a_child_process_validates_exactly_as_validate_file(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(line("a") + b"\n" + line("a") + b"\n" + line("b", method="PUT") + b"{oops\n")
+    limits: dict[str, Any] = {
+        "endpoint": CHAT,
+        "models": MODELS,
+        "max_lines": 10,
+        "max_line_bytes": 1 << 20,
+    }
+    in_child = await validate_in_child(path, **limits)
+    assert in_child == validate_file(path, **limits)
+    assert [e.code for e in in_child.errors] == [
+        "duplicate_custom_id",
+        "invalid_method",
+        "invalid_json_line",
+    ]
+
+
+async def test_a_child_process_reports_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        await validate_in_child(
+            tmp_path / "gone.jsonl",
+            endpoint=CHAT,
+            models=MODELS,
+            max_lines=10,
+            max_line_bytes=1 << 20,
+        )
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 7, 64, 1 << 20])

@@ -228,7 +228,9 @@ class HeldResults:
         return {}
 
 
-async def test_a_finished_request_frees_its_engine_slot_while_its_result_awaits_the_stream() -> None:
+async def test_a_finished_request_frees_its_engine_slot_while_its_result_awaits_the_stream() -> (
+    None
+):
     w = worker(InstantEngine(CHAT, delay_s=0.01))  # waits for the engine: the per-request path
     held = HeldResults()
     w.results = held  # type: ignore[assignment]
@@ -249,7 +251,12 @@ async def test_requests_answered_without_waiting_are_published_as_one_group_per_
     w.results = held  # type: ignore[assignment]
     n = TAKE_SLICE + 10
     msgs = [
-        pulled(request({"model": CHAT.name, "messages": [{"role": "user", "content": f"q{i}"}]}, line=i), i + 1)
+        pulled(
+            request(
+                {"model": CHAT.name, "messages": [{"role": "user", "content": f"q{i}"}]}, line=i
+            ),
+            i + 1,
+        )
         for i in range(n)
     ]
     await w.take(msgs)
