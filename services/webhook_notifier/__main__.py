@@ -1,3 +1,4 @@
 from services.webhook_notifier.service import main
 
-main()
+if __name__ == "__main__":  # not when a spawned child re-imports the main module
+    main()
