@@ -39,19 +39,31 @@ ResultRecord = tuple[
 # finalizer skip a batch until the next sweep.
 _FINALIZE_LOCK_NS = 0x72777269  # "rwri"
 
-_CREATE_INCOMING = """
-CREATE TEMP TABLE incoming_results (LIKE request_results) ON COMMIT DROP
+# The fetch's rows arrive as one array per column (RESULT_COLUMNS order) and are unnested in the
+# statement itself. Measured against COPY into a temporary table created and dropped per
+# transaction: PostgreSQL's CPU for a 50,000-line batch 2.2-2.6 s -> 1.2-1.5 s (bench
+# orchestration, alternating runs).
+_INCOMING = """
+incoming_results AS MATERIALIZED (
+    SELECT * FROM unnest(
+        $3::text[], $4::text[], $5::int[], $6::bool[], $7::int[], $8::text[], $9::text[],
+        $10::text[], $11::text[], $12::int[], $13::int[], $14::int[]
+    ) AS i(batch_id, custom_id, line, ok, status_code, request_id, response_body, error_code,
+           error_message, input_tokens, cached_tokens, output_tokens)
+)
 """
 
-# One statement per fetch, after the COPY:
+# One statement per fetch:
 # - lock the touched batches in id order, so concurrent writers sharing batches queue up
 #   instead of deadlocking, and so counters and status are read at their latest version;
 # - insert only rows whose batch exists and is writable, in key order (same reason);
 # - add to each batch exactly what was inserted: a redelivered result conflicts, is not
 #   returned, and so is not counted twice;
 # - report every touched batch, so the caller can finalize those now fully accounted.
-_APPLY_RESULTS = """
-WITH touched AS MATERIALIZED (
+_APPLY_RESULTS = (
+    "WITH"
+    + _INCOMING
+    + """, touched AS MATERIALIZED (
     SELECT id, status, total, completed, failed
     FROM batches
     WHERE id IN (SELECT DISTINCT batch_id FROM incoming_results)
@@ -59,7 +71,9 @@ WITH touched AS MATERIALIZED (
     ORDER BY id
     FOR UPDATE
 ), inserted AS (
-    INSERT INTO request_results
+    INSERT INTO request_results (batch_id, custom_id, line, ok, status_code, request_id,
+                                 response_body, error_code, error_message, input_tokens,
+                                 cached_tokens, output_tokens)
     SELECT i.* FROM incoming_results i JOIN touched t ON t.id = i.batch_id
     ORDER BY i.batch_id, i.custom_id
     ON CONFLICT (batch_id, custom_id) DO NOTHING
@@ -90,6 +104,7 @@ SELECT t.id, t.status, t.total,
        coalesce(u.inserted, 0)::int AS inserted
 FROM touched t LEFT JOIN updated u ON u.id = t.id
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +126,9 @@ async def write_results(
     conn: asyncpg.Connection, records: Sequence[ResultRecord], now: int
 ) -> list[Touched]:
     """Write results in one transaction; returns the writable batches they belong to."""
+    columns = list(zip(*records, strict=True)) if records else [()] * len(RESULT_COLUMNS)
     async with conn.transaction():
-        await conn.execute(_CREATE_INCOMING)
-        await conn.copy_records_to_table(
-            "incoming_results", records=records, columns=RESULT_COLUMNS
-        )
-        rows = await conn.fetch(_APPLY_RESULTS, WRITABLE_STATUSES, now)
+        rows = await conn.fetch(_APPLY_RESULTS, WRITABLE_STATUSES, now, *columns)
     return [Touched(r["id"], r["status"], r["total"], r["done"], r["inserted"]) for r in rows]
 
 
