@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat",
         type=int,
         default=1,
-        help="engine: alternate runs this many times, keep the best",
+        help="engine, orchestration: alternate the runs and their baselines this many times, "
+        "keep the best of each",
     )
     args = parser.parse_args(argv)
     common.COMMAND[:] = [

@@ -1,11 +1,14 @@
 """1. Orchestration capacity: a 50,000-line chat batch on the instant engine through the whole
 `jetbatch up` stack, from `batches.create` to `completed` with the output file downloaded,
-against the raw JetStream ceiling measured in the same run (bench/raw.py).
+against the raw JetStream ceiling measured in the same run (bench/raw.py). With `--repeat N` the
+end-to-end runs alternate with ceiling measurements; each run's ratio is taken against the
+ceilings just before and after it, and the median is the figure.
 Targets: >= 5,000 lines/s end to end, >= 0.5 of the raw ceiling."""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from typing import Any
 
@@ -100,23 +103,50 @@ def run(args: Any) -> dict[str, Any]:
     print(f"raw JetStream ceiling ({lines:,} messages)...", flush=True)
     foreign = ForeignLoad().__enter__()
     raw_before = asyncio.run(raw.measure(messages))
+    runs: list[dict[str, Any]] = []
+    raws = [raw_before]
+    repeat = max(1, getattr(args, "repeat", 1))
     with running_system("orchestration", "instant", CHAT_MODEL) as system:
         time.sleep(2)  # let start-up work settle
-        print(f"end to end through jetbatch up ({lines:,} lines, instant engine)...", flush=True)
-        e2e = run_batch_e2e(system, path, lines)
-    raw_after = asyncio.run(raw.measure(messages, with_reference=False))
+        for attempt in range(1, repeat + 1):
+            print(
+                f"end to end through jetbatch up ({lines:,} lines, instant engine, run {attempt})...",
+                flush=True,
+            )
+            runs.append(run_batch_e2e(system, path, lines))
+            if attempt < repeat:
+                # Alternated with the end-to-end runs (the system idles meanwhile), so both see
+                # the same moments of a noisy machine.
+                raws.append(asyncio.run(raw.measure(messages, with_reference=False)))
+    raws.append(asyncio.run(raw.measure(messages, with_reference=False)))
+    raw_after = raws[-1]
     foreign.__exit__()
-    best = raw_before if raw_before["ceiling_s"] <= raw_after["ceiling_s"] else raw_after
-    ratio = e2e["lines_per_s"] / best["ceiling_lines_per_s"]
+    # Each run against the ceilings measured just before and just after it: on a machine whose
+    # speed drifts by tens of percent within minutes, neighbours see the same machine. The
+    # headline is the median of those ratios; best-of-each is reported beside it.
+    paired = [
+        run["lines_per_s"]
+        / ((raws[i]["ceiling_lines_per_s"] + raws[i + 1]["ceiling_lines_per_s"]) / 2)
+        for i, run in enumerate(runs)
+    ]
+    ratio = statistics.median(paired)
+    best = min(raws, key=lambda r: r["ceiling_s"])
+    e2e = max(runs, key=lambda r: r["lines_per_s"])
+    best_ratio = e2e["lines_per_s"] / best["ceiling_lines_per_s"]
     figures = {
         "lines": lines,
         "e2e_lines_per_s": e2e["lines_per_s"],
         "e2e_s": e2e["e2e_s"],
         "raw_ceiling_lines_per_s": round(best["ceiling_lines_per_s"], 1),
         "ratio_to_raw": round(ratio, 3),
+        "paired_ratios": [round(r, 3) for r in paired],
+        "best_of_each_ratio": round(best_ratio, 3),
         "target_lines_per_s": TARGET_LINES_PER_S,
         "target_ratio": TARGET_RATIO,
         "meets_targets": e2e["lines_per_s"] >= TARGET_LINES_PER_S and ratio >= TARGET_RATIO,
+        "runs": len(runs),
+        "all_e2e_lines_per_s": [r["lines_per_s"] for r in runs],
+        "all_raw_ceilings_lines_per_s": [round(r["ceiling_lines_per_s"], 1) for r in raws],
         **foreign.report(),
     }
     show(
@@ -141,7 +171,12 @@ def run(args: Any) -> dict[str, Any]:
                 "raw ceiling (best publish + best pull)",
                 f"{best['ceiling_lines_per_s']:,.0f} lines/s",
             ),
-            ("ratio end to end / raw", f"{ratio:.3f}  (target >= {TARGET_RATIO})"),
+            (
+                "ratio end to end / raw",
+                f"{ratio:.3f}  (target >= {TARGET_RATIO}; median of each run against the "
+                f"ceilings just before and after it: {', '.join(f'{r:.3f}' for r in paired)}; "
+                f"best of each: {best_ratio:.3f})",
+            ),
             (
                 "target lines/s",
                 f">= {TARGET_LINES_PER_S:,}: {'met' if e2e['lines_per_s'] >= TARGET_LINES_PER_S else 'NOT met'}",
@@ -152,8 +187,10 @@ def run(args: Any) -> dict[str, Any]:
         "orchestration",
         figures,
         e2e=e2e,
+        e2e_runs=runs,
         raw_before=raw_before,
         raw_after=raw_after,
+        raw_runs=raws,
         cpu_busy_pct_before=load,
     )
     print(f"  -> {out.relative_to(out.parents[2])}")
