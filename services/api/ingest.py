@@ -22,8 +22,6 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterator
-from functools import partial
-from typing import Any
 
 import anyio.to_thread
 import msgspec
@@ -34,8 +32,8 @@ from services.api import store
 from services.api.deps import DepsParam
 from services.api.validation import (
     MESSAGE_OVERHEAD_BYTES,
+    ValidationJob,
     iter_requests,
-    validate_file,
     validate_in_child,
 )
 from shared.bus import Publisher
@@ -105,20 +103,20 @@ async def _process_claimed(deps: DepsParam, batch_id: str) -> None:
 async def check_input(deps: DepsParam, row: store.Row) -> tuple[list[BatchError], str | None, int]:
     """Validate a batch's input file: (errors, model, line count)."""
     file_row = await store.get_file(deps.pool, row["input_file_id"])
-    limits: dict[str, Any] = {
-        "endpoint": row["endpoint"],
-        "models": {m.name: m.endpoints for m in deps.settings.models},
-        "max_lines": deps.settings.max_batch_lines,
-        "max_line_bytes": max_line_bytes(deps),
-    }
     try:
         if file_row is None:
             raise FileNotFoundError(row["input_file_id"])
-        path = deps.storage.path(file_row["storage_key"])
+        job = ValidationJob(
+            path=str(deps.storage.path(file_row["storage_key"])),
+            endpoint=row["endpoint"],
+            models={m.name: list(m.endpoints) for m in deps.settings.models},
+            max_lines=deps.settings.max_batch_lines,
+            max_line_bytes=max_line_bytes(deps),
+        )
         if deps.validate_in_child:
-            check = await validate_in_child(path, **limits)
+            check = await validate_in_child(job)
         else:
-            check = await anyio.to_thread.run_sync(partial(validate_file, path, **limits))
+            check = await anyio.to_thread.run_sync(job.run)
     except FileNotFoundError:
         error = BatchError(
             code="file_not_found",

@@ -318,7 +318,8 @@ def validate_file(
     max_lines: int,
     max_line_bytes: int,
 ) -> FileCheck:
-    """Pass 1 over a batch input file: stream it, check every line. Blocking: run it in a thread."""
+    """Pass 1 over a batch input file: stream it, check every line. Blocking: run it in a
+    thread, or in a child process (ValidationJob, validate_in_child)."""
     validator = LineValidator(
         endpoint=endpoint, models=models, max_lines=max_lines, max_line_bytes=max_line_bytes
     )
@@ -332,7 +333,7 @@ def validate_file(
 
 
 class ValidationJob(msgspec.Struct, frozen=True):
-    """What `validate_in_child` hands the child process on stdin."""
+    """A pass 1 to run: in a thread (`run`) or in a child process (`validate_in_child`)."""
 
     path: str
     endpoint: str
@@ -340,25 +341,20 @@ class ValidationJob(msgspec.Struct, frozen=True):
     max_lines: int
     max_line_bytes: int
 
+    def run(self) -> FileCheck:
+        return validate_file(
+            Path(self.path),
+            endpoint=self.endpoint,
+            models=self.models,
+            max_lines=self.max_lines,
+            max_line_bytes=self.max_line_bytes,
+        )
 
-async def validate_in_child(
-    path: Path,
-    *,
-    endpoint: str,
-    models: Mapping[str, Sequence[str]],
-    max_lines: int,
-    max_line_bytes: int,
-) -> FileCheck:
-    """validate_file in a child process (`python -m services.api.validation`): pass 1 over a
+
+async def validate_in_child(job: ValidationJob) -> FileCheck:
+    """`job.run()` in a child process (`python -m services.api.validation`): pass 1 over a
     200 MB file is seconds of CPU that, in a thread, would hold the GIL against the api's event
     loop and stall every request it serves. The child imports only this module (~0.1 s)."""
-    job = ValidationJob(
-        path=str(path),
-        endpoint=endpoint,
-        models={name: list(endpoints) for name, endpoints in models.items()},
-        max_lines=max_lines,
-        max_line_bytes=max_line_bytes,
-    )
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -373,28 +369,25 @@ async def validate_in_child(
         with contextlib.suppress(ProcessLookupError):
             child.kill()
         raise
-    if child.returncode == 3:
-        raise FileNotFoundError(path)
+    if child.returncode == _FILE_GONE:
+        raise FileNotFoundError(job.path)
     if child.returncode != 0:
         raise RuntimeError(
-            f"validation of {path} failed (exit {child.returncode}): "
+            f"validation of {job.path} failed (exit {child.returncode}): "
             f"{err.decode(errors='replace')[-2000:]}"
         )
     return msgspec.json.decode(out, type=FileCheck)
 
 
+_FILE_GONE = 3
+
+
 def _child_main() -> int:
     job = msgspec.json.decode(sys.stdin.buffer.read(), type=ValidationJob)
     try:
-        check = validate_file(
-            Path(job.path),
-            endpoint=job.endpoint,
-            models=job.models,
-            max_lines=job.max_lines,
-            max_line_bytes=job.max_line_bytes,
-        )
+        check = job.run()
     except FileNotFoundError:
-        return 3
+        return _FILE_GONE
     sys.stdout.buffer.write(msgspec.json.encode(check))
     return 0
 

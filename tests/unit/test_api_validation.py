@@ -14,6 +14,7 @@ import pytest
 from services.api.validation import (
     LineValidator,
     UploadScanner,
+    ValidationJob,
     iter_lines,
     iter_requests,
     validate_file,
@@ -195,17 +196,20 @@ def test_validate_file_reports_the_physical_line(tmp_path: Path) -> None:
     assert [(e.code, e.line, e.param) for e in check.errors] == [("invalid_method", 4, "method")]
 
 
+def job(path: Path) -> ValidationJob:
+    models = {name: list(endpoints) for name, endpoints in MODELS.items()}
+    return ValidationJob(
+        path=str(path), endpoint=CHAT, models=models, max_lines=10, max_line_bytes=1 << 20
+    )
+
+
 async def test_a_child_process_validates_exactly_as_validate_file(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(line("a") + b"\n" + line("a") + b"\n" + line("b", method="PUT") + b"{oops\n")
-    limits: dict[str, Any] = {
-        "endpoint": CHAT,
-        "models": MODELS,
-        "max_lines": 10,
-        "max_line_bytes": 1 << 20,
-    }
-    in_child = await validate_in_child(path, **limits)
-    assert in_child == validate_file(path, **limits)
+    in_child = await validate_in_child(job(path))
+    assert in_child == validate_file(
+        path, endpoint=CHAT, models=MODELS, max_lines=10, max_line_bytes=1 << 20
+    )
     assert [e.code for e in in_child.errors] == [
         "duplicate_custom_id",
         "invalid_method",
@@ -215,13 +219,7 @@ async def test_a_child_process_validates_exactly_as_validate_file(tmp_path: Path
 
 async def test_a_child_process_reports_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        await validate_in_child(
-            tmp_path / "gone.jsonl",
-            endpoint=CHAT,
-            models=MODELS,
-            max_lines=10,
-            max_line_bytes=1 << 20,
-        )
+        await validate_in_child(job(tmp_path / "gone.jsonl"))
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 7, 64, 1 << 20])
