@@ -216,7 +216,10 @@ class Worker:
                 error_message=f"model {req.model!r} does not serve {req.endpoint}",
             )
             return self._result(req, request_id, outcome, delivery)
-        outcome_now = self.engine.answer_now(req.endpoint, bytes(req.body), request_id)
+        try:
+            outcome_now = self.engine.answer_now(req.endpoint, bytes(req.body), request_id)
+        except Exception:
+            return NEEDS_ENGINE  # `engine.run` fails the same way, and handle() retries that
         if outcome_now is None:
             return NEEDS_ENGINE
         return self._result(req, request_id, outcome_now, delivery)
@@ -268,7 +271,7 @@ class Worker:
                 req = _request_decoder.decode(msg.data)
                 delivery = bus.delivery_count(msg)
                 now = self.answer_now(req, stable_id("req_", req.batch_id, req.custom_id), delivery)
-            except Exception:  # undecodable, or the engine failed: the full path handles it
+            except Exception:  # undecodable: the full path dead-letters it
                 now = NEEDS_ENGINE
             if isinstance(now, _NeedsEngine):
                 self._spawn(self.process(msg))

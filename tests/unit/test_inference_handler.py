@@ -266,3 +266,15 @@ async def test_requests_answered_without_waiting_are_published_as_one_group_per_
     held.release.set()
     await asyncio.sleep(0.01)
     assert not w.in_flight and w.completed == n
+
+
+async def test_an_engine_that_fails_answering_at_once_is_retried_like_any_engine_failure() -> None:
+    class Broken(InstantEngine):
+        def _answer(self, endpoint: str, body: bytes, request_id: str) -> EngineResult:
+            raise RuntimeError("bug in the engine")
+
+    w = worker(Broken(CHAT))
+    body = {"model": CHAT.name, "messages": [{"role": "user", "content": "hi"}]}
+    assert await w.handle(request(body), 1) is None  # retried
+    last = await w.handle(request(body), SETTINGS.request_max_deliver)
+    assert last is not None and last.status_code == 500 and last.error_code == "engine_error"
