@@ -107,8 +107,8 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True, frozen=True):
     engine: str
     started_at: int
     seen_at: int
-    in_flight: int = 0
-    capacity: int = 0
+    in_flight: int = 0  # requests in the engine now (results on their way to RESULTS excluded)
+    capacity: int = 0  # how many it keeps in the engine at most
     completed: int = 0
     tokens_per_s: float = 0.0
     gpu_index: int | None = None

@@ -471,7 +471,7 @@ class Worker:
             engine=self.engine.name,
             started_at=self.started_at,
             seen_at=int(time.time()),
-            in_flight=len(self.in_flight),
+            in_flight=self.running,  # in the engine, against `capacity`
             capacity=self.capacity,
             completed=self.completed,
             tokens_per_s=self._tokens_per_s(),
