@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 MSG_ID = "Nats-Msg-Id"
 # Bulk loops (a burst of publishes, a queue of PubAcks) hand the event loop back this often, so
 # a latency-sensitive callback in the same process (a synchronous request) waits for one slice
-# (well under a millisecond), not for the whole burst.
+# (well under a millisecond), not for the whole burst. AckAfterPublish.yield_every may lower it
+# while such callbacks are frequent.
 YIELD_EVERY = 128
 DAY_S = 86_400
 
@@ -504,6 +505,7 @@ class AckAfterPublish:
         self._sub: Subscription | None = None
         self._queue: list[_Entry] = []
         self._flusher: asyncio.Task[None] | None = None
+        self.yield_every = YIELD_EVERY
 
     async def publish_then_ack(
         self,
@@ -578,7 +580,7 @@ class AckAfterPublish:
         assert sub is not None
         waiting: dict[str, _Entry] = {}
         for n, entry in enumerate(burst, 1):
-            if n % YIELD_EVERY == 0:
+            if n % self.yield_every == 0:
                 await asyncio.sleep(0)
             token = str(next(self._tokens))
             try:
@@ -609,7 +611,7 @@ class AckAfterPublish:
             else:
                 reply = queue.get_nowait()
                 taken += 1
-                if taken % YIELD_EVERY == 0:
+                if taken % self.yield_every == 0:
                     await asyncio.sleep(0)
             sub._pending_size -= len(reply.data)
             token = reply.subject.rpartition(".")[2]

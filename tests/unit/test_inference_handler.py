@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 from nats.aio.msg import Msg
@@ -10,7 +11,7 @@ from nats.aio.msg import Msg
 from schemas.messages import BatchStop, RequestMessage
 from services.inference.engine import EngineResult, InstantEngine
 from services.inference.gpu import GpuMonitor, GpuReading
-from services.inference.service import TAKE_SLICE, Worker
+from services.inference.service import TAKE_SLICE, TAKE_SLICE_SYNC, Worker
 from shared import config
 
 SETTINGS = config.load({"JETBATCH_ENGINE": "instant", "JETBATCH_REQUEST_MAX_DELIVER": "3"})
@@ -278,3 +279,17 @@ async def test_an_engine_that_fails_answering_at_once_is_retried_like_any_engine
     assert await w.handle(request(body), 1) is None  # retried
     last = await w.handle(request(body), SETTINGS.request_max_deliver)
     assert last is not None and last.status_code == 500 and last.error_code == "engine_error"
+
+
+async def test_batch_work_comes_in_smaller_slices_while_synchronous_requests_come_in() -> None:
+    w = worker(InstantEngine(CHAT))
+    held = HeldResults()
+    w.results = held  # type: ignore[assignment]
+    body = {"model": CHAT.name, "messages": [{"role": "user", "content": "q"}]}
+    msgs = [pulled(request(body, line=i), i + 1) for i in range(40)]
+    w._sync_seen = time.monotonic()  # as on_request does
+    await w.take(msgs)
+    await asyncio.sleep(0)
+    assert w.sync_traffic()
+    assert [len(g) for g in held.groups] == [TAKE_SLICE_SYNC, TAKE_SLICE_SYNC, 8]
+    held.release.set()
