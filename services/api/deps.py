@@ -38,6 +38,9 @@ class Deps:
     # Pass 1 (validation) of a batch's file in a child process (validation.validate_in_child),
     # off the api's GIL; False = in a thread.
     validate_in_child: bool = False
+    # When the last synchronous request came in (time.monotonic()): background batch work hands
+    # the event loop back more often while they keep coming (services/api/ingest.py).
+    sync_seen: float = float("-inf")
     # Background work (batch validation + publishing): referenced here so it is not garbage
     # collected mid-flight, and so shutdown can wait for it.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)

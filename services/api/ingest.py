@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Iterator
 
 import anyio.to_thread
@@ -49,6 +50,9 @@ CHECK_CANCEL_EVERY = 2_000
 # back (bench/interactive.py measures why). Inline rather than in a thread: a thread parsing
 # lines would hold the GIL against the event loop.
 YIELD_EVERY = 50
+# The same while synchronous requests keep coming (one within SYNC_RECENT_S).
+YIELD_EVERY_SYNC = 10
+SYNC_RECENT_S = 1.0
 
 _encoder = msgspec.json.Encoder()
 
@@ -172,7 +176,7 @@ async def _publish(deps: DepsParam, row: store.Row) -> None:
         headers = inject_headers({}) or None
         lines = iter_requests(deps.storage.path(file_row["storage_key"]), max_line_bytes(deps))
         with contextlib.closing(lines):
-            while chunk := _take(lines, YIELD_EVERY):
+            while chunk := _take(lines, _slice(deps)):
                 for index, request in chunk:
                     message = RequestMessage(
                         batch_id=batch_id,
@@ -187,7 +191,7 @@ async def _publish(deps: DepsParam, row: store.Row) -> None:
                     )
                 published += len(chunk)
                 await asyncio.sleep(0)
-                if published % CHECK_CANCEL_EVERY < YIELD_EVERY:
+                if published % CHECK_CANCEL_EVERY < len(chunk):
                     if not await _still_running(deps, batch_id):
                         log.info(
                             "batch %s cancelled or expired: publishing stopped after %d "
@@ -203,6 +207,11 @@ async def _publish(deps: DepsParam, row: store.Row) -> None:
         )  # fmt: skip
     await store.mark_published(deps.pool, batch_id)
     log.info("batch %s: %d requests published on %s", batch_id, published, subject)
+
+
+def _slice(deps: DepsParam) -> int:
+    recent = time.monotonic() - deps.sync_seen < SYNC_RECENT_S
+    return YIELD_EVERY_SYNC if recent else YIELD_EVERY
 
 
 async def _still_running(deps: DepsParam, batch_id: str) -> bool:

@@ -110,6 +110,7 @@ def _error_body(result: ResultMessage) -> bytes:
 async def _infer(
     request: Request[Any, Any, Any], deps: DepsParam, endpoint: str
 ) -> Response[bytes]:
+    deps.sync_seen = time.monotonic()
     raw = await request.body()
     try:
         probe = _sync_decoder.decode(raw)
