@@ -328,9 +328,7 @@ async def record_validation(
     )  # fmt: skip
 
 
-async def record_unrunnable(
-    pool: asyncpg.Pool, batch_id: str, errors: list[BatchError]
-) -> None:
+async def record_unrunnable(pool: asyncpg.Pool, batch_id: str, errors: list[BatchError]) -> None:
     """A cancelled batch whose file turned out invalid (or gone): no lines to account for."""
     await pool.execute(
         "UPDATE batches SET errors = $2::jsonb, closed_out_at = $3, updated_at = $3"

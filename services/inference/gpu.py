@@ -95,7 +95,9 @@ class GpuGate:
             problem = self._over(reading, 0.0, 0.0)
             if problem:
                 self.healthy, self.reason = False, problem
-                log.warning("GPU %s unhealthy (%s): not taking new requests", reading.index, problem)
+                log.warning(
+                    "GPU %s unhealthy (%s): not taking new requests", reading.index, problem
+                )
         else:
             problem = self._over(reading, self.MEMORY_MARGIN_PCT, self.TEMPERATURE_MARGIN_C)
             if problem is None:
