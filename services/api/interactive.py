@@ -13,8 +13,9 @@ import msgspec
 import nats.errors
 from litestar import Request, Response, get, post
 
-from schemas.messages import InteractiveRequest, ResultMessage, WorkerHeartbeat
+from schemas.messages import InteractiveRequest, ResultMessage
 from schemas.openai import ErrorDetail, ErrorResponse, Model, ModelList
+from services.api.admin import read_heartbeats
 from services.api.deps import DepsParam
 from services.api.exceptions import BadGateway, error_type
 from shared.config import ModelSpec
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 # A worker counts as live while its last heartbeat is younger than this many intervals.
 LIVE_HEARTBEATS = 3
-KV_READ_TIMEOUT_S = 2.0
 
 
 class _SyncBody(msgspec.Struct):
@@ -35,7 +35,6 @@ class _SyncBody(msgspec.Struct):
     stream: Any = None
 
 
-_heartbeat_decoder = msgspec.json.Decoder(WorkerHeartbeat)
 _sync_decoder = msgspec.json.Decoder(_SyncBody)
 _result_decoder = msgspec.json.Decoder(ResultMessage)
 _encoder = msgspec.json.Encoder()
@@ -44,27 +43,7 @@ _encoder = msgspec.json.Encoder()
 async def live_workers(deps: DepsParam) -> Counter[str]:
     """Live workers per model, from every heartbeat in the workers KV bucket."""
     cutoff = time.time() - LIVE_HEARTBEATS * deps.settings.heartbeat_interval_s
-    counts: Counter[str] = Counter()
-    watcher = await deps.workers.watchall(ignore_deletes=True)
-    try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=KV_READ_TIMEOUT_S)
-            except nats.errors.TimeoutError:
-                log.warning("reading worker heartbeats timed out; counts may be short")
-                break
-            if entry is None:  # the end of the initial values (also for an empty bucket)
-                break
-            try:
-                heartbeat = _heartbeat_decoder.decode(entry.value or b"")
-            except msgspec.DecodeError:
-                log.warning("undecodable heartbeat under key %s", entry.key)
-                continue
-            if heartbeat.seen_at >= cutoff:
-                counts[heartbeat.model] += 1
-    finally:
-        await watcher.stop()
-    return counts
+    return Counter(b.model for b in await read_heartbeats(deps) if b.seen_at >= cutoff)
 
 
 def _model(spec: ModelSpec, created: int, workers: int) -> Model:
