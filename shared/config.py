@@ -116,6 +116,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     request_max_deliver: int = 5
     heartbeat_interval_s: float = 5.0
     sync_timeout_s: float = 600.0
+    # Added to the CPU niceness of the processes that only do batch work (the results writer,
+    # the api's validation and publishing children), so on a busy machine they yield the CPU to
+    # synchronous requests; 0 = off.
+    batch_nice: int = 10
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
@@ -299,6 +303,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         request_max_deliver=_int(env, "JETBATCH_REQUEST_MAX_DELIVER", 5, minimum=1),
         heartbeat_interval_s=_float(env, "JETBATCH_HEARTBEAT_INTERVAL_S", 5.0),
         sync_timeout_s=_float(env, "JETBATCH_SYNC_TIMEOUT_S", 600.0),
+        batch_nice=_int(env, "JETBATCH_BATCH_NICE", 10, minimum=0),
         webhooks=load_webhooks(env),
         limits=load_limits(env),
         health=load_health(env),

@@ -1,9 +1,10 @@
 """Batch ingestion, run in the background once `POST /v1/batches` has answered.
 
 Pass 1 streams the input file and validates every line (validating -> failed, with `errors`
-naming the lines). Pass 2 streams it again and publishes one RequestMessage per line to REQUESTS,
-`jetbatch.requests.<model>.batch`, msg id `<batch_id>:<line>`, pipelined, then sets
-`published_at`. Emits `jetbatch.events.batch.failed` (a BatchEvent) for an invalid file.
+naming the lines; services/api/validation.py). Pass 2 streams it again and publishes one
+RequestMessage per line to REQUESTS (services/api/publishing.py), then sets `published_at`. Both
+run in child processes in the api (`Deps.ingest_in_child`), off the process serving HTTP.
+Emits `jetbatch.events.batch.failed` (a BatchEvent) for an invalid file.
 
 `process_batch` is idempotent: run again on a batch a crashed api left in `validating` (or in
 `in_progress` without `published_at`), it redoes what is missing; JetStream's duplicate window
@@ -11,44 +12,35 @@ drops re-published messages, and the results writer writes each custom_id once. 
 asks for that re-run (a `redrive` BatchCommand, services/api/lifecycle.py). One api process
 works on a batch at a time: it holds the batch's claim (store.claim), which dies with it.
 
-A batch cancelled meanwhile stops being published (checked every CHECK_CANCEL_EVERY lines); one
-cancelled while validating keeps its line count, so its lines become batch_cancelled lines.
+A batch cancelled meanwhile stops being published (publishing.CHECK_CANCEL_S); one cancelled
+while validating keeps its line count, so its lines become batch_cancelled lines.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
 import time
-from collections.abc import Iterator
 
 import anyio.to_thread
 import msgspec
 
 from schemas.messages import BatchEvent, RequestMessage
-from schemas.openai import BatchError, RequestLine
+from schemas.openai import BatchError
 from services.api import store
 from services.api.deps import DepsParam
-from services.api.validation import (
-    MESSAGE_OVERHEAD_BYTES,
-    ValidationJob,
-    iter_requests,
-    validate_in_child,
-)
+from services.api.publishing import PublishJob, publish_in_child
+from services.api.validation import MESSAGE_OVERHEAD_BYTES, ValidationJob, validate_in_child
 from shared.bus import Publisher
 from shared.ids import stable_id
 from shared.telemetry import inject_headers, tracer
 
 log = logging.getLogger(__name__)
 
-# Look for a cancel this often. Publishing never stops to wait for PubAcks (Publisher bounds how
-# many are outstanding by itself); only `published_at` waits for all of them.
-CHECK_CANCEL_EVERY = 2_000
-# Pass 2 reads, parses and publishes this many lines per turn of the event loop, then hands it
-# back (bench/interactive.py measures why). Inline rather than in a thread: a thread parsing
-# lines would hold the GIL against the event loop.
+# In-process pass 2 (tests, an api embedded without child processes) reads, parses and publishes
+# this many lines per turn of the event loop, then hands it back (bench/interactive.py measures
+# why). Inline rather than in a thread: a thread parsing lines would hold the GIL against the
+# event loop.
 YIELD_EVERY = 50
 # The same while synchronous requests keep coming (one within SYNC_RECENT_S).
 YIELD_EVERY_SYNC = 10
@@ -117,8 +109,8 @@ async def check_input(deps: DepsParam, row: store.Row) -> tuple[list[BatchError]
             max_lines=deps.settings.max_batch_lines,
             max_line_bytes=max_line_bytes(deps),
         )
-        if deps.validate_in_child:
-            check = await validate_in_child(job)
+        if deps.ingest_in_child:
+            check = await validate_in_child(job, nice=deps.settings.batch_nice)
         else:
             check = await anyio.to_thread.run_sync(job.run)
     except FileNotFoundError:
@@ -156,57 +148,54 @@ async def _validate(deps: DepsParam, row: store.Row) -> store.Row | None:
     return started
 
 
-def _take(lines: Iterator[tuple[int, RequestLine]], n: int) -> list[tuple[int, RequestLine]]:
-    return list(itertools.islice(lines, n))
-
-
 async def _publish(deps: DepsParam, row: store.Row) -> None:
-    """Pass 2: one RequestMessage per line, pipelined, then `published_at`."""
-    batch_id, model, endpoint = row["id"], row["model"], row["endpoint"]
+    """Pass 2 (services/api/publishing.py), then `published_at`."""
+    batch_id, model = row["id"], row["model"]
     file_row = await store.get_file(deps.pool, row["input_file_id"])
     if file_row is None:
         # Deleted after validation: nothing to publish from; the watchdog sees the batch stuck.
         log.error("batch %s: input file %s is gone, cannot publish", batch_id, row["input_file_id"])
         return
-    subject = RequestMessage.subject_for(model, "batch")
-    publisher = Publisher(deps.js)
-    published = 0
-    with tracer(__name__).start_as_current_span(f"{subject} publish") as span:
+
+    async def still_running() -> bool:
+        return await _still_running(deps, batch_id)
+
+    with tracer(__name__).start_as_current_span(
+        f"{RequestMessage.subject_for(model, 'batch')} publish"
+    ) as span:
         span.set_attribute("batch_id", batch_id)
-        headers = inject_headers({}) or None
-        lines = iter_requests(deps.storage.path(file_row["storage_key"]), max_line_bytes(deps))
-        with contextlib.closing(lines):
-            while chunk := _take(lines, _slice(deps)):
-                for index, request in chunk:
-                    message = RequestMessage(
-                        batch_id=batch_id,
-                        line=index,
-                        custom_id=request.custom_id,
-                        endpoint=endpoint,
-                        model=model,
-                        body=request.body,
-                    )
-                    await publisher.publish(
-                        subject, _encoder.encode(message), message.msg_id, headers
-                    )
-                published += len(chunk)
-                await asyncio.sleep(0)
-                if published % CHECK_CANCEL_EVERY < len(chunk):
-                    if not await _still_running(deps, batch_id):
-                        log.info(
-                            "batch %s cancelled or expired: publishing stopped after %d "
-                            "requests", batch_id, published,
-                        )  # fmt: skip
-                        await publisher.flush()
-                        return
-        await publisher.flush()
-    if published != row["total"]:
+        job = PublishJob(
+            path=str(deps.storage.path(file_row["storage_key"])),
+            batch_id=batch_id,
+            model=model,
+            endpoint=row["endpoint"],
+            max_line_bytes=max_line_bytes(deps),
+            headers=inject_headers({}) or None,
+        )
+        try:
+            if deps.ingest_in_child:
+                assert deps.settings.nats_url is not None
+                outcome = await publish_in_child(
+                    job, deps.settings.nats_url, still_running, nice=deps.settings.batch_nice
+                )
+            else:
+                outcome = await job.run(deps.js, still_running, lambda: _slice(deps))
+        except FileNotFoundError:
+            log.error("batch %s: input file %s is gone, cannot publish", batch_id, job.path)
+            return
+    if outcome.stopped:
+        log.info(
+            "batch %s cancelled or expired: publishing stopped after %d requests",
+            batch_id, outcome.published,
+        )  # fmt: skip
+        return
+    if outcome.published != row["total"]:
         log.error(
             "batch %s: published %d requests but validated %d (file changed?)",
-            batch_id, published, row["total"],
+            batch_id, outcome.published, row["total"],
         )  # fmt: skip
     await store.mark_published(deps.pool, batch_id)
-    log.info("batch %s: %d requests published on %s", batch_id, published, subject)
+    log.info("batch %s: %d requests published on %s", batch_id, outcome.published, job.subject)
 
 
 def _slice(deps: DepsParam) -> int:

@@ -127,7 +127,7 @@ def create_app(settings: Settings) -> Litestar:
                 started_at=int(time.time()),
                 cancelled=await bus.cancelled_kv(js),
                 nc_sync=nc_sync,
-                validate_in_child=True,
+                ingest_in_child=True,
             )
             # Runs first at shutdown: background batch work still has its connections.
             stack.push_async_callback(deps.wait_for_tasks, GRACEFUL_SHUTDOWN_S)

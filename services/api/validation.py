@@ -19,6 +19,7 @@ from typing import IO
 import msgspec
 
 from schemas.openai import BatchError, RequestLine
+from shared.lane import lower_priority
 
 MAX_ERRORS = 100
 MAX_SCANNED_MODELS = 16
@@ -351,7 +352,7 @@ class ValidationJob(msgspec.Struct, frozen=True):
         )
 
 
-async def validate_in_child(job: ValidationJob) -> FileCheck:
+async def validate_in_child(job: ValidationJob, *, nice: int = 0) -> FileCheck:
     """`job.run()` in a child process (`python -m services.api.validation`): pass 1 over a
     200 MB file is seconds of CPU that, in a thread, would hold the GIL against the api's event
     loop and stall every request it serves. The child imports only this module (~0.1 s)."""
@@ -359,6 +360,7 @@ async def validate_in_child(job: ValidationJob) -> FileCheck:
         sys.executable,
         "-m",
         "services.api.validation",
+        str(nice),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -383,6 +385,8 @@ _FILE_GONE = 3
 
 
 def _child_main() -> int:
+    if len(sys.argv) > 1:
+        lower_priority(int(sys.argv[1]))
     job = msgspec.json.decode(sys.stdin.buffer.read(), type=ValidationJob)
     try:
         check = job.run()

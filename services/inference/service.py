@@ -45,6 +45,7 @@ from services.inference.engine import Engine, EngineResult, make_engine
 from services.inference.gpu import GpuGate, GpuMonitor
 from shared import bus, config, telemetry
 from shared.ids import new_id, stable_id
+from shared.lane import Lane, on_loop
 
 log = logging.getLogger(__name__)
 
@@ -405,11 +406,13 @@ class Worker:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
 
-    async def serve_interactive(self, nc) -> None:  # type: ignore[no-untyped-def]
-        """Serve synchronous requests on `nc`: a connection of their own, so a request never
-        waits in the socket behind a batch's deliveries or its reply behind a burst of
-        results. One the engine answers at once is answered in the callback; the others get a
-        task each, so a long one never holds up the next."""
+    async def serve_interactive(self, nc, engine_loop: asyncio.AbstractEventLoop) -> None:  # type: ignore[no-untyped-def]
+        """Serve synchronous requests on `nc`, from the event loop this runs on: the worker's
+        fast lane (shared.lane), a thread and a NATS connection of their own, so a request
+        never waits behind a batch's deliveries, its results or the main loop's slices of batch
+        work. One the engine answers at once is answered in the callback; the others run on
+        the engine's loop (`engine_loop`), a task each, so a long one never holds up the next."""
+        tasks: set[asyncio.Task[None]] = set()
 
         async def on_request(msg: Msg) -> None:
             self._sync_seen = time.monotonic()
@@ -427,7 +430,9 @@ class Worker:
                 return
             outcome = self._interactive_now(req)
             if outcome is None:
-                self._spawn(self._interactive(msg, req))
+                task = asyncio.create_task(self._interactive(msg, req, engine_loop))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
             else:
                 await self._respond(msg, req, outcome)
 
@@ -449,15 +454,20 @@ class Worker:
         except Exception:
             return None  # the engine's full path reports it
 
-    async def _interactive(self, msg: Msg, req: InteractiveRequest) -> None:
+    async def _interactive(
+        self, msg: Msg, req: InteractiveRequest, engine_loop: asyncio.AbstractEventLoop
+    ) -> None:
+        outcome = await on_loop(engine_loop, self._run_interactive(req))
+        await self._respond(msg, req, outcome)
+
+    async def _run_interactive(self, req: InteractiveRequest) -> EngineResult:
         try:
-            outcome = await self.engine.run(
+            return await self.engine.run(
                 req.endpoint, bytes(req.body), req.request_id, interactive=True
             )
         except Exception as e:
             log.exception("engine failed on interactive request %s", req.request_id)
-            outcome = EngineResult(status_code=500, error_code="engine_error", error_message=str(e))
-        await self._respond(msg, req, outcome)
+            return EngineResult(status_code=500, error_code="engine_error", error_message=str(e))
 
     async def _respond(self, msg: Msg, req: InteractiveRequest, outcome: EngineResult) -> None:
         self._count_tokens(outcome.output_tokens)
@@ -599,6 +609,7 @@ async def run(
     telemetry.freeze_heap()  # vLLM's imports: millions of objects no collection should rescan
     nc = await bus.connect(settings.nats_url, name=f"inference:{worker_id}")
     nc_sync = None
+    lane = Lane(f"inference-sync:{worker_id}")
     try:
         js = nc.jetstream(publish_async_max_pending=8192)
         await bus.ensure_streams(js)
@@ -606,8 +617,11 @@ async def run(
         worker = Worker(settings, spec, engine, GpuMonitor(gpu_index), worker_id)
         # Before the first pull: a request of a batch cancelled while we were down must not run.
         await worker.cancellations.start(nc, js)
-        nc_sync = await bus.connect(settings.nats_url, name=f"inference-sync:{worker_id}")
-        await worker.serve_interactive(nc_sync)
+        lane.start()
+        nc_sync = await lane.call(
+            bus.connect(settings.nats_url, name=f"inference-sync:{worker_id}")
+        )
+        await lane.call(worker.serve_interactive(nc_sync, asyncio.get_running_loop()))
         fetching = asyncio.Event()  # set = stop fetching
         drained = asyncio.Event()  # heartbeats and ack extensions go on while draining
         background = [
@@ -630,10 +644,12 @@ async def run(
         with contextlib.suppress(Exception):
             await kv.delete(worker_id)
     finally:
-        for conn in (nc_sync, nc):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.drain()
+        if nc_sync is not None:
+            with contextlib.suppress(Exception):
+                await lane.call(nc_sync.drain())
+        lane.stop()
+        with contextlib.suppress(Exception):
+            await nc.drain()
         await engine.stop()
 
 

@@ -37,6 +37,7 @@ from services.results_writer import store
 from shared import bus, config, db, deadletters, telemetry
 from shared.config import ConfigError, Settings
 from shared.ids import stable_id
+from shared.lane import lower_priority
 from shared.storage import FileStorage
 
 log = logging.getLogger(__name__)
@@ -576,6 +577,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 def main() -> None:
     settings = config.load()
     telemetry.setup(SERVICE, settings.log_level)
+    lower_priority(settings.batch_nice)  # batch work only: yield to synchronous requests
     asyncio.run(_serve(settings))
 
 

@@ -12,9 +12,10 @@ import nats
 import pytest
 from nats.js.errors import KeyNotFoundError
 
-from schemas.messages import RequestMessage, ResultMessage, WorkerHeartbeat
+from schemas.messages import InteractiveRequest, RequestMessage, ResultMessage, WorkerHeartbeat
 from services.inference import service as inference
 from shared import bus, config
+from shared.lane import Lane
 
 
 def settings_for(nats_url: str, **extra: str) -> config.Settings:
@@ -145,3 +146,47 @@ async def test_worker_heartbeats_into_the_workers_bucket(nats_url: str) -> None:
     with pytest.raises(KeyNotFoundError):
         await kv.get("w-test")
     await nc.close()
+
+
+async def test_a_sync_request_is_answered_while_the_workers_main_loop_is_blocked(
+    nats_url: str,
+) -> None:
+    """Synchronous requests are served on the worker's fast lane (shared.lane): not even a
+    blocked main event loop, where batch work runs, holds them up."""
+    settings = settings_for(nats_url)
+    model = "SmolLM2-135M-Instruct"
+    request = InteractiveRequest(
+        request_id="req_lane",
+        endpoint="/v1/chat/completions",
+        model=model,
+        body=msgspec.Raw(
+            msgspec.json.encode({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        ),
+    )
+    client = Lane("test-client")
+    client.start()
+    try:
+        async with running_worker(settings, model):
+            nc = await client.call(nats.connect(nats_url))
+
+            async def ask() -> ResultMessage:
+                for _ in range(200):
+                    try:
+                        reply = await nc.request(
+                            InteractiveRequest.subject_for(model),
+                            msgspec.json.encode(request),
+                            timeout=2,
+                        )
+                        return msgspec.json.decode(reply.data, type=ResultMessage)
+                    except nats.errors.NoRespondersError:
+                        await asyncio.sleep(0.05)
+                raise AssertionError("the worker never subscribed")
+
+            assert (await client.call(ask())).status_code == 200  # the worker is up
+            # Waiting synchronously blocks this thread, whose event loop the worker's main
+            # loop is: the answer must come from elsewhere.
+            result = client.submit(ask()).result(timeout=5)
+            assert result.status_code == 200 and result.request_id == "req_lane"
+            await client.call(nc.close())
+    finally:
+        client.stop()

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from schemas.messages import BatchEvent, BatchStop, RequestMessage
-from services.api import ingest, store
+from services.api import ingest, publishing, store
 from services.api.deps import Deps
 from shared import bus, config
 from shared.db import connect_pool
@@ -165,7 +165,7 @@ async def test_cancelled_batch_stops_being_published(
         assert row is not None
         await ingest._publish(deps, row)  # as if the cancel came while it was publishing
         info = await js.stream_info(bus.REQUESTS.name)
-        assert info.state.messages == ingest.CHECK_CANCEL_EVERY  # stopped at the first check
+        assert info.state.messages == publishing.CHECK_CANCEL_EVERY  # stopped at the first check
         raw = await js.get_msg(bus.REQUESTS.name, 1)
         assert msgspec.json.decode(raw.data or b"", type=RequestMessage).batch_id == "batch_big"
         assert (await store.get_batch(pool, "batch_big"))["published_at"] is None  # type: ignore[index]

@@ -33,6 +33,7 @@ def test_models_accept_paths_and_tasks() -> None:
         ({"JETBATCH_MODELS": "mine"}, "needs a path"),
         ({"JETBATCH_MODELS": "a=/x,a=/y"}, "twice"),
         ({"JETBATCH_MODELS": "a=/x@train"}, "generate or embed"),
+        ({"JETBATCH_BATCH_NICE": "-5"}, "JETBATCH_BATCH_NICE"),
     ],
 )
 def test_bad_settings_fail_before_anything_starts(env: dict[str, str], needle: str) -> None:
@@ -46,6 +47,7 @@ def test_limits_and_health_have_the_documented_defaults_and_can_be_set() -> None
     assert s.limits.max_queued_requests == 500_000 and s.max_batch_lines == 50_000
     assert (s.health.worker_stale_s, s.health.batch_stall_s) == (60, 1800)
     assert not s.health.require_healthy_worker
+    assert s.batch_nice == 10 and config.load({"JETBATCH_BATCH_NICE": "0"}).batch_nice == 0
     s = config.load(
         {
             "JETBATCH_COMPLETION_WINDOW_S": "5",

@@ -1,0 +1,102 @@
+"""A fast lane: an asyncio event loop on a thread of its own, for latency-sensitive work (a
+synchronous request) in a process whose main loop is busy with bulk work (a batch).
+
+Why a thread and not a task: on a loaded machine the kernel schedules threads, not event-loop
+tasks. A process's busy main thread uses up its share of the CPU, and a task on that loop waits
+for it (and for every slice of bulk work queued ahead). A thread that mostly sleeps keeps its
+own claim on the CPU and runs as soon as its socket wakes it; it then waits only for the GIL,
+which the bulk thread hands over within the switch interval set here."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# How long a thread holding the GIL keeps it while another wants it (CPython's default: 5 ms).
+# Costs nothing while the lane sleeps; while it runs, the bulk thread pauses within this.
+SWITCH_INTERVAL_S = 0.0005
+
+
+def lower_priority(nice: int) -> None:
+    """Add `nice` to the calling thread's CPU niceness (and so to the threads and processes it
+    starts later), so it yields the CPU to latency-sensitive work. Linux schedules threads, and
+    niceness is per thread there. Best effort: a no-op where unsupported."""
+    if nice <= 0:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+
+
+class Lane:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError(f"lane {self.name} is not running")
+        return self._loop
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        ready = threading.Event()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            loop.call_soon(ready.set)
+            try:
+                loop.run_forever()
+            finally:
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        self._thread = threading.Thread(target=main, name=self.name, daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run `coro` on the lane; callable from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the lane and await its result from another event loop."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancel what still runs on the lane, stop its loop and join its thread."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self.submit(cancel_all()).result(timeout_s)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout_s)
+        self._thread = self._loop = None
+
+
+async def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on `loop` (another thread's) and await its result here."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))

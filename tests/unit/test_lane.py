@@ -1,0 +1,79 @@
+"""shared.lane: an event loop on a thread of its own, and lowering a thread's CPU priority."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+
+import pytest
+
+from shared.lane import SWITCH_INTERVAL_S, Lane, lower_priority, on_loop
+
+
+async def thread_name() -> str:
+    await asyncio.sleep(0)
+    return threading.current_thread().name
+
+
+async def test_a_coroutine_called_on_a_lane_runs_on_its_thread() -> None:
+    lane = Lane("lane-under-test")
+    lane.start()
+    try:
+        assert await lane.call(thread_name()) == "lane-under-test"
+        assert sys.getswitchinterval() <= SWITCH_INTERVAL_S
+    finally:
+        lane.stop()
+
+
+async def test_the_lane_answers_while_the_calling_loop_is_blocked() -> None:
+    lane = Lane("lane-under-test")
+    lane.start()
+    try:
+        future = lane.submit(thread_name())
+        # Blocking here blocks this event loop; the lane's loop goes on.
+        assert future.result(timeout=5) == "lane-under-test"
+    finally:
+        lane.stop()
+
+
+async def test_on_loop_runs_a_coroutine_on_the_other_threads_loop_and_awaits_it() -> None:
+    lane = Lane("lane-under-test")
+    lane.start()
+    here = asyncio.get_running_loop()
+
+    async def back_home() -> str:
+        assert asyncio.get_running_loop() is lane.loop
+        return await on_loop(here, thread_name())
+
+    try:
+        assert await lane.call(back_home()) == threading.current_thread().name
+    finally:
+        lane.stop()
+
+
+async def test_stopping_a_lane_cancels_what_still_runs_on_it() -> None:
+    lane = Lane("lane-under-test")
+    lane.start()
+    future = lane.submit(asyncio.sleep(3600))
+    lane.stop()
+    assert future.cancelled()
+    with pytest.raises(RuntimeError):
+        lane.loop  # noqa: B018
+
+
+def test_lower_priority_raises_the_calling_threads_niceness_only() -> None:
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, int] = {}
+
+    def lowered() -> None:
+        seen["before"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        lower_priority(5)
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    thread = threading.Thread(target=lowered)
+    thread.start()
+    thread.join()
+    assert seen["after"] == min(19, seen["before"] + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
