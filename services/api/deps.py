@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from shared.children import SpareChild
 from shared.config import Settings
 from shared.storage import FileStorage
 
@@ -35,10 +36,11 @@ class Deps:
     # Synchronous requests' own connection: on `nc` one would wait in the socket behind the
     # thousands of publishes of a batch being ingested (measured: p90 36 ms instead of 1 ms).
     nc_sync: NATS | None = None
-    # Pass 1 (validation) and pass 2 (publishing) of a batch's file in child processes
-    # (validation.validate_in_child, publishing.publish_in_child), off the process serving HTTP;
-    # False = pass 1 in a thread, pass 2 in this event loop.
-    ingest_in_child: bool = False
+    # Pass 1 (validation) and pass 2 (publishing) of a batch's file run in child processes
+    # started ahead of need (validation.validate_in_child, publishing.publish_in_child), off the
+    # process serving HTTP. None = pass 1 in a thread, pass 2 in this event loop.
+    validators: SpareChild | None = None
+    publishers: SpareChild | None = None
     # When the last synchronous request came in (time.monotonic()): background batch work hands
     # the event loop back more often while they keep coming (services/api/ingest.py).
     sync_seen: float = float("-inf")

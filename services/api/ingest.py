@@ -3,7 +3,8 @@
 Pass 1 streams the input file and validates every line (validating -> failed, with `errors`
 naming the lines; services/api/validation.py). Pass 2 streams it again and publishes one
 RequestMessage per line to REQUESTS (services/api/publishing.py), then sets `published_at`. Both
-run in child processes in the api (`Deps.ingest_in_child`), off the process serving HTTP.
+run in child processes of the api, started ahead of need (`Deps.validators`,
+`Deps.publishers`), off the process serving HTTP.
 Emits `jetbatch.events.batch.failed` (a BatchEvent) for an invalid file.
 
 `process_batch` is idempotent: run again on a batch a crashed api left in `validating` (or in
@@ -109,8 +110,8 @@ async def check_input(deps: DepsParam, row: store.Row) -> tuple[list[BatchError]
             max_lines=deps.settings.max_batch_lines,
             max_line_bytes=max_line_bytes(deps),
         )
-        if deps.ingest_in_child:
-            check = await validate_in_child(job, nice=deps.settings.batch_nice)
+        if deps.validators is not None:
+            check = await validate_in_child(job, await deps.validators.take())
         else:
             check = await anyio.to_thread.run_sync(job.run)
     except FileNotFoundError:
@@ -173,11 +174,10 @@ async def _publish(deps: DepsParam, row: store.Row) -> None:
             headers=inject_headers({}) or None,
         )
         try:
-            if deps.ingest_in_child:
+            if deps.publishers is not None:
                 assert deps.settings.nats_url is not None
-                outcome = await publish_in_child(
-                    job, deps.settings.nats_url, still_running, nice=deps.settings.batch_nice
-                )
+                child = await deps.publishers.take()
+                outcome = await publish_in_child(job, deps.settings.nats_url, still_running, child)
             else:
                 outcome = await job.run(deps.js, still_running, lambda: _slice(deps))
         except FileNotFoundError:

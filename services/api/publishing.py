@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from nats.js import JetStreamContext
 from schemas.messages import RequestMessage
 from services.api.validation import iter_requests
 from shared import bus
+from shared.children import Child, spawn
 from shared.lane import lower_priority
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ CHILD_SLICE_LINES = 500
 # is asked to stop by its parent, which looks every CHECK_CANCEL_S.
 CHECK_CANCEL_EVERY = 2_000
 CHECK_CANCEL_S = 0.5
+PARENT_CHECK_S = 0.5
 
 _encoder = msgspec.json.Encoder()
 
@@ -104,22 +107,16 @@ async def publish_in_child(
     job: PublishJob,
     nats_url: str,
     keep_going: Callable[[], Awaitable[bool]],
+    child: Child | None = None,
     *,
-    nice: int = 0,
     check_every_s: float = CHECK_CANCEL_S,
 ) -> PublishOutcome:
-    """`job.run()` in a child process (`nice` added to its niceness); `keep_going` is asked
-    every `check_every_s`, and once it says no the child is told to stop (SIGTERM). The URL
-    travels on stdin, never in argv."""
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.api.publishing",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    request = msgspec.json.encode(_ChildInput(job=job, nats_url=nats_url, nice=nice))
+    """`job.run()` in a child process (`python -m services.api.publishing [NICE]`; `child`, one
+    started ahead, or a new one); `keep_going` is asked every `check_every_s`, and once it says
+    no the child is told to stop (SIGTERM). The URL travels on stdin, never in argv."""
+    if child is None:
+        child = await spawn(CHILD_MODULE)
+    request = msgspec.json.encode(_ChildInput(job=job, nats_url=nats_url))
     talk = asyncio.ensure_future(child.communicate(request))
     try:
         stopping = False
@@ -147,10 +144,12 @@ async def publish_in_child(
     return msgspec.json.decode(out, type=PublishOutcome)
 
 
+CHILD_MODULE = "services.api.publishing"
+
+
 class _ChildInput(msgspec.Struct, frozen=True):
     job: PublishJob
     nats_url: str
-    nice: int = 0
 
 
 _FILE_GONE = 3
@@ -159,6 +158,18 @@ _FILE_GONE = 3
 async def _child(given: _ChildInput) -> PublishOutcome:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    parent = os.getppid()
+
+    async def orphaned() -> None:
+        # An api killed mid-batch leaves its batch to be re-driven; its child must not go on.
+        while not stop.is_set():
+            if os.getppid() != parent:
+                log.warning("batch %s: the api is gone, stopping", given.job.batch_id)
+                stop.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PARENT_CHECK_S)
+
+    watch = asyncio.create_task(orphaned())
 
     async def keep_going() -> bool:
         return not stop.is_set()
@@ -167,13 +178,15 @@ async def _child(given: _ChildInput) -> PublishOutcome:
     try:
         return await given.job.run(nc.jetstream(), keep_going, lambda: CHILD_SLICE_LINES)
     finally:
+        watch.cancel()
         await nc.drain()
 
 
 def _child_main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if len(sys.argv) > 1:
+        lower_priority(int(sys.argv[1]))
     given = msgspec.json.decode(sys.stdin.buffer.read(), type=_ChildInput)
-    lower_priority(given.nice)
     try:
         outcome = asyncio.run(_child(given))
     except FileNotFoundError:

@@ -30,10 +30,20 @@ from litestar.handlers import BaseRouteHandler
 from litestar.types import Guard
 from nats.aio.client import Client as NATS
 
-from services.api import admin, batches, files, interactive, lifecycle, webhooks
+from services.api import (
+    admin,
+    batches,
+    files,
+    interactive,
+    lifecycle,
+    publishing,
+    validation,
+    webhooks,
+)
 from services.api.deps import Deps, DepsParam, get_deps
 from services.api.exceptions import EXCEPTION_HANDLERS
 from shared import bus, config, telemetry
+from shared.children import SpareChild
 from shared.config import ConfigError, Settings
 from shared.db import connect_pool
 from shared.errors import Unauthorized, Unavailable
@@ -117,6 +127,13 @@ def create_app(settings: Settings) -> Litestar:
             await bus.ensure_streams(js)
             nc_sync = await bus.connect(nats_url, name=f"jetbatch-{SERVICE}-sync")
             stack.push_async_callback(_close_nats, nc_sync)
+            # Batch-only work: niced, so it yields the CPU to the requests this process serves.
+            nice = [str(settings.batch_nice)]
+            validators = SpareChild(validation.CHILD_MODULE, nice)
+            publishers = SpareChild(publishing.CHILD_MODULE, nice)
+            for spare in (validators, publishers):
+                spare.start()
+                stack.push_async_callback(spare.close)
             deps = Deps(
                 settings=settings,
                 pool=pool,
@@ -127,7 +144,8 @@ def create_app(settings: Settings) -> Litestar:
                 started_at=int(time.time()),
                 cancelled=await bus.cancelled_kv(js),
                 nc_sync=nc_sync,
-                ingest_in_child=True,
+                validators=validators,
+                publishers=publishers,
             )
             # Runs first at shutdown: background batch work still has its connections.
             stack.push_async_callback(deps.wait_for_tasks, GRACEFUL_SHUTDOWN_S)

@@ -8,7 +8,6 @@ line). Both count only non-blank lines and split on `\\n`, so their counts agree
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 from collections.abc import Generator, Iterator, Mapping, Sequence
@@ -19,6 +18,7 @@ from typing import IO
 import msgspec
 
 from schemas.openai import BatchError, RequestLine
+from shared.children import Child, spawn
 from shared.lane import lower_priority
 
 MAX_ERRORS = 100
@@ -352,19 +352,13 @@ class ValidationJob(msgspec.Struct, frozen=True):
         )
 
 
-async def validate_in_child(job: ValidationJob, *, nice: int = 0) -> FileCheck:
-    """`job.run()` in a child process (`python -m services.api.validation`): pass 1 over a
-    200 MB file is seconds of CPU that, in a thread, would hold the GIL against the api's event
-    loop and stall every request it serves. The child imports only this module (~0.1 s)."""
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.api.validation",
-        str(nice),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+async def validate_in_child(job: ValidationJob, child: Child | None = None) -> FileCheck:
+    """`job.run()` in a child process (`python -m services.api.validation [NICE]`; `child`, one
+    started ahead, or a new one): pass 1 over a 200 MB file is seconds of CPU that, in a thread,
+    would hold the GIL against the api's event loop and stall every request it serves. The
+    child imports only this module (~0.1 s)."""
+    if child is None:
+        child = await spawn(CHILD_MODULE)
     try:
         out, err = await child.communicate(msgspec.json.encode(job))
     except BaseException:
@@ -381,6 +375,7 @@ async def validate_in_child(job: ValidationJob, *, nice: int = 0) -> FileCheck:
     return msgspec.json.decode(out, type=FileCheck)
 
 
+CHILD_MODULE = "services.api.validation"
 _FILE_GONE = 3
 
 

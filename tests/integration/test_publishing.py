@@ -11,8 +11,9 @@ import nats
 import pytest
 
 from schemas.messages import RequestMessage
-from services.api.publishing import PublishJob, publish_in_child
+from services.api.publishing import CHILD_MODULE, PublishJob, publish_in_child
 from shared import bus
+from shared.children import SpareChild
 from tests.lifecycle_helpers import CHAT, CHAT_MODEL, jsonl
 
 
@@ -73,8 +74,13 @@ async def test_the_child_publishes_every_line_once_with_its_message_id(
     assert [(m.headers or {})[bus.MSG_ID] for m in messages] == [r.msg_id for r in decoded]
     assert all((m.headers or {}).get("traceparent") for m in messages)
 
-    again = await publish_in_child(job_for(path), nats_url, keep_going)  # a re-drive
-    assert again.published == 300
+    spare = SpareChild(CHILD_MODULE, ["5"])  # as the api runs it: started ahead, niced
+    spare.start()
+    try:
+        again = await publish_in_child(job_for(path), nats_url, keep_going, await spare.take())
+    finally:
+        await spare.close()
+    assert again.published == 300  # a re-drive
     assert len(await stream_messages(nats_url)) == 300  # the duplicate window dropped them
 
 

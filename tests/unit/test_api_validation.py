@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from services.api.validation import (
+    CHILD_MODULE,
     LineValidator,
     UploadScanner,
     ValidationJob,
@@ -20,6 +21,7 @@ from services.api.validation import (
     validate_file,
     validate_in_child,
 )
+from shared.children import spawn
 
 CHAT = "/v1/chat/completions"
 MODELS = {
@@ -206,7 +208,7 @@ def job(path: Path) -> ValidationJob:
 async def test_a_child_process_validates_exactly_as_validate_file(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(line("a") + b"\n" + line("a") + b"\n" + line("b", method="PUT") + b"{oops\n")
-    in_child = await validate_in_child(job(path), nice=3)
+    in_child = await validate_in_child(job(path), await spawn(CHILD_MODULE, ["3"]))
     assert in_child == validate_file(
         path, endpoint=CHAT, models=MODELS, max_lines=10, max_line_bytes=1 << 20
     )
