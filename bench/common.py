@@ -245,6 +245,8 @@ class System:
                     joined = " ".join(cmd)
                     if "-m" in cmd and "services." in joined:
                         module = cmd[cmd.index("-m") + 1].removeprefix("services.")
+                        if "." in module:
+                            continue  # a service's own child (api.validation): counted with it
                         if module == "inference" and "--model" in cmd:
                             module = f"inference[{cmd[cmd.index('--model') + 1]}]"
                         found[module] = child
@@ -383,7 +385,8 @@ def running_system(name: str, engine: str, models: str, **kwargs: Any) -> Iterat
 
 def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
     """User + system CPU seconds of each process and its children (postgres backends, vLLM's
-    engine core)."""
+    engine core, the api's validation and publishing children), those still running and those
+    that ended and were waited for."""
     out: dict[str, float] = {}
     for name, proc in procs.items():
         total = 0.0
@@ -391,7 +394,7 @@ def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
             for p in [proc, *proc.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
                     t = p.cpu_times()
-                    total += t.user + t.system
+                    total += t.user + t.system + t.children_user + t.children_system
         out[name] = total
     return out
 
