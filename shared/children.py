@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
 Child = asyncio.subprocess.Process
+# A child's exit status for "the input file is gone".
+FILE_GONE = 3
 
 
 async def spawn(module: str, args: Sequence[str] = ()) -> Child:
@@ -64,3 +66,26 @@ class SpareChild:
             if child.returncode is None:
                 child.kill()
             await child.wait()
+
+
+@contextlib.contextmanager
+def killed_on_error(child: Child) -> Iterator[None]:
+    """Kill `child` when the block fails or is cancelled: it must not outlive its job."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        raise
+
+
+def output_of(child: Child, out: bytes, err: bytes, what: str, path: str) -> bytes:
+    """A finished child's stdout, or its failure as an exception: FileNotFoundError(path) for
+    FILE_GONE, RuntimeError naming `what` with the end of its stderr for any other failure."""
+    if child.returncode == FILE_GONE:
+        raise FileNotFoundError(path)
+    if child.returncode != 0:
+        raise RuntimeError(
+            f"{what} failed (exit {child.returncode}): {err.decode(errors='replace')[-2000:]}"
+        )
+    return out

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from schemas.messages import RequestMessage
 from services.api.validation import iter_requests
 from shared import bus
-from shared.children import Child, spawn
+from shared.children import FILE_GONE, Child, killed_on_error, output_of, spawn
 from shared.lane import lower_priority
 
 log = logging.getLogger(__name__)
@@ -118,29 +118,21 @@ async def publish_in_child(
         child = await spawn(CHILD_MODULE)
     request = msgspec.json.encode(_ChildInput(job=job, nats_url=nats_url))
     talk = asyncio.ensure_future(child.communicate(request))
-    try:
-        stopping = False
-        while not talk.done():
-            await asyncio.wait({talk}, timeout=check_every_s)
-            if not talk.done() and not stopping and not await keep_going():
-                stopping = True
-                with contextlib.suppress(ProcessLookupError):
-                    child.send_signal(signal.SIGTERM)
-        out, err = talk.result()
-        if stopping and child.returncode == -signal.SIGTERM:
-            return PublishOutcome(published=0, stopped=True)  # stopped before it could listen
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            child.kill()
-        talk.cancel()
-        raise
-    if child.returncode == _FILE_GONE:
-        raise FileNotFoundError(job.path)
-    if child.returncode != 0:
-        raise RuntimeError(
-            f"publishing batch {job.batch_id} failed (exit {child.returncode}): "
-            f"{err.decode(errors='replace')[-2000:]}"
-        )
+    stopping = False
+    with killed_on_error(child):
+        try:
+            while not talk.done():
+                await asyncio.wait({talk}, timeout=check_every_s)
+                if not talk.done() and not stopping and not await keep_going():
+                    stopping = True
+                    with contextlib.suppress(ProcessLookupError):
+                        child.send_signal(signal.SIGTERM)
+            out, err = await talk
+        finally:
+            talk.cancel()  # a no-op once it is done
+    if stopping and child.returncode == -signal.SIGTERM:
+        return PublishOutcome(published=0, stopped=True)  # stopped before it could listen
+    out = output_of(child, out, err, f"publishing batch {job.batch_id}", job.path)
     return msgspec.json.decode(out, type=PublishOutcome)
 
 
@@ -150,9 +142,6 @@ CHILD_MODULE = "services.api.publishing"
 class _ChildInput(msgspec.Struct, frozen=True):
     job: PublishJob
     nats_url: str
-
-
-_FILE_GONE = 3
 
 
 async def _child(given: _ChildInput) -> PublishOutcome:
@@ -190,7 +179,7 @@ def _child_main() -> int:
     try:
         outcome = asyncio.run(_child(given))
     except FileNotFoundError:
-        return _FILE_GONE
+        return FILE_GONE
     sys.stdout.buffer.write(msgspec.json.encode(outcome))
     return 0
 

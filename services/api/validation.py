@@ -8,7 +8,6 @@ line). Both count only non-blank lines and split on `\\n`, so their counts agree
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import IO
 import msgspec
 
 from schemas.openai import BatchError, RequestLine
-from shared.children import Child, spawn
+from shared.children import FILE_GONE, Child, killed_on_error, output_of, spawn
 from shared.lane import lower_priority
 
 MAX_ERRORS = 100
@@ -359,24 +358,13 @@ async def validate_in_child(job: ValidationJob, child: Child | None = None) -> F
     child imports only this module (~0.1 s)."""
     if child is None:
         child = await spawn(CHILD_MODULE)
-    try:
+    with killed_on_error(child):
         out, err = await child.communicate(msgspec.json.encode(job))
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            child.kill()
-        raise
-    if child.returncode == _FILE_GONE:
-        raise FileNotFoundError(job.path)
-    if child.returncode != 0:
-        raise RuntimeError(
-            f"validation of {job.path} failed (exit {child.returncode}): "
-            f"{err.decode(errors='replace')[-2000:]}"
-        )
+    out = output_of(child, out, err, f"validation of {job.path}", job.path)
     return msgspec.json.decode(out, type=FileCheck)
 
 
 CHILD_MODULE = "services.api.validation"
-_FILE_GONE = 3
 
 
 def _child_main() -> int:
@@ -386,7 +374,7 @@ def _child_main() -> int:
     try:
         check = job.run()
     except FileNotFoundError:
-        return _FILE_GONE
+        return FILE_GONE
     sys.stdout.buffer.write(msgspec.json.encode(check))
     return 0
 
