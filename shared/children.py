@@ -11,9 +11,16 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+
+from shared.lane import lower_priority
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Child = asyncio.subprocess.Process
 # A child's exit status for "the input file is gone".
@@ -89,3 +96,17 @@ def output_of(child: Child, out: bytes, err: bytes, what: str, path: str) -> byt
             f"{what} failed (exit {child.returncode}): {err.decode(errors='replace')[-2000:]}"
         )
     return out
+
+
+def serve_one_job(job_type: type[T], run: Callable[[T], Any]) -> int:
+    """A child's main: the niceness to add from argv, one job (JSON of `job_type`) from stdin,
+    `run(job)`'s result (JSON) on stdout; the exit status (FILE_GONE when its file is gone)."""
+    if len(sys.argv) > 1:
+        lower_priority(int(sys.argv[1]))
+    job = msgspec.json.decode(sys.stdin.buffer.read(), type=job_type)
+    try:
+        result = run(job)
+    except FileNotFoundError:
+        return FILE_GONE
+    sys.stdout.buffer.write(msgspec.json.encode(result))
+    return 0

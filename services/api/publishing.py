@@ -31,8 +31,7 @@ from nats.js import JetStreamContext
 from schemas.messages import RequestMessage
 from services.api.validation import iter_requests
 from shared import bus
-from shared.children import FILE_GONE, Child, killed_on_error, output_of, spawn
-from shared.lane import lower_priority
+from shared.children import Child, killed_on_error, output_of, serve_one_job, spawn
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +172,7 @@ async def _child(given: _ChildInput) -> PublishOutcome:
 
 def _child_main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    if len(sys.argv) > 1:
-        lower_priority(int(sys.argv[1]))
-    given = msgspec.json.decode(sys.stdin.buffer.read(), type=_ChildInput)
-    try:
-        outcome = asyncio.run(_child(given))
-    except FileNotFoundError:
-        return FILE_GONE
-    sys.stdout.buffer.write(msgspec.json.encode(outcome))
-    return 0
+    return serve_one_job(_ChildInput, lambda given: asyncio.run(_child(given)))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ from typing import IO
 import msgspec
 
 from schemas.openai import BatchError, RequestLine
-from shared.children import FILE_GONE, Child, killed_on_error, output_of, spawn
-from shared.lane import lower_priority
+from shared.children import Child, killed_on_error, output_of, serve_one_job, spawn
 
 MAX_ERRORS = 100
 MAX_SCANNED_MODELS = 16
@@ -368,15 +367,7 @@ CHILD_MODULE = "services.api.validation"
 
 
 def _child_main() -> int:
-    if len(sys.argv) > 1:
-        lower_priority(int(sys.argv[1]))
-    job = msgspec.json.decode(sys.stdin.buffer.read(), type=ValidationJob)
-    try:
-        check = job.run()
-    except FileNotFoundError:
-        return FILE_GONE
-    sys.stdout.buffer.write(msgspec.json.encode(check))
-    return 0
+    return serve_one_job(ValidationJob, ValidationJob.run)
 
 
 if __name__ == "__main__":
