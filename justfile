@@ -27,7 +27,7 @@ test-fast *args:
 lint:
     {{venv}}/ruff format --check .
     {{venv}}/ruff check .
-    {{venv}}/mypy services shared schemas
+    {{venv}}/mypy services shared schemas bench
 
 # Format the code
 fmt:

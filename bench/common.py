@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import importlib.metadata
 import json
 import os
@@ -140,6 +141,21 @@ def show(title: str, rows: list[tuple[str, Any]]) -> None:
             value = f"{value:,}"
         print(f"  {key.ljust(width)}  {value}")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def client_gc_paused() -> Iterator[None]:
+    """No garbage collection in the measuring client while it times requests: its own full
+    collections (32-152 ms each, measured with gc.callbacks in `bench interactive`) would be
+    counted as jetbatch's latency. Start-up objects are frozen, collection resumes after."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def quiet_machine(max_busy_pct: float = 20, wait_s: float = 600) -> float:

@@ -43,7 +43,7 @@ def run(args: Any) -> dict[str, Any]:
     with running_system("memory", "instant", CHAT_MODEL) as system:
         time.sleep(2)
         procs = system.processes()
-        watched = {k: procs[k] for k in ("api", "results_writer") if k in procs}
+        watched: dict[str, Any] = {k: procs[k] for k in ("api", "results_writer") if k in procs}
         client = system.client(timeout=600)
         with RssSampler(watched) as sampler, ForeignLoad() as foreign:
             t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import msgspec
+import psutil
 
 from bench import raw
 from bench.common import (
@@ -132,9 +133,21 @@ def run(args: Any) -> dict[str, Any]:
     ratio = statistics.median(paired)
     best = min(raws, key=lambda r: r["ceiling_s"])
     e2e = max(runs, key=lambda r: r["lines_per_s"])
+    e2e_cpu = e2e["cpu_s_by_process"]
     best_ratio = e2e["lines_per_s"] / best["ceiling_lines_per_s"]
+    # What the ceiling's one publish+pull costs in CPU (client and nats-server), and what that
+    # implies: end to end every line goes through JetStream twice (the request, then its result),
+    # so even with nothing else to do (no validation, engine, PostgreSQL or output file) and the
+    # cores kept busy all the time, it could go no faster than `two_hop_bound_lines_per_s`.
+    ceiling_cpu_s = raw_before["cpu_client_s"] + raw_before["cpu_nats_server_s"]
+    cores = psutil.cpu_count(logical=True) or 1
+    two_hop_bound = lines / max(2 * ceiling_cpu_s / cores, raw_before["ceiling_s"])
     figures = {
         "lines": lines,
+        "raw_ceiling_cpu_s": round(ceiling_cpu_s, 2),
+        "two_hop_bound_lines_per_s": round(two_hop_bound, 1),
+        "two_hop_bound_ratio": round(two_hop_bound / raw_before["ceiling_lines_per_s"], 3),
+        "e2e_cpu_s": round(sum(e2e_cpu.values()), 2),
         "e2e_lines_per_s": e2e["lines_per_s"],
         "e2e_s": e2e["e2e_s"],
         "raw_ceiling_lines_per_s": round(best["ceiling_lines_per_s"], 1),
@@ -171,6 +184,17 @@ def run(args: Any) -> dict[str, Any]:
                 "raw ceiling (best publish + best pull)",
                 f"{best['ceiling_lines_per_s']:,.0f} lines/s",
             ),
+            (
+                "raw ceiling CPU (first measurement)",
+                f"client {raw_before['cpu_client_s']:.2f} s + nats-server "
+                f"{raw_before['cpu_nats_server_s']:.2f} s, in {raw_before['ceiling_s']:.2f} s",
+            ),
+            (
+                "two JetStream hops, nothing else (bound)",
+                f"{two_hop_bound:,.0f} lines/s = {figures['two_hop_bound_ratio']:.2f} of raw "
+                f"(2 x the ceiling's CPU on {cores} cores)",
+            ),
+            ("end to end CPU, all processes", f"{figures['e2e_cpu_s']:.2f} s"),
             (
                 "ratio end to end / raw",
                 f"{ratio:.3f}  (target >= {TARGET_RATIO}; median of each run against the "

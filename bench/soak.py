@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import openai
@@ -35,7 +35,7 @@ from shared.harness import API_KEY, CHAT_MODEL, Harness
 
 log = logging.getLogger("bench.soak")
 
-CHAT = "/v1/chat/completions"
+CHAT: Final = "/v1/chat/completions"
 FINAL = {"completed", "failed", "cancelled", "expired"}
 ENV = {
     "JETBATCH_REQUEST_ACK_WAIT_S": "5",

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from shared.lane import lower_priority
+from shared.lane import freeze_heap, lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def serve_one_job(job_type: type[T], run: Callable[[T], Any]) -> int:
     `run(job)`'s result (JSON) on stdout; the exit status (FILE_GONE when its file is gone)."""
     if len(sys.argv) > 1:
         lower_priority(int(sys.argv[1]))
+    freeze_heap()  # its imports are done: no full collection during the job rescans them
     job = msgspec.json.decode(sys.stdin.buffer.read(), type=job_type)
     try:
         result = run(job)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 
@@ -10,6 +9,10 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+
+from shared.lane import freeze_heap
+
+__all__ = ["extract_context", "freeze_heap", "inject_headers", "setup", "tracer"]
 
 
 def setup(service: str, level: str = "INFO") -> None:
@@ -24,15 +27,6 @@ def setup(service: str, level: str = "INFO") -> None:
     # Spans are recorded; exporters (OTLP) are wired by the standard OTEL_* environment variables.
     trace.set_tracer_provider(TracerProvider(resource=Resource.create({"service.name": service})))
     freeze_heap()
-
-
-def freeze_heap() -> None:
-    """Move every object alive now (modules, classes, what start-up built) out of the garbage
-    collector's sight. Full collections otherwise rescan them all and, under load, stall the
-    event loop for 20-130 ms each (measured on the api and inference processes during a
-    50,000-line batch: bench/interactive.py). Call again once a big import (vLLM) is done."""
-    gc.collect()
-    gc.freeze()
 
 
 def tracer(name: str) -> trace.Tracer:

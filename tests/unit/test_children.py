@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import io
+import sys
 
-from shared.children import SpareChild
+import msgspec
+
+from shared.children import SpareChild, serve_one_job
 
 # Reads its job from stdin, answers with its arguments and the job.
 ECHO = "json.tool"
@@ -52,3 +57,29 @@ async def test_closing_kills_the_waiting_spare() -> None:
     assert child.returncode is not None
     spare.start()  # closed: starts nothing
     assert spare._spare is None
+
+
+class _Job(msgspec.Struct):
+    n: int
+
+
+def test_a_childs_main_freezes_its_start_up_heap_before_the_job(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Full collections in a child (80-165 ms measured in the publishing child) must not rescan
+    its imports: serve_one_job freezes them before reading the job."""
+    monkeypatch.setattr(sys, "argv", ["child"])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"n": 41}')))
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out))
+    seen: list[int] = []
+
+    def run(job: _Job) -> dict[str, int]:
+        seen.append(gc.get_freeze_count())
+        return {"n": job.n + 1}
+
+    gc.unfreeze()
+    try:
+        assert serve_one_job(_Job, run) == 0
+    finally:
+        gc.unfreeze()
+    assert seen and seen[0] > 0
+    assert msgspec.json.decode(out.getvalue()) == {"n": 42}
