@@ -399,18 +399,20 @@ def running_system(name: str, engine: str, models: str, **kwargs: Any) -> Iterat
 # -- process sampling -------------------------------------------------------------------------
 
 
-def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
-    """User + system CPU seconds of each process and its children (postgres backends, vLLM's
-    engine core, the api's validation and publishing children), those still running and those
-    that ended and were waited for."""
+def cpu_seconds(procs: dict[str, psutil.Process], *, children: bool = True) -> dict[str, float]:
+    """User + system CPU seconds of each process and (unless `children` is False) its children
+    (postgres backends, vLLM's engine core, the api's validation and publishing children), those
+    still running and those that ended and were waited for."""
     out: dict[str, float] = {}
     for name, proc in procs.items():
         total = 0.0
         with contextlib.suppress(psutil.Error):
-            for p in [proc, *proc.children(recursive=True)]:
+            for p in [proc, *(proc.children(recursive=True) if children else ())]:
                 with contextlib.suppress(psutil.Error):
                     t = p.cpu_times()
-                    total += t.user + t.system + t.children_user + t.children_system
+                    total += t.user + t.system
+                    if children:
+                        total += t.children_user + t.children_system
         out[name] = total
     return out
 

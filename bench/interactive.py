@@ -60,6 +60,23 @@ def _stats(ms: list[float]) -> dict[str, float]:
     }
 
 
+class _BatchStatus:
+    """A batch's status, read between timed requests from the timing thread itself (a watcher
+    thread in this process would hold the GIL now and then while a timed request's answer waits
+    for it, and its latency would be the client's, not jetbatch's), at most every POLL_S."""
+
+    def __init__(self, client: Any, batch_id: str) -> None:
+        self._client, self._batch_id = client, batch_id
+        self.phase = "validating"
+        self._next = time.perf_counter() + POLL_S
+
+    def ended(self) -> bool:
+        if time.perf_counter() >= self._next:
+            self.phase = self._client.batches.retrieve(self._batch_id).status
+            self._next = time.perf_counter() + POLL_S
+        return self.phase in _ENDED
+
+
 def _bare_nats(system: Any, client: Any, input_file_id: str) -> tuple[list[float], list[float]]:
     """The floor (bench/echo.py): bare NATS round trips between two plain Python processes,
     idle and then while a second batch on the same file runs, timed the same way."""
@@ -72,19 +89,11 @@ def _bare_nats(system: Any, client: Any, input_file_id: str) -> tuple[list[float
         batch = client.batches.create(
             input_file_id=input_file_id, endpoint="/v1/chat/completions", completion_window="24h"
         )
-        phase, next_poll = "validating", time.perf_counter() + POLL_S
-
-        def ended() -> bool:
-            nonlocal phase, next_poll
-            if time.perf_counter() >= next_poll:
-                phase = client.batches.retrieve(batch.id).status
-                next_poll = time.perf_counter() + POLL_S
-            return phase in _ENDED
-
+        status = _BatchStatus(client, batch.id)
         with client_gc_paused():
-            loaded = asyncio.run(echo.round_trips(url, until=ended))
-        if phase != "completed":
-            raise RuntimeError(f"the second load batch ended {phase}")
+            loaded = asyncio.run(echo.round_trips(url, until=status.ended))
+        if status.phase != "completed":
+            raise RuntimeError(f"the second load batch ended {status.phase}")
     finally:
         responder.kill()
         responder.wait()
@@ -111,25 +120,21 @@ def run(args: Any) -> dict[str, Any]:
                 input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
             t0 = time.perf_counter()
-            # The batch's status is read between timed requests, from this thread: a watcher
-            # thread in this process would hold the GIL now and then while a timed request's
-            # answer waits for it, and its latency would be the client's, not jetbatch's.
-            phase, next_poll = "validating", t0 + POLL_S
+            status = _BatchStatus(client, batch.id)
             loaded: list[float] = []
             phases: dict[str, list[float]] = {}
             timeline: list[tuple[float, float, str]] = []
             with client_gc_paused():
-                while phase not in _ENDED:
+                while not status.ended():
                     ms = _one(http)
                     loaded.append(ms)
-                    phases.setdefault(phase, []).append(ms)
-                    timeline.append((round(time.perf_counter() - t0, 3), round(ms, 2), phase))
-                    if time.perf_counter() >= next_poll:
-                        phase = client.batches.retrieve(batch.id).status
-                        next_poll = time.perf_counter() + POLL_S
+                    phases.setdefault(status.phase, []).append(ms)
+                    timeline.append(
+                        (round(time.perf_counter() - t0, 3), round(ms, 2), status.phase)
+                    )
             batch_s = time.perf_counter() - t0
-        if phase != "completed":
-            raise RuntimeError(f"the load batch ended {phase}")
+        if status.phase != "completed":
+            raise RuntimeError(f"the load batch ended {status.phase}")
         print("the same with a bare NATS request/reply (the floor)...", flush=True)
         echo_idle, echo_loaded = _bare_nats(system, client, upload.id)
     idle_stats, load_stats = _stats(idle), _stats(loaded)

@@ -17,7 +17,7 @@ import nats
 import psutil
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from bench.common import scratch
+from bench.common import cpu_delta, cpu_seconds, scratch
 from schemas.messages import RequestMessage
 from shared import bus
 from shared.embedded import EmbeddedNats
@@ -122,28 +122,6 @@ async def _nats_py_fetch(nc: nats.NATS, n: int, durable: str, batch: int = 1_000
     return elapsed
 
 
-class _Cpu:
-    """CPU seconds of this process (the client) and of the nats-server between start and taken."""
-
-    def __init__(self, server: psutil.Process) -> None:
-        self._server = server
-        self._at = (0.0, 0.0)
-
-    def _now(self) -> tuple[float, float]:
-        client, server = psutil.Process().cpu_times(), self._server.cpu_times()
-        return client.user + client.system, server.user + server.system
-
-    def start(self) -> None:
-        self._at = self._now()
-
-    def taken(self) -> dict[str, float]:
-        client, server = self._now()
-        return {
-            "cpu_client_s": round(client - self._at[0], 2),
-            "cpu_nats_server_s": round(server - self._at[1], 2),
-        }
-
-
 async def _setup(js, durable: str) -> None:  # type: ignore[no-untyped-def]
     try:
         await js.delete_stream(STREAM)
@@ -188,16 +166,18 @@ async def measure(messages: Sequence[Message], *, with_reference: bool = True) -
             publishes.append(("core_publish", _core_publish))
             pulls.append(("nats_py_fetch", _nats_py_fetch))
         assert server.proc is not None
-        cpu = _Cpu(psutil.Process(server.proc.pid))
+        # This process is the client; the nats-server is its child, so no children counted.
+        watched = {"client": psutil.Process(), "nats_server": psutil.Process(server.proc.pid)}
         for i, ((pub_name, publish), (pull_name, pull)) in enumerate(
             zip(publishes, pulls, strict=True)
         ):
             await _setup(js, "raw")
-            cpu.start()
+            cpu_before = cpu_seconds(watched, children=False)
             out[f"{pub_name}_s"] = await publish(nc, messages, SUBJECT)
             out[f"{pull_name}_s"] = await pull(nc, n, "raw")
             if i == 0:  # the fastest pair: what the ceiling costs in CPU (client and server)
-                out.update(cpu.taken())
+                cpu = cpu_delta(cpu_before, cpu_seconds(watched, children=False))
+                out["cpu_client_s"], out["cpu_nats_server_s"] = cpu["client"], cpu["nats_server"]
         await nc.close()
     finally:
         server.stop()

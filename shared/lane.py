@@ -5,7 +5,11 @@ Why a thread and not a task: on a loaded machine the kernel schedules threads, n
 tasks. A process's busy main thread uses up its share of the CPU, and a task on that loop waits
 for it (and for every slice of bulk work queued ahead). A thread that mostly sleeps keeps its
 own claim on the CPU and runs as soon as its socket wakes it; it then waits only for the GIL,
-which the bulk thread hands over within the switch interval set here."""
+which the bulk thread hands over within the switch interval set here.
+
+Beside it, the other two things a process does for its latency-sensitive work, light enough for
+the api's child processes to import: `lower_priority` (batch-only work yields the CPU) and
+`freeze_heap` (full garbage collections skip start-up objects)."""
 
 from __future__ import annotations
 
@@ -87,7 +91,7 @@ class Lane:
 
     async def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the lane and await its result from another event loop."""
-        return await asyncio.wrap_future(self.submit(coro))
+        return await on_loop(self.loop, coro)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Cancel what still runs on the lane, stop its loop and join its thread."""
