@@ -34,6 +34,10 @@ fmt:
     {{venv}}/ruff format .
     {{venv}}/ruff check --fix .
 
+# Regenerate README's configuration table from the settings Structs (shared/config.py)
+docs:
+    {{venv}}/python -m shared.config README.md
+
 # Benchmarks (print figures and ratios against their baselines; write bench/results/*.json)
 bench *args:
     {{venv}}/python -m bench {{args}}

@@ -105,7 +105,7 @@ def _usage(lines: list[dict[str, Any]]) -> tuple[int, int, int]:
 
 def _engine_setup(model: str) -> tuple[list[str], dict[str, str]]:
     """The `vllm serve` arguments and environment jetbatch's VllmEngine runs `model` with."""
-    from services.inference import engine as jb_engine
+    from services.inference import vllm_engine as jb_engine
     from shared import config
 
     settings = config.load(

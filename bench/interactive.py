@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -100,48 +101,56 @@ def _bare_nats(system: Any, client: Any, input_file_id: str) -> tuple[list[float
     return idle, loaded
 
 
-def run(args: Any) -> dict[str, Any]:
-    lines = args.lines or LINES
-    work = scratch("interactive")
-    path = write_chat_file(work / "load.jsonl", lines)
-    quiet_machine()
-    with running_system("interactive", "instant", CHAT_MODEL) as system, ForeignLoad() as foreign:
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        with httpx.Client(base_url=system.base_url, headers=headers, timeout=60) as http:
-            for _ in range(WARMUP_REQUESTS):
-                _one(http)
-            with client_gc_paused():
-                idle = [_one(http) for _ in range(IDLE_REQUESTS)]
+def _timed_idle(http: httpx.Client) -> list[float]:
+    for _ in range(WARMUP_REQUESTS):
+        _one(http)
+    with client_gc_paused():
+        return [_one(http) for _ in range(IDLE_REQUESTS)]
 
-            client = system.client(timeout=600)
-            with open(path, "rb") as f:
-                upload = client.files.create(file=f, purpose="batch")
-            batch = client.batches.create(
-                input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-            )
-            t0 = time.perf_counter()
-            status = _BatchStatus(client, batch.id)
-            loaded: list[float] = []
-            phases: dict[str, list[float]] = {}
-            timeline: list[tuple[float, float, str]] = []
-            with client_gc_paused():
-                while not status.ended():
-                    ms = _one(http)
-                    loaded.append(ms)
-                    phases.setdefault(status.phase, []).append(ms)
-                    timeline.append(
-                        (round(time.perf_counter() - t0, 3), round(ms, 2), status.phase)
-                    )
-            batch_s = time.perf_counter() - t0
-        if status.phase != "completed":
-            raise RuntimeError(f"the load batch ended {status.phase}")
-        print("the same with a bare NATS request/reply (the floor)...", flush=True)
-        echo_idle, echo_loaded = _bare_nats(system, client, upload.id)
-    idle_stats, load_stats = _stats(idle), _stats(loaded)
+
+@dataclass
+class _UnderLoad:
+    upload_id: str
+    phase: str = "validating"  # the load batch's status when timing stopped
+    loaded: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=dict)
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
+    batch_s: float = 0.0
+
+
+def _timed_under_load(http: httpx.Client, client: Any, path: Any) -> _UnderLoad:
+    """Synchronous requests one after another for as long as a batch of the file runs."""
+    with open(path, "rb") as f:
+        upload = client.files.create(file=f, purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    t0 = time.perf_counter()
+    status = _BatchStatus(client, batch.id)
+    load = _UnderLoad(upload.id)
+    with client_gc_paused():
+        while not status.ended():
+            ms = _one(http)
+            load.loaded.append(ms)
+            load.phases.setdefault(status.phase, []).append(ms)
+            load.timeline.append((round(time.perf_counter() - t0, 3), round(ms, 2), status.phase))
+    load.batch_s = time.perf_counter() - t0
+    load.phase = status.phase
+    return load
+
+
+def _figures(
+    lines: int,
+    idle: list[float],
+    load: _UnderLoad,
+    echo_idle: list[float],
+    echo_loaded: list[float],
+) -> dict[str, Any]:
+    idle_stats, load_stats = _stats(idle), _stats(load.loaded)
     factor = load_stats["p99_ms"] / idle_stats["p99_ms"]
     floor_idle, floor_loaded = _stats(echo_idle), _stats(echo_loaded)
     floor_factor = floor_loaded["p99_ms"] / floor_idle["p99_ms"]
-    figures = {
+    return {
         "bare_nats_idle": floor_idle,
         "bare_nats_under_load": floor_loaded,
         "bare_nats_p99_factor": round(floor_factor, 2),
@@ -150,21 +159,27 @@ def run(args: Any) -> dict[str, Any]:
         "p99_factor": round(factor, 2),
         "p50_factor": round(load_stats["p50_ms"] / idle_stats["p50_ms"], 2),
         "load_batch_lines": lines,
-        "load_batch_s": round(batch_s, 2),
+        "load_batch_s": round(load.batch_s, 2),
         "target_p99_factor": TARGET_P99_FACTOR,
         "meets_target": factor <= TARGET_P99_FACTOR,
-        **foreign.report(),
     }
+
+
+def _show(lines: int, figures: dict[str, Any], batch_s: float) -> None:
+    idle_stats, load_stats = figures["idle"], figures["under_load"]
+    floor_idle, floor_loaded = figures["bare_nats_idle"], figures["bare_nats_under_load"]
+    factor = load_stats["p99_ms"] / idle_stats["p99_ms"]
+    floor_factor = floor_loaded["p99_ms"] / floor_idle["p99_ms"]
     show(
         f"interactive latency (sync chat, instant engine) idle vs a {lines:,}-line batch in flight",
         [
             (
                 "idle",
-                f"p50 {idle_stats['p50_ms']:.2f} ms, p99 {idle_stats['p99_ms']:.2f} ms ({len(idle)} requests)",
+                f"p50 {idle_stats['p50_ms']:.2f} ms, p99 {idle_stats['p99_ms']:.2f} ms ({idle_stats['requests']} requests)",
             ),
             (
                 "under load",
-                f"p50 {load_stats['p50_ms']:.2f} ms, p99 {load_stats['p99_ms']:.2f} ms ({len(loaded)} requests over {batch_s:.1f} s)",
+                f"p50 {load_stats['p50_ms']:.2f} ms, p99 {load_stats['p99_ms']:.2f} ms ({load_stats['requests']} requests over {batch_s:.1f} s)",
             ),
             ("p99 under load / idle", f"{factor:.2f}x  (target <= {TARGET_P99_FACTOR}x)"),
             (
@@ -178,12 +193,31 @@ def run(args: Any) -> dict[str, Any]:
             ),
         ],
     )
-    by_phase = {k: _stats(v) for k, v in phases.items()}
+
+
+def run(args: Any) -> dict[str, Any]:
+    lines = args.lines or LINES
+    work = scratch("interactive")
+    path = write_chat_file(work / "load.jsonl", lines)
+    quiet_machine()
+    with running_system("interactive", "instant", CHAT_MODEL) as system, ForeignLoad() as foreign:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        with httpx.Client(base_url=system.base_url, headers=headers, timeout=60) as http:
+            idle = _timed_idle(http)
+            client = system.client(timeout=600)
+            load = _timed_under_load(http, client, path)
+        if load.phase != "completed":
+            raise RuntimeError(f"the load batch ended {load.phase}")
+        print("the same with a bare NATS request/reply (the floor)...", flush=True)
+        echo_idle, echo_loaded = _bare_nats(system, client, load.upload_id)
+    figures = {**_figures(lines, idle, load, echo_idle, echo_loaded), **foreign.report()}
+    _show(lines, figures, load.batch_s)
+    by_phase = {k: _stats(v) for k, v in load.phases.items()}
     for phase, st in by_phase.items():
         print(
             f"    while {phase}: p50 {st['p50_ms']:.2f} ms, p99 {st['p99_ms']:.2f} ms, max {st['max_ms']:.1f} ms ({st['requests']} requests)"
         )
-    slowest = sorted(timeline, key=lambda x: -x[1])[:10]
+    slowest = sorted(load.timeline, key=lambda x: -x[1])[:10]
     out = write_result("interactive", figures, by_phase=by_phase, slowest=slowest)
     print(f"  -> {out.relative_to(out.parents[2])}")
     return figures

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -94,19 +95,10 @@ def run_batch_e2e(system: Any, path: Any, lines: int, timeout_s: float = 600) ->
     }
 
 
-def run(args: Any) -> dict[str, Any]:
-    lines = args.lines or 50_000
-    work = scratch("orchestration")
-    path = write_chat_file(work / "chat.jsonl", lines)
-    messages = raw.request_messages(path)
-    load = quiet_machine()
-
-    print(f"raw JetStream ceiling ({lines:,} messages)...", flush=True)
-    foreign = ForeignLoad().__enter__()
-    raw_before = asyncio.run(raw.measure(messages))
+def _alternate(path: Any, messages: Any, lines: int, repeat: int) -> tuple[list[Any], list[Any]]:
+    """The end-to-end runs, and the raw ceilings measured before, between and after them."""
+    raws = [asyncio.run(raw.measure(messages))]
     runs: list[dict[str, Any]] = []
-    raws = [raw_before]
-    repeat = max(1, getattr(args, "repeat", 1))
     with running_system("orchestration", "instant", CHAT_MODEL) as system:
         time.sleep(2)  # let start-up work settle
         for attempt in range(1, repeat + 1):
@@ -120,8 +112,19 @@ def run(args: Any) -> dict[str, Any]:
                 # the same moments of a noisy machine.
                 raws.append(asyncio.run(raw.measure(messages, with_reference=False)))
     raws.append(asyncio.run(raw.measure(messages, with_reference=False)))
-    raw_after = raws[-1]
-    foreign.__exit__()
+    return runs, raws
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    paired: list[float]  # each run against the ceilings just before and after it
+    ratio: float  # the median of `paired`: the headline
+    best: dict[str, Any]  # the best ceiling
+    e2e: dict[str, Any]  # the best run
+    best_ratio: float  # best run against best ceiling
+
+
+def _compare(runs: list[dict[str, Any]], raws: list[dict[str, Any]]) -> _Comparison:
     # Each run against the ceilings measured just before and just after it: on a machine whose
     # speed drifts by tens of percent within minutes, neighbours see the same machine. The
     # headline is the median of those ratios; best-of-each is reported beside it.
@@ -130,11 +133,20 @@ def run(args: Any) -> dict[str, Any]:
         / ((raws[i]["ceiling_lines_per_s"] + raws[i + 1]["ceiling_lines_per_s"]) / 2)
         for i, run in enumerate(runs)
     ]
-    ratio = statistics.median(paired)
     best = min(raws, key=lambda r: r["ceiling_s"])
     e2e = max(runs, key=lambda r: r["lines_per_s"])
-    e2e_cpu = e2e["cpu_s_by_process"]
     best_ratio = e2e["lines_per_s"] / best["ceiling_lines_per_s"]
+    return _Comparison(paired, statistics.median(paired), best, e2e, best_ratio)
+
+
+@dataclass(frozen=True)
+class _TwoHopBound:
+    ceiling_cpu_s: float
+    cores: int
+    lines_per_s: float
+
+
+def _two_hop_bound(lines: int, raw_before: dict[str, Any]) -> _TwoHopBound:
     # What the ceiling's one publish+pull costs in CPU (client and nats-server), and what that
     # implies: end to end every line goes through JetStream twice (the request, then its result),
     # so even with nothing else to do (no validation, engine, PostgreSQL or output file) and the
@@ -142,26 +154,46 @@ def run(args: Any) -> dict[str, Any]:
     ceiling_cpu_s = raw_before["cpu_client_s"] + raw_before["cpu_nats_server_s"]
     cores = psutil.cpu_count(logical=True) or 1
     two_hop_bound = lines / max(2 * ceiling_cpu_s / cores, raw_before["ceiling_s"])
-    figures = {
+    return _TwoHopBound(ceiling_cpu_s, cores, two_hop_bound)
+
+
+def _figures(
+    lines: int,
+    runs: list[dict[str, Any]],
+    raws: list[dict[str, Any]],
+    c: _Comparison,
+    bound: _TwoHopBound,
+) -> dict[str, Any]:
+    e2e = c.e2e
+    return {
         "lines": lines,
-        "raw_ceiling_cpu_s": round(ceiling_cpu_s, 2),
-        "two_hop_bound_lines_per_s": round(two_hop_bound, 1),
-        "two_hop_bound_ratio": round(two_hop_bound / raw_before["ceiling_lines_per_s"], 3),
-        "e2e_cpu_s": round(sum(e2e_cpu.values()), 2),
+        "raw_ceiling_cpu_s": round(bound.ceiling_cpu_s, 2),
+        "two_hop_bound_lines_per_s": round(bound.lines_per_s, 1),
+        "two_hop_bound_ratio": round(bound.lines_per_s / raws[0]["ceiling_lines_per_s"], 3),
+        "e2e_cpu_s": round(sum(e2e["cpu_s_by_process"].values()), 2),
         "e2e_lines_per_s": e2e["lines_per_s"],
         "e2e_s": e2e["e2e_s"],
-        "raw_ceiling_lines_per_s": round(best["ceiling_lines_per_s"], 1),
-        "ratio_to_raw": round(ratio, 3),
-        "paired_ratios": [round(r, 3) for r in paired],
-        "best_of_each_ratio": round(best_ratio, 3),
+        "raw_ceiling_lines_per_s": round(c.best["ceiling_lines_per_s"], 1),
+        "ratio_to_raw": round(c.ratio, 3),
+        "paired_ratios": [round(r, 3) for r in c.paired],
+        "best_of_each_ratio": round(c.best_ratio, 3),
         "target_lines_per_s": TARGET_LINES_PER_S,
         "target_ratio": TARGET_RATIO,
-        "meets_targets": e2e["lines_per_s"] >= TARGET_LINES_PER_S and ratio >= TARGET_RATIO,
+        "meets_targets": e2e["lines_per_s"] >= TARGET_LINES_PER_S and c.ratio >= TARGET_RATIO,
         "runs": len(runs),
         "all_e2e_lines_per_s": [r["lines_per_s"] for r in runs],
         "all_raw_ceilings_lines_per_s": [round(r["ceiling_lines_per_s"], 1) for r in raws],
-        **foreign.report(),
     }
+
+
+def _show(
+    lines: int,
+    raw_before: dict[str, Any],
+    c: _Comparison,
+    bound: _TwoHopBound,
+    figures: dict[str, Any],
+) -> None:
+    e2e, best = c.e2e, c.best
     show(
         "orchestration capacity (instant engine, full stack)",
         [
@@ -191,15 +223,15 @@ def run(args: Any) -> dict[str, Any]:
             ),
             (
                 "two JetStream hops, nothing else (bound)",
-                f"{two_hop_bound:,.0f} lines/s = {figures['two_hop_bound_ratio']:.2f} of raw "
-                f"(2 x the ceiling's CPU on {cores} cores)",
+                f"{bound.lines_per_s:,.0f} lines/s = {figures['two_hop_bound_ratio']:.2f} of raw "
+                f"(2 x the ceiling's CPU on {bound.cores} cores)",
             ),
             ("end to end CPU, all processes", f"{figures['e2e_cpu_s']:.2f} s"),
             (
                 "ratio end to end / raw",
-                f"{ratio:.3f}  (target >= {TARGET_RATIO}; median of each run against the "
-                f"ceilings just before and after it: {', '.join(f'{r:.3f}' for r in paired)}; "
-                f"best of each: {best_ratio:.3f})",
+                f"{c.ratio:.3f}  (target >= {TARGET_RATIO}; median of each run against the "
+                f"ceilings just before and after it: {', '.join(f'{r:.3f}' for r in c.paired)}; "
+                f"best of each: {c.best_ratio:.3f})",
             ),
             (
                 "target lines/s",
@@ -207,10 +239,28 @@ def run(args: Any) -> dict[str, Any]:
             ),
         ],
     )
+
+
+def run(args: Any) -> dict[str, Any]:
+    lines = args.lines or 50_000
+    work = scratch("orchestration")
+    path = write_chat_file(work / "chat.jsonl", lines)
+    messages = raw.request_messages(path)
+    load = quiet_machine()
+
+    print(f"raw JetStream ceiling ({lines:,} messages)...", flush=True)
+    foreign = ForeignLoad().__enter__()
+    runs, raws = _alternate(path, messages, lines, max(1, getattr(args, "repeat", 1)))
+    raw_before, raw_after = raws[0], raws[-1]
+    foreign.__exit__()
+    c = _compare(runs, raws)
+    bound = _two_hop_bound(lines, raw_before)
+    figures = {**_figures(lines, runs, raws, c, bound), **foreign.report()}
+    _show(lines, raw_before, c, bound, figures)
     out = write_result(
         "orchestration",
         figures,
-        e2e=e2e,
+        e2e=c.e2e,
         e2e_runs=runs,
         raw_before=raw_before,
         raw_after=raw_after,

@@ -89,7 +89,7 @@ async def _publisher(nc: nats.NATS, messages: Sequence[Message], subject: str) -
 
 
 async def _fast_pull(nc: nats.NATS, n: int, durable: str, batch: int = 1_000) -> float:
-    pull = await bus.FastPull.bind(nc, STREAM, durable)
+    pull = await bus.FastPull.bind(nc.jetstream(), STREAM, durable)
     got = 0
     started = time.perf_counter()
     while got < n:
@@ -110,7 +110,10 @@ async def _nats_py_fetch(nc: nats.NATS, n: int, durable: str, batch: int = 1_000
     got = 0
     started = time.perf_counter()
     while got < n:
-        msgs = await bus.fetch(sub, batch, 1.0)
+        try:
+            msgs = await sub.fetch(batch, timeout=1.0)
+        except (TimeoutError, nats.errors.TimeoutError):
+            msgs = []
         if not msgs:
             raise RuntimeError(f"fetch(): only {got} of {n} messages came back")
         for msg in msgs:

@@ -5,7 +5,7 @@ nats-server on its store), then wait for every batch to finish and count what ca
     .venv/bin/python -m bench.soak --duration 120 --batches 4 --lines 500
 
 Prints lines submitted, lines returned, duplicates and lost (both must be 0), and exits non-zero
-otherwise. Every service runs as its own process (shared/harness.py) on an embedded nats-server
+otherwise. Every service runs as its own process (tests/harness.py) on an embedded nats-server
 and PostgreSQL with the instant engine (a small per-request delay keeps requests in flight), and
 timings shortened so recovery takes seconds: a killed worker's requests come back after
 JETBATCH_REQUEST_ACK_WAIT_S=5, a killed results writer's after its fixed 60 s ack wait.
@@ -31,7 +31,7 @@ import msgspec
 import openai
 
 from schemas.openai import OutputLine
-from shared.harness import API_KEY, CHAT_MODEL, Harness
+from tests.harness import API_KEY, CHAT_MODEL, Harness
 
 log = logging.getLogger("bench.soak")
 

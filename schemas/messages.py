@@ -6,6 +6,7 @@ a ResultMessage. See README "Publishing to JetStream directly".
 
 from __future__ import annotations
 
+import time
 from typing import ClassVar, Literal
 
 import msgspec
@@ -18,7 +19,46 @@ def subject_token(name: str) -> str:
     return "".join("_" if c in ".*> \t" else c for c in name)
 
 
-class RequestMessage(msgspec.Struct, kw_only=True, frozen=True):
+class BusMessage(msgspec.Struct, kw_only=True, frozen=True):
+    """A message on the bus. Its subject is declared once, as a template (`subject`) whose
+    `{placeholders}` are single tokens: the subject a message is published on, the filter a
+    consumer reads with and a stream's subjects are all derived from it, never written again."""
+
+    subject: ClassVar[str]
+
+    @classmethod
+    def subject_with(cls, **tokens: str) -> str:
+        """The subject for these placeholder values (each made a valid single token)."""
+        return cls.subject.format(**{k: subject_token(v) for k, v in tokens.items()})
+
+    @classmethod
+    def filter_subject(cls, **bound: str) -> str:
+        """The subjects of this type with some placeholders fixed: the others match any token,
+        and a run of them at the end matches the rest of the subject (`>`), so that a subject
+        that later gains a token is still matched."""
+        tokens = [
+            subject_token(bound[t[1:-1]]) if t.startswith("{") and t[1:-1] in bound else t
+            for t in cls.subject.split(".")
+        ]
+        if tokens[-1].startswith("{"):
+            while tokens and tokens[-1].startswith("{"):
+                tokens.pop()
+            tokens.append(">")
+        return ".".join("*" if t.startswith("{") else t for t in tokens)
+
+
+def subject_matches(filter_subject: str, subject: str) -> bool:
+    """NATS subject matching: `*` is one token, a final `>` one or more."""
+    want, have = filter_subject.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+class RequestMessage(BusMessage, kw_only=True, frozen=True):
     """One request for the engine. Published to REQUESTS on `jetbatch.requests.<model>.<priority>`
     with `Nats-Msg-Id: <batch_id>:<line>`."""
 
@@ -33,14 +73,14 @@ class RequestMessage(msgspec.Struct, kw_only=True, frozen=True):
 
     @staticmethod
     def subject_for(model: str, priority: Priority = "batch") -> str:
-        return f"jetbatch.requests.{subject_token(model)}.{priority}"
+        return RequestMessage.subject_with(model=model, priority=priority)
 
     @property
     def msg_id(self) -> str:
         return f"{self.batch_id}:{self.line}"
 
 
-class ResultMessage(msgspec.Struct, kw_only=True, frozen=True):
+class ResultMessage(BusMessage, kw_only=True, frozen=True):
     """The outcome of one request. Published to RESULTS on `jetbatch.results.<batch_id>` with
     `Nats-Msg-Id: <batch_id>:<line>:r`. Exactly one of `response_body` / `error_*` is set."""
 
@@ -64,7 +104,7 @@ class ResultMessage(msgspec.Struct, kw_only=True, frozen=True):
 
     @staticmethod
     def subject_for(batch_id: str) -> str:
-        return f"jetbatch.results.{batch_id}"
+        return ResultMessage.subject_with(batch_id=batch_id)
 
     @property
     def msg_id(self) -> str:
@@ -74,12 +114,39 @@ class ResultMessage(msgspec.Struct, kw_only=True, frozen=True):
     def ok(self) -> bool:
         return self.error_code is None and 200 <= self.status_code < 300
 
+    @classmethod
+    def failure(
+        cls,
+        *,
+        batch_id: str,
+        line: int,
+        custom_id: str,
+        request_id: str,
+        status_code: int,
+        code: str,
+        message: str,
+        worker_id: str,
+    ) -> ResultMessage:
+        """An error line that no engine answer produced (no response body): a cancelled or
+        expired request, an engine failure on the last delivery, a dead-lettered request."""
+        return cls(
+            batch_id=batch_id,
+            line=line,
+            custom_id=custom_id,
+            request_id=request_id,
+            status_code=status_code,
+            error_code=code,
+            error_message=message,
+            worker_id=worker_id,
+            finished_at_ms=int(time.time() * 1000),
+        )
+
     @property
     def has_body(self) -> bool:
         return bytes(self.response_body) not in (b"", b"null")
 
 
-class BatchEvent(msgspec.Struct, kw_only=True, frozen=True):
+class BatchEvent(BusMessage, kw_only=True, frozen=True):
     """A batch reached a final state. Published to EVENTS on `jetbatch.events.batch.<status>`
     with `Nats-Msg-Id: <event_id>`; the webhook notifier delivers it."""
 
@@ -93,7 +160,7 @@ class BatchEvent(msgspec.Struct, kw_only=True, frozen=True):
 
     @staticmethod
     def subject_for(type_: str) -> str:
-        return f"jetbatch.events.{type_}"
+        return BatchEvent.subject_with(status=type_.removeprefix("batch."))
 
 
 class WorkerHeartbeat(msgspec.Struct, kw_only=True, frozen=True):
@@ -120,7 +187,7 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True, frozen=True):
     healthy: bool = True
 
 
-class InteractiveRequest(msgspec.Struct, kw_only=True, frozen=True):
+class InteractiveRequest(BusMessage, kw_only=True, frozen=True):
     """A synchronous request over NATS request/reply on `jetbatch.interactive.<model>`
     (queue group per model); the reply is a ResultMessage."""
 
@@ -133,7 +200,7 @@ class InteractiveRequest(msgspec.Struct, kw_only=True, frozen=True):
 
     @staticmethod
     def subject_for(model: str) -> str:
-        return f"jetbatch.interactive.{subject_token(model)}"
+        return InteractiveRequest.subject_with(model=model)
 
 
 StopReason = Literal["cancelled", "expired"]
@@ -161,7 +228,7 @@ class BatchStop(msgspec.Struct, kw_only=True, frozen=True):
         return "This request could not be executed before the completion window expired."
 
 
-class BatchCommand(msgspec.Struct, kw_only=True, frozen=True):
+class BatchCommand(BusMessage, kw_only=True, frozen=True):
     """Work the watchdog asks of the api for one batch. Published to CONTROL on
     `jetbatch.control.batch.<action>`; any api replica takes it (durable `api`).
 
@@ -179,10 +246,10 @@ class BatchCommand(msgspec.Struct, kw_only=True, frozen=True):
 
     @staticmethod
     def subject_for(action: str) -> str:
-        return f"jetbatch.control.batch.{action}"
+        return BatchCommand.subject_with(action=action)
 
 
-class DeadLetterMessage(msgspec.Struct, kw_only=True, frozen=True):
+class DeadLetterMessage(BusMessage, kw_only=True, frozen=True):
     """A message a service without a database had to reject (an inference worker: a request
     that does not decode). Published to DEADLETTERS on `jetbatch.deadletters.<stream>` with
     `Nats-Msg-Id: dl:<stream>:<stream_seq>`; the watchdog records it in table `dead_letters`."""
@@ -200,7 +267,7 @@ class DeadLetterMessage(msgspec.Struct, kw_only=True, frozen=True):
 
     @staticmethod
     def subject_for(stream: str) -> str:
-        return f"jetbatch.deadletters.{stream}"
+        return DeadLetterMessage.subject_with(stream=stream)
 
     @property
     def msg_id(self) -> str:
@@ -215,3 +282,16 @@ class LineKey(msgspec.Struct, kw_only=True, frozen=True):
     batch_id: str | None = None
     line: int | None = None
     custom_id: str | None = None
+
+
+class MaxDeliveriesAdvisory(BusMessage, kw_only=True, frozen=True):
+    """JetStream's own `io.nats.jetstream.advisory.v1.max_deliver` (the fields jetbatch reads):
+    a message of `stream` reached max deliveries on `consumer`. Captured in DEADLETTERS for
+    REQUESTS, so none is missed while the watchdog is down."""
+
+    subject: ClassVar[str] = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int

@@ -6,7 +6,7 @@ Optional fields are present with null, as the live API answers. Extra fields bey
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -23,15 +23,15 @@ BatchStatus = Literal[
 ]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
 
+# The endpoints this deployment serves. OpenAI's others (/v1/responses, /v1/moderations) are
+# refused when a batch is created, with a message that lists these (services/api/exceptions.py).
 Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
-SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-# Endpoints OpenAI accepts that a self-hosted engine does not serve: refused with a clear error.
-KNOWN_UNSUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/responses", "/v1/moderations")
 
 FilePurpose = Literal[
     "batch", "batch_output", "assistants", "fine-tune", "vision", "user_data", "evals"
 ]
 
+# A batch's metadata, as OpenAI bounds it: at most 16 pairs, keys <= 64 and values <= 512 characters.
 MetadataKey = Annotated[str, Meta(max_length=64)]
 MetadataValue = Annotated[str, Meta(max_length=512)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)]
@@ -115,9 +115,9 @@ class BatchUsage(msgspec.Struct, kw_only=True):
 
 class CreateBatchRequest(msgspec.Struct, kw_only=True):
     input_file_id: str
-    endpoint: str
+    endpoint: Endpoint
     completion_window: str
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     output_expires_after: ExpiresAfter | None = None
 
 

@@ -93,6 +93,78 @@ def wait_healthy(url: str, timeout_s: float, children: list[Child]) -> bool:
     return False
 
 
+def service_env(
+    settings: config.Settings, nats_url: str, database_url: str, api_key: str, webhook_secret: str
+) -> dict[str, str]:
+    """The environment every service process starts with: this one's, plus the servers and
+    secrets `up` settled on."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "JETBATCH_NATS_URL": nats_url,
+            "JETBATCH_DATABASE_URL": database_url,
+            "JETBATCH_API_KEY": api_key,
+            "JETBATCH_WEBHOOK_SECRET": webhook_secret,
+            # A receiver on this machine works out of the box; other private ranges stay refused.
+            "JETBATCH_WEBHOOK_ALLOWED_NETWORKS": os.environ.get(
+                "JETBATCH_WEBHOOK_ALLOWED_NETWORKS", config.LOOPBACK_NETWORKS
+            ),
+            "JETBATCH_DATA_DIR": str(settings.data_dir),
+            "JETBATCH_ENGINE": settings.engine,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+    )
+    return env
+
+
+def announce_when_healthy(settings: config.Settings, api_key: str, children: list[Child]) -> None:
+    host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
+    base = f"http://{host}:{settings.api_port}"
+    if wait_healthy(f"{base}/healthz", 120, children):
+        print(f"jetbatch is up: base URL {base}/v1", flush=True)
+        print(f"API key: {api_key} (saved in {settings.data_dir / 'api-key'})", flush=True)
+        if not settings.webhooks.secret:
+            print(f"webhook secret: in {settings.data_dir / 'webhook-secret'}", flush=True)
+    else:
+        log.error("the api did not become healthy; see the logs above")
+
+
+def restart_exited(children: list[Child], env: dict[str, str]) -> None:
+    """One pass over the children: schedule a restart of each that exited, start each that is due."""
+    now = time.monotonic()
+    for child in children:
+        if child.proc is not None and child.proc.poll() is not None:
+            code = child.proc.returncode
+            # A process that ran a while earns a fast restart; a crash loop backs off.
+            if now - child.started_at > 60:
+                child.backoff_s = 0.5
+            log.warning("%s exited with %s; restarting in %.1fs", child.name, code, child.backoff_s)
+            child.proc = None
+            child.next_start = now + child.backoff_s
+            child.backoff_s = min(RESTART_BACKOFF_MAX_S, child.backoff_s * 2)
+            child.restarts += 1
+        elif child.proc is None and now >= child.next_start:
+            child.start(env)
+
+
+def stop_children(children: list[Child]) -> None:
+    """SIGTERM to all at once, then up to 45 s in all for them to exit; the rest are killed."""
+    for child in children:
+        if child.proc is not None and child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 45
+    for child in children:
+        if child.proc is None:
+            continue
+        try:
+            child.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time; killing it", child.name)
+            child.proc.kill()
+            child.proc.wait()
+
+
 def up(settings: config.Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
@@ -126,70 +198,20 @@ def up(settings: config.Settings) -> int:
 
             prepare_models(settings)
         api_key = ensure_api_key(settings)
-        webhook_secret = ensure_webhook_secret(settings)
-        env = dict(os.environ)
-        env.update(
-            {
-                "JETBATCH_NATS_URL": nats_url,
-                "JETBATCH_DATABASE_URL": database_url,
-                "JETBATCH_API_KEY": api_key,
-                "JETBATCH_WEBHOOK_SECRET": webhook_secret,
-                # A receiver on this machine works out of the box; other private ranges stay refused.
-                "JETBATCH_WEBHOOK_ALLOWED_NETWORKS": os.environ.get(
-                    "JETBATCH_WEBHOOK_ALLOWED_NETWORKS", config.LOOPBACK_NETWORKS
-                ),
-                "JETBATCH_DATA_DIR": str(settings.data_dir),
-                "JETBATCH_ENGINE": settings.engine,
-                "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1",
-            }
+        env = service_env(
+            settings, nats_url, database_url, api_key, ensure_webhook_secret(settings)
         )
         children = service_children(settings)
         for child in children:
             child.start(env)
-        host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
-        base = f"http://{host}:{settings.api_port}"
-        if wait_healthy(f"{base}/healthz", 120, children):
-            print(f"jetbatch is up: base URL {base}/v1", flush=True)
-            print(f"API key: {api_key} (saved in {settings.data_dir / 'api-key'})", flush=True)
-            if not settings.webhooks.secret:
-                print(f"webhook secret: in {settings.data_dir / 'webhook-secret'}", flush=True)
-        else:
-            log.error("the api did not become healthy; see the logs above")
+        announce_when_healthy(settings, api_key, children)
         while not stopping:
-            now = time.monotonic()
-            for child in children:
-                if child.proc is not None and child.proc.poll() is not None:
-                    code = child.proc.returncode
-                    # A process that ran a while earns a fast restart; a crash loop backs off.
-                    if now - child.started_at > 60:
-                        child.backoff_s = 0.5
-                    log.warning(
-                        "%s exited with %s; restarting in %.1fs", child.name, code, child.backoff_s
-                    )
-                    child.proc = None
-                    child.next_start = now + child.backoff_s
-                    child.backoff_s = min(RESTART_BACKOFF_MAX_S, child.backoff_s * 2)
-                    child.restarts += 1
-                elif child.proc is None and now >= child.next_start:
-                    child.start(env)
+            restart_exited(children, env)
             time.sleep(0.2)
         return 0
     finally:
         log.info("stopping")
-        for child in children:
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 45
-        for child in children:
-            if child.proc is None:
-                continue
-            try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing it", child.name)
-                child.proc.kill()
-                child.proc.wait()
+        stop_children(children)
         if pg_server is not None:
             pg_server.stop()
         if nats_server is not None:

@@ -6,10 +6,8 @@ not separate processes (tests/crash/ kills real processes)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +25,8 @@ from services.watchdog import service as watchdog
 from shared import config
 from shared.embedded import free_port
 from shared.storage import FileStorage
+from tests.helpers import API_KEY, CHAT, CHAT_MODEL, wait_until
 
-API_KEY = "sk-test-lifecycle"
-CHAT_MODEL = "SmolLM2-135M-Instruct"
-CHAT = "/v1/chat/completions"
 TIMEOUT_S = 30.0
 
 
@@ -52,16 +48,6 @@ def lifecycle_env(
     }
     env.update(overrides)
     return env
-
-
-def line(custom_id: str, content: str | None = None) -> bytes:
-    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": content or custom_id}]}
-    obj = {"custom_id": custom_id, "method": "POST", "url": CHAT, "body": body}
-    return json.dumps(obj).encode() + b"\n"
-
-
-def jsonl(n: int, prefix: str = "req") -> bytes:
-    return b"".join(line(f"{prefix}-{i}") for i in range(n))
 
 
 @dataclass
@@ -110,14 +96,12 @@ class System:
     async def wait_batch(
         self, batch_id: str, statuses: set[str], timeout_s: float = TIMEOUT_S
     ) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while True:
+        async def reached() -> Any:
             batch = await self.client.batches.retrieve(batch_id)
-            if batch.status in statuses:
-                return batch
-            if time.monotonic() > deadline:
-                raise AssertionError(f"batch {batch_id} is {batch.status}, not {statuses}")
-            await asyncio.sleep(0.1)
+            return batch if batch.status in statuses else None
+
+        what = f"batch {batch_id} to be {statuses}"
+        return await wait_until(reached, what, timeout_s=timeout_s, interval_s=0.1)
 
     def lines(self, file_id: str | None) -> list[OutputLine]:
         if file_id is None:
@@ -141,19 +125,6 @@ async def running_system(
         finally:
             await system.stop_all()
             await client.close()
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = TIMEOUT_S
-) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def fetchrow(database_url: str, sql: str, *args: Any) -> asyncpg.Record | None:

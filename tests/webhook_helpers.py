@@ -23,9 +23,10 @@ from schemas.messages import BatchEvent
 from services.api import store as api_store
 from services.webhook_notifier import service
 from shared import config
+from shared.domain.webhooks import new_secret
 from shared.embedded import free_port
 from shared.ids import new_id
-from shared.webhooks import new_secret
+from tests.helpers import wait_until
 
 Respond = Callable[["Received", web.Request], Awaitable[web.StreamResponse]]
 
@@ -201,26 +202,13 @@ async def attempts(pool: asyncpg.Pool, delivery_id: str) -> list[asyncpg.Record]
     )
 
 
-async def eventually(check: Callable[[], Any], timeout_s: float = 60) -> Any:
-    """Poll an async `check` until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not true after {timeout_s}s: last value {value!r}")
-        await asyncio.sleep(0.05)
-
-
 async def settled(pool: asyncpg.Pool, batch_id: str, count: int = 1) -> list[asyncpg.Record]:
     async def check() -> list[asyncpg.Record] | None:
         rows = await deliveries(pool, batch_id)
         done = len(rows) == count and all(r["status"] != "pending" for r in rows)
         return rows if done else None
 
-    result: list[asyncpg.Record] = await eventually(check)
-    return result
+    return await wait_until(check, f"{count} settled deliveries of batch {batch_id}")
 
 
 async def batch_object(pool: asyncpg.Pool, batch_id: str) -> Any:

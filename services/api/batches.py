@@ -4,20 +4,14 @@ background: services/api/ingest.py), retrieve, list, cancel."""
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from litestar import get, post
 from litestar.params import Parameter
 
 from schemas.messages import BatchStop
-from schemas.openai import (
-    KNOWN_UNSUPPORTED_ENDPOINTS,
-    SUPPORTED_ENDPOINTS,
-    Batch,
-    BatchList,
-    CreateBatchRequest,
-)
+from schemas.openai import Batch, BatchList, CreateBatchRequest
 from services.api import store
 from services.api.admin import require_healthy_worker
 from services.api.deps import DepsParam
@@ -33,55 +27,11 @@ _encoder = msgspec.json.Encoder()
 
 COMPLETION_WINDOW = "24h"
 # How long "24h" lasts is the operator's (JETBATCH_COMPLETION_WINDOW_S, default 86,400).
-MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 CANCELLABLE = ("validating", "in_progress")
 
 
 def not_found(batch_id: str) -> NotFound:
     return NotFound(f"No such Batch object: {batch_id}", param="batch_id")
-
-
-def check_endpoint(endpoint: str) -> None:
-    supported = ", ".join(SUPPORTED_ENDPOINTS)
-    if endpoint in KNOWN_UNSUPPORTED_ENDPOINTS:
-        raise InvalidRequest(
-            f"endpoint {endpoint} is not supported by this deployment (supported: {supported})",
-            param="endpoint",
-            code="unsupported_endpoint",
-        )
-    if endpoint not in SUPPORTED_ENDPOINTS:
-        raise InvalidRequest(
-            f"endpoint must be one of {supported}; got {endpoint!r}", param="endpoint"
-        )
-
-
-def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
-    if metadata is None:
-        return None
-    if len(metadata) > MAX_METADATA_PAIRS:
-        raise InvalidRequest(
-            f"metadata holds at most {MAX_METADATA_PAIRS} key-value pairs; got {len(metadata)}",
-            param="metadata",
-        )
-    for key, value in metadata.items():
-        if len(key) > MAX_METADATA_KEY:
-            raise InvalidRequest(
-                f"metadata keys are at most {MAX_METADATA_KEY} characters; {key[:20]!r}... "
-                f"has {len(key)}",
-                param="metadata",
-            )
-        if not isinstance(value, str):
-            raise InvalidRequest(
-                f"metadata values must be strings; {key!r} is {type(value).__name__}",
-                param="metadata",
-            )
-        if len(value) > MAX_METADATA_VALUE:
-            raise InvalidRequest(
-                f"metadata values are at most {MAX_METADATA_VALUE} characters; {key!r} has "
-                f"{len(value)}",
-                param="metadata",
-            )
-    return metadata
 
 
 def check_models(settings: Settings, endpoint: str, models: list[str] | None) -> None:
@@ -123,14 +73,13 @@ def check_limits(limits: LimitSettings, active: int, queued: int, adding: int) -
 
 @post("/batches", status_code=200)
 async def create_batch(data: CreateBatchRequest, deps: DepsParam) -> Batch:
+    # The endpoint and metadata were checked as the body decoded (their types: schemas/openai.py).
     settings = deps.settings
-    check_endpoint(data.endpoint)
     if data.completion_window != COMPLETION_WINDOW:
         raise InvalidRequest(
             f'completion_window must be "{COMPLETION_WINDOW}"; got {data.completion_window!r}',
             param="completion_window",
         )
-    metadata = check_metadata(data.metadata)
     file_row = await store.get_file(deps.pool, data.input_file_id)
     if file_row is None:
         raise file_not_found(data.input_file_id, param="input_file_id")
@@ -164,7 +113,7 @@ async def create_batch(data: CreateBatchRequest, deps: DepsParam) -> Batch:
             completion_window=data.completion_window,
             created_at=created_at,
             expires_at=created_at + settings.limits.completion_window_s,
-            metadata=metadata,
+            metadata=data.metadata,
             output_expires_after=(
                 data.output_expires_after.seconds if data.output_expires_after else None
             ),

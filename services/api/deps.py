@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from shared.children import SpareChild
+from services.api.children import SpareChild
 from shared.config import Settings
 from shared.storage import FileStorage
 

@@ -10,6 +10,7 @@ import logging
 import re
 from typing import Any
 
+import msgspec.inspect as mi
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -20,6 +21,9 @@ from shared.errors import ApiError
 log = logging.getLogger(__name__)
 
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_ENUM_VALUE = re.compile(r"Invalid enum value (.+)")
+# msgspec's path to a dict value (`metadata[...]`) or a list item (`[3]`): param names the field.
+_INDEX = re.compile(r"\[[^\]]*\]")
 
 # OpenAI's `type` for a status code without a more specific one.
 _TYPES = {401: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
@@ -65,7 +69,7 @@ def on_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[ErrorResp
 
 
 def on_validation_error(
-    _: Request[Any, Any, Any], exc: ValidationException
+    request: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[ErrorResponse]:
     """Bad query/path parameters or a request body that does not decode to its Struct."""
     problems = exc.extra if isinstance(exc.extra, list) else []
@@ -75,9 +79,82 @@ def on_validation_error(
     if param == "data":  # the body as a whole: a missing field is named only in the message
         missing = _MISSING_FIELD.search(message)
         param = missing.group(1) if missing else None
+    elif param:
+        param = _INDEX.sub("", param)
+        if first.get("source") == "body":
+            message = explain(param, message, body_field_type(request, param))
     if param and param not in message:
         message = f"{message} (parameter {param!r})"
     return error_response(400, message, param=param)
+
+
+def explain(param: str, problem: str, field_type: mi.Type | None) -> str:
+    """msgspec's terse problem ("Expected `str` of length <= 64") and what the field accepts,
+    read from its type: the constraints are written once, in schemas/."""
+    if isinstance(field_type, mi.LiteralType) and (enum := _ENUM_VALUE.fullmatch(problem)):
+        supported = ", ".join(str(v) for v in field_type.values)
+        return (
+            f"{param} {enum.group(1)} is not supported by this deployment (supported: {supported})"
+        )
+    accepts = describe(field_type) if _constrained(field_type) else None
+    return f"Invalid {param}: {problem}; {param} must be {accepts}" if accepts else problem
+
+
+def body_field_type(request: Request[Any, Any, Any], param: str) -> mi.Type | None:
+    """The type of the request body's field at dotted path `param`, optional unwrapped."""
+    data = request.route_handler.parsed_data_field
+    if data is None:
+        return None
+    try:
+        field_type: mi.Type | None = mi.type_info(data.annotation)
+    except TypeError:  # not a type msgspec knows (a DTO): nothing to add
+        return None
+    for name in param.split("."):
+        struct = _non_null(field_type)
+        if not isinstance(struct, mi.StructType):
+            return None
+        field_type = next((f.type for f in struct.fields if f.encode_name == name), None)
+    return _non_null(field_type)
+
+
+def describe(t: mi.Type | None, *, plural: bool = False) -> str | None:
+    """What a value of type `t` must be, in words ("a string of at most 64 characters")."""
+    if isinstance(t, mi.StrType):
+        limit = f" of at most {t.max_length} characters" if t.max_length is not None else ""
+        return ("strings" if plural else "a string") + limit
+    if isinstance(t, mi.IntType):
+        if t.ge is not None and t.le is not None:
+            limit = f" from {t.ge} to {t.le}"
+        else:
+            limit = "".join(
+                f" {op} {v}"
+                for op, v in ((">=", t.ge), (">", t.gt), ("<=", t.le), ("<", t.lt))
+                if v is not None
+            )
+        return ("integers" if plural else "an integer") + limit
+    if isinstance(t, mi.LiteralType):
+        return "one of " + ", ".join(str(v) for v in t.values)
+    if isinstance(t, mi.DictType):
+        size = f" of at most {t.max_length} pairs" if t.max_length is not None else ""
+        key, value = describe(t.key_type, plural=True), describe(t.value_type, plural=True)
+        items = f", its keys {key} and its values {value}" if key and value else ""
+        return ("objects" if plural else "an object") + size + items
+    return None
+
+
+def _constrained(t: mi.Type | None) -> bool:
+    """Whether the type says more than msgspec's message does (not so for a bare `str`)."""
+    if isinstance(t, (mi.LiteralType, mi.DictType)):
+        return True
+    limits = ("min_length", "max_length", "pattern", "ge", "gt", "le", "lt")
+    return any(getattr(t, a, None) is not None for a in limits)
+
+
+def _non_null(t: mi.Type | None) -> mi.Type | None:
+    if isinstance(t, mi.UnionType):
+        types = [u for u in t.types if not isinstance(u, mi.NoneType)]
+        return types[0] if len(types) == 1 else t
+    return t
 
 
 def on_http_exception(

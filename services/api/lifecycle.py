@@ -1,8 +1,8 @@
 """The api's part in the batch lifecycle beyond HTTP: the watchdog's orders (README: Lifecycle).
 
-Consumes: stream CONTROL, durable `api` (shared by every api replica), subjects
-`jetbatch.control.>`, message BatchCommand (JSON), ack_wait CONTROL_ACK_WAIT_S (kept alive while
-a command runs), max_deliver CONTROL_MAX_DELIVER. A command that does not decode is a dead letter.
+Consumes: CONSUMER below, stream CONTROL as durable `api` (shared by every api replica),
+BatchCommand on `jetbatch.control.batch.<action>`, four at a time, each kept alive while it runs,
+max_deliver 20. A command that does not decode is a dead letter (table `dead_letters`).
 
 - `redrive`: ingest.process_batch, idempotent, for a batch a crashed api left in `validating`
   (or in progress and not fully published).
@@ -20,34 +20,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import Iterator
 
 import anyio.to_thread
-import msgspec
-from nats.aio.msg import Msg
 
 from schemas.messages import BatchCommand, BatchStop, StopReason
 from schemas.openai import RequestLine
 from services.api import ingest, store
 from services.api.deps import DepsParam
 from services.api.validation import iter_requests
-from shared import bus, deadletters
+from shared import bus
+from shared.consumer import Consumer, Delivery, Retry, Runner, sleep_unless
+from shared.domain import deadletters
 from shared.ids import stable_id
 
 log = logging.getLogger(__name__)
 
-DURABLE = "api"
-FILTER_SUBJECT = "jetbatch.control.>"
-CONTROL_ACK_WAIT_S = 60
-CONTROL_MAX_DELIVER = 20
-CONCURRENCY = 4
+CONSUMER = Consumer(
+    stream=bus.CONTROL,
+    durable="api",
+    message=BatchCommand,
+    ack_wait_s=60,
+    max_deliver=20,
+    concurrency=4,
+    fetch=4,
+    keep_alive=True,  # a close-out of a large batch takes longer than the ack wait
+)
 FILL_CHUNK_LINES = 5_000
-RETRY_DELAY_S = 2.0
-
-
-_command_decoder = msgspec.json.Decoder(BatchCommand)
+RETRY_DELAY_S = 2.0  # a batch claimed by another process; a consumer that failed to start
 
 
 def closing_reason(row: store.Row) -> StopReason | None:
@@ -122,88 +125,22 @@ def _take(lines: Iterator[tuple[int, RequestLine]], n: int) -> list[tuple[int, R
 # The consumer -----------------------------------------------------------------------------
 
 
-async def handle(deps: DepsParam, command: BatchCommand) -> bool:
-    """Run one command. False = not now (the batch is claimed elsewhere): retry later."""
+async def handle(deps: DepsParam, command: BatchCommand, _: Delivery[BatchCommand]) -> None:
+    """Run one command; Retry while the batch is claimed by another process."""
     if command.action == "redrive":
         log.info("batch %s: re-driven by the watchdog", command.batch_id)
         await ingest.process_batch(deps, command.batch_id)
-        return True
-    return await close_out(deps, command.batch_id)
+    elif not await close_out(deps, command.batch_id):
+        raise Retry(f"batch {command.batch_id} is claimed elsewhere", delay_s=RETRY_DELAY_S)
 
 
 async def consume(deps: DepsParam, stop: asyncio.Event) -> None:
     """Take the watchdog's commands until `stop` is set. The api serves HTTP whatever happens
     here, so a failure is logged and the consumer started again."""
     while not stop.is_set():
+        runner = Runner(deps.js, CONSUMER, deadletters.InDatabase(deps.pool))
         try:
-            await _consume(deps, stop)
+            await runner.run(functools.partial(handle, deps), stop)
         except Exception:
             log.exception("control consumer failed; restarting it")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), RETRY_DELAY_S)
-
-
-async def _consume(deps: DepsParam, stop: asyncio.Event) -> None:
-    sub = await bus.durable_pull(
-        deps.js,
-        bus.CONTROL,
-        DURABLE,
-        FILTER_SUBJECT,
-        ack_wait_s=CONTROL_ACK_WAIT_S,
-        max_deliver=CONTROL_MAX_DELIVER,
-        max_ack_pending=1_000,
-    )
-    slots = asyncio.Semaphore(CONCURRENCY)
-    running: set[asyncio.Task[None]] = set()
-    try:
-        while not stop.is_set():
-            await slots.acquire()
-            slots.release()
-            try:
-                msgs = await bus.fetch(sub, CONCURRENCY, timeout_s=1.0)
-            except Exception as e:  # disconnected: the client reconnects by itself
-                log.warning("control fetch failed: %r", e)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), RETRY_DELAY_S)
-                continue
-            for msg in msgs:
-                await slots.acquire()
-                task = asyncio.create_task(_run(deps, msg, slots))
-                running.add(task)
-                task.add_done_callback(running.discard)
-    finally:
-        # Commands in hand finish (their work is short and idempotent); a shutdown that cuts
-        # one short only means it is redelivered.
-        if running:
-            await asyncio.wait(set(running), timeout=20)
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-
-
-async def _run(deps: DepsParam, msg: Msg, slots: asyncio.Semaphore) -> None:
-    keep_alive = asyncio.create_task(_keep_alive(msg))
-    try:
-        try:
-            command = _command_decoder.decode(msg.data)
-        except msgspec.DecodeError as e:
-            await deadletters.record_msg(deps.pool, msg, f"undecodable command: {e}")
-            await msg.term()
-            return
-        if await handle(deps, command):
-            await msg.ack()
-        else:
-            await msg.nak(delay=RETRY_DELAY_S)
-    except Exception:
-        log.exception("control command on %s failed; it will be redelivered", msg.subject)
-        with contextlib.suppress(Exception):
-            await msg.nak(delay=RETRY_DELAY_S * 2)
-    finally:
-        keep_alive.cancel()
-        slots.release()
-
-
-async def _keep_alive(msg: Msg) -> None:
-    while True:
-        await asyncio.sleep(CONTROL_ACK_WAIT_S / 3)
-        with contextlib.suppress(Exception):
-            await msg.in_progress()
+            await sleep_unless(stop, RETRY_DELAY_S)

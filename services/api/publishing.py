@@ -29,9 +29,9 @@ import msgspec
 from nats.js import JetStreamContext
 
 from schemas.messages import RequestMessage
+from services.api.children import Child, killed_on_error, output_of, serve_one_job, spawn
 from services.api.validation import iter_requests
 from shared import bus
-from shared.children import Child, killed_on_error, output_of, serve_one_job, spawn
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,10 @@ from services.api import (
     validation,
     webhooks,
 )
+from services.api.children import SpareChild
 from services.api.deps import Deps, DepsParam, get_deps
 from services.api.exceptions import EXCEPTION_HANDLERS
-from shared import bus, config, telemetry
-from shared.children import SpareChild
+from shared import bus, process, telemetry
 from shared.config import ConfigError, Settings
 from shared.db import connect_pool
 from shared.errors import Unauthorized, Unavailable
@@ -197,14 +197,8 @@ class Server(uvicorn.Server):
         if not self._handle_signals:
             yield
             return
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.handle_exit, sig, None)
-        try:
+        with process.on_signals(lambda sig: self.handle_exit(sig, None)):
             yield
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         log.info("%s: shutting down", signal.Signals(sig).name)
@@ -244,7 +238,8 @@ async def running(settings: Settings) -> AsyncIterator[str]:
 
 
 def main() -> None:
-    settings = config.load()
+    # NATS and the database are checked by create_app, which `running()` shares.
+    settings = process.load_settings(SERVICE, ())
     telemetry.setup(SERVICE, settings.log_level)
     try:
         app = create_app(settings)

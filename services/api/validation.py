@@ -17,7 +17,7 @@ from typing import IO
 import msgspec
 
 from schemas.openai import BatchError, RequestLine
-from shared.children import Child, killed_on_error, output_of, serve_one_job, spawn
+from services.api.children import Child, killed_on_error, output_of, serve_one_job, spawn
 
 MAX_ERRORS = 100
 MAX_SCANNED_MODELS = 16

@@ -38,9 +38,9 @@ from schemas.webhooks import (
 from services.api.deps import DepsParam
 from services.api.store import now_s
 from shared.config import ConfigError, check_webhook_secret
+from shared.domain.webhooks import UnsafeUrl, check_url, host_key, new_secret, secret_hint
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.ids import new_id
-from shared.webhooks import UnsafeUrl, check_url, host_key, new_secret, secret_hint
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,18 @@
 """inference: runs request messages through the engine, one process per GPU per model.
 
-Consumes: stream REQUESTS, durable `inference-<model>`, subjects `jetbatch.requests.<model>.>`,
-  message RequestMessage (JSON), ack_wait = JETBATCH_REQUEST_ACK_WAIT_S,
-  max_deliver = JETBATCH_REQUEST_MAX_DELIVER, at most `engine.capacity` in flight per worker.
+Consumes: CONSUMER below, per model: REQUESTS `jetbatch.requests.<model>.>` as durable
+  `inference-<model>`, RequestMessage, ack_wait = JETBATCH_REQUEST_ACK_WAIT_S, max_deliver =
+  JETBATCH_REQUEST_MAX_DELIVER, at most `engine.capacity` in the engine (intake.py).
 Serves: core NATS `jetbatch.interactive.<model>` (queue group `inference-<model>`), request/reply,
-  for the synchronous API: interactive requests go straight to the engine, never behind the queue.
+  for the synchronous API: interactive requests go straight to the engine, never behind the
+  queue (interactive.py).
 Watches: KV `jetbatch_cancelled` (cancellations.py): a request of a cancelled or expired batch
   is answered with a `batch_cancelled` / `batch_expired` error result without running the
   engine, and one running when its batch stops is aborted in the engine.
 Emits: ResultMessage on RESULTS `jetbatch.results.<batch_id>` (acked by the stream before the
-  request is acked); WorkerHeartbeat into KV `jetbatch_workers` every few seconds; a request
-  that does not decode as a DeadLetterMessage on DEADLETTERS (then termed).
+  request is acked); WorkerHeartbeat into KV `jetbatch_workers` every few seconds
+  (heartbeats.py); a request that does not decode as a DeadLetterMessage on DEADLETTERS (then
+  termed).
 Health: while its GPU is over a threshold (JETBATCH_GPU_MAX_*, gpu.GpuGate) the worker pulls no
   new requests, and its heartbeat says `healthy: false`.
 """
@@ -20,125 +22,57 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
-import signal
 import socket
-import time
-from collections import deque
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
-from schemas.messages import (
-    BatchStop,
-    DeadLetterMessage,
-    InteractiveRequest,
-    RequestMessage,
-    ResultMessage,
-    WorkerHeartbeat,
-    subject_token,
-)
+from schemas.messages import BatchStop, RequestMessage, ResultMessage, subject_token
 from services.inference.cancellations import Cancellations
 from services.inference.engine import Engine, EngineResult, make_engine
 from services.inference.gpu import GpuGate, GpuMonitor
-from shared import bus, config, telemetry
-from shared.ids import new_id, stable_id
-from shared.lane import Lane, on_loop
+from services.inference.heartbeats import Heartbeats
+from services.inference.intake import RESULTS_WINDOW, TAKE_SLICE, TAKE_SLICE_SYNC, Intake
+from services.inference.interactive import SyncLane
+from services.inference.results import engine_failure, result_for, stopped_result
+from shared import bus, config, process, telemetry
+from shared.consumer import Consumer, Runner
+from shared.domain import deadletters
+from shared.ids import stable_id
+from shared.lane import Lane
+
+__all__ = ["CONSUMER", "EMITS", "TAKE_SLICE", "TAKE_SLICE_SYNC", "Worker", "run"]
 
 log = logging.getLogger(__name__)
 
-FETCH_MAX = 512
-# Requests whose result is on its way to RESULTS (published, PubAck pending, then acked) do not
-# hold an engine slot: the engine is refilled as soon as a request finishes, and up to this many
-# finished ones may wait for their PubAck meanwhile. Bounded, so a stalled stream stops the pulls.
-RESULTS_WINDOW = 2_048
-# Requests handled per turn of the event loop, so a synchronous request waits for one slice of
-# batch work, never a whole fetch. Every turn runs one slice of each busy batch task before the
-# sockets are polled again, so while synchronous requests keep coming (one within SYNC_RECENT_S)
-# slices shrink: measured on bench interactive, p99 under load 103-113 -> 54-63 ms, at the price
-# of ~15% of batch throughput (bench orchestration), which is paid only then.
-TAKE_SLICE = 64
-TAKE_SLICE_SYNC = 16
-YIELD_EVERY_SYNC = 32
-SYNC_RECENT_S = 1.0
-# While the GPU is unhealthy, how often the pull loop looks again.
-UNHEALTHY_POLL_S = 1.0
+# Filled in per model at start (consumer_for): the model, and the settings named above.
+CONSUMER = Consumer(
+    stream=bus.REQUESTS,
+    durable="inference-{model}",
+    message=RequestMessage,
+    ack_wait_s=60,
+    max_deliver=5,
+    fetch=512,
+    max_ack_pending=10_000,
+)
+EMITS = (ResultMessage,)
 
-_request_decoder = msgspec.json.Decoder(RequestMessage)
-_interactive_decoder = msgspec.json.Decoder(InteractiveRequest)
 _encoder = msgspec.json.Encoder()
 
 
-def result_for(
-    request_id: str,
-    outcome: EngineResult,
-    *,
-    batch_id: str = "",
-    line: int = 0,
-    custom_id: str = "",
-    worker_id: str = "",
-) -> ResultMessage:
-    body = outcome.body
-    if body is None and outcome.status_code >= 400:
-        # Keep OpenAI's shape: a rejected request's response body is an error object.
-        body = _encoder.encode(
-            {
-                "error": {
-                    "message": outcome.error_message or "request failed",
-                    "type": outcome.error_code or "invalid_request_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
-        )
-    return ResultMessage(
-        batch_id=batch_id,
-        line=line,
-        custom_id=custom_id,
-        request_id=request_id,
-        status_code=outcome.status_code,
-        response_body=msgspec.Raw(body if body is not None else b"null"),
-        error_code=outcome.error_code if outcome.status_code >= 300 else None,
-        error_message=outcome.error_message if outcome.status_code >= 300 else None,
-        input_tokens=outcome.input_tokens,
-        output_tokens=outcome.output_tokens,
-        cached_tokens=outcome.cached_tokens,
-        worker_id=worker_id,
-        finished_at_ms=int(time.time() * 1000),
+def consumer_for(settings: config.Settings, spec: config.ModelSpec, capacity: int) -> Consumer:
+    return dataclasses.replace(
+        CONSUMER,
+        durable=f"inference-{subject_token(spec.name)}",
+        bound={"model": spec.name},
+        ack_wait_s=settings.request_ack_wait_s,
+        max_deliver=settings.request_max_deliver,
+        max_ack_pending=max(CONSUMER.max_ack_pending, (capacity + RESULTS_WINDOW) * 2),
     )
-
-
-def error_result(
-    req: RequestMessage, request_id: str, status_code: int, code: str, message: str, worker_id: str
-) -> ResultMessage:
-    """An error line that no engine answer produced (no response body)."""
-    return ResultMessage(
-        batch_id=req.batch_id,
-        line=req.line,
-        custom_id=req.custom_id,
-        request_id=request_id,
-        status_code=status_code,
-        error_code=code,
-        error_message=message,
-        worker_id=worker_id,
-        finished_at_ms=int(time.time() * 1000),
-    )
-
-
-def engine_failure(
-    req: RequestMessage, request_id: str, error: str, worker_id: str
-) -> ResultMessage:
-    """The request crashed the engine on its last delivery: an error line, so the batch finishes."""
-    return error_result(req, request_id, 500, "engine_error", error, worker_id)
-
-
-def stopped_result(
-    req: RequestMessage, request_id: str, stop: BatchStop, worker_id: str
-) -> ResultMessage:
-    """The request's batch was cancelled or expired before it ran (or while it ran)."""
-    return error_result(req, request_id, 499, stop.error_code, stop.error_message, worker_id)
 
 
 class _NeedsEngine:
@@ -149,6 +83,8 @@ NEEDS_ENGINE = _NeedsEngine()
 
 
 class Worker:
+    needs_engine = NEEDS_ENGINE
+
     def __init__(
         self,
         settings: config.Settings,
@@ -160,7 +96,6 @@ class Worker:
         self.settings = settings
         self.spec = spec
         self.engine = engine
-        self.gpu = gpu
         self.gate = GpuGate(
             settings.health.gpu_max_memory_pct, settings.health.gpu_max_temperature_c
         )
@@ -169,17 +104,20 @@ class Worker:
         # batch id -> request ids of that batch now in the engine, to abort on cancel
         self._running: dict[str, set[str]] = {}
         self.capacity = settings.max_in_flight or engine.capacity
-        self.max_unacked = self.capacity + RESULTS_WINDOW
-        self.in_flight: dict[str, Msg] = {}  # every message not acked yet
-        self.running = 0  # of those, requests in the engine (or about to enter it)
-        self._sync_seen = -SYNC_RECENT_S  # when the last synchronous request came in
-        self.results: bus.AckAfterPublish | None = None  # set by pull_loop
-        self._js: JetStreamContext | None = None
-        self.completed = 0
-        self.started_at = int(time.time())
-        self._slot_free = asyncio.Event()
-        self._tokens: deque[tuple[float, int]] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        consumer = consumer_for(settings, spec, self.capacity)
+        # The connection comes with `start`; until then the runner only decodes (unit tests).
+        self.runner: Runner[RequestMessage] = Runner(None, consumer, self._dead_letter)
+        self.intake = Intake(self, self.runner)
+        self.heartbeats = Heartbeats(self, gpu, self.gate)
+        self.lane = SyncLane(self)
+        self._dead_letters: deadletters.OnBus | None = None
+
+    def start(self, js: Any) -> None:
+        self.runner.js = js
+        self._dead_letters = deadletters.OnBus(js)
+
+    def encode(self, result: ResultMessage) -> bytes:
+        return _encoder.encode(result)
 
     # -- the handler: domain logic only ------------------------------------------------------
     async def handle(self, req: RequestMessage, delivery: int) -> ResultMessage | None:
@@ -251,7 +189,7 @@ class Worker:
                 outcome.error_message,
             )
             return None
-        self._count_tokens(outcome.output_tokens)
+        self.heartbeats.count_tokens(outcome.output_tokens)
         return result_for(
             request_id,
             outcome,
@@ -261,330 +199,52 @@ class Worker:
             worker_id=self.worker_id,
         )
 
-    # -- the runner ---------------------------------------------------------------------------
+    # -- what the intake and the heartbeat show (and tests read) ---------------------------------
     async def take(self, msgs: list[Msg]) -> None:
-        """Start on a pulled chunk. Requests answered without waiting are published and acked
-        in groups (one task per slice); the others each get a task that awaits the engine.
-        Between slices the event loop runs whatever else is ready (a synchronous request)."""
-        self.running += len(msgs)
-        sync = self.sync_traffic()
-        size = TAKE_SLICE_SYNC if sync else TAKE_SLICE
-        if self.results is not None:
-            self.results.yield_every = YIELD_EVERY_SYNC if sync else bus.YIELD_EVERY
-        for start in range(0, len(msgs), size):
-            if start:
-                await asyncio.sleep(0)
-            self._take_slice(msgs[start : start + size])
+        await self.intake.take(msgs)
 
     def sync_traffic(self) -> bool:
-        """Whether synchronous requests are coming in now (one within SYNC_RECENT_S)."""
-        return time.monotonic() - self._sync_seen < SYNC_RECENT_S
+        return self.intake.sync_traffic()
 
-    def _take_slice(self, msgs: list[Msg]) -> None:
-        ready: list[tuple[Msg, ResultMessage | None]] = []
-        for msg in msgs:
-            try:
-                req = _request_decoder.decode(msg.data)
-                delivery = bus.delivery_count(msg)
-                now = self.answer_now(req, stable_id("req_", req.batch_id, req.custom_id), delivery)
-            except Exception:  # undecodable: the full path dead-letters it
-                now = NEEDS_ENGINE
-            if isinstance(now, _NeedsEngine):
-                self._spawn(self.process(msg))
-                continue
-            self.in_flight[msg.reply or new_id("m")] = msg
-            self._release_slot()
-            ready.append((msg, now))
-        if ready:
-            self._spawn(self._publish_ready(ready))
+    def heartbeat(self):  # type: ignore[no-untyped-def]
+        return self.heartbeats.beat()
 
-    async def _publish_ready(self, ready: list[tuple[Msg, ResultMessage | None]]) -> None:
-        assert self.results is not None
-        items: list[tuple[str, bytes, str, Msg]] = []
-        retry: list[Msg] = []
-        for msg, result in ready:
-            if result is None:
-                retry.append(msg)
-            else:
-                items.append(
-                    (
-                        ResultMessage.subject_for(result.batch_id),
-                        _encoder.encode(result),
-                        result.msg_id,
-                        msg,
-                    )
-                )
-        try:
-            for msg in retry:
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=min(30.0, 2.0 ** bus.delivery_count(msg)))
-            failed = await self.results.publish_many_then_ack(items)
-            self.completed += len(items) - len(failed)
-            for index, error in failed.items():
-                msg = items[index][3]
-                log.warning(
-                    "result of %s not published (%r); it will be redelivered", msg.subject, error
-                )
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=5)
-        finally:
-            for msg, _ in ready:
-                self.in_flight.pop(msg.reply or "", None)
-            self._slot_free.set()
+    @property
+    def running(self) -> int:
+        return self.intake.running
 
-    async def process(self, msg: Msg) -> None:
-        """One pulled message that waits for the engine; `self.running` counted it already."""
-        token = msg.reply or new_id("m")
-        self.in_flight[token] = msg
-        in_engine = True
-        try:
-            try:
-                req = _request_decoder.decode(msg.data)
-            except msgspec.DecodeError as e:
-                log.error("undecodable request on %s: %s", msg.subject, e)
-                await self._dead_letter(msg, f"undecodable request: {e}")
-                await msg.term()
-                return
-            try:
-                result = await self.handle(req, bus.delivery_count(msg))
-            finally:
-                in_engine = False
-                self._release_slot()
-            if result is None:
-                await msg.nak(delay=min(30.0, 2.0 ** bus.delivery_count(msg)))
-                return
-            # Acked once RESULTS holds the result; results finishing together share one round
-            # trip to the server.
-            assert self.results is not None
-            await self.results.publish_then_ack(
-                ResultMessage.subject_for(req.batch_id), _encoder.encode(result), result.msg_id, msg
-            )
-            self.completed += 1
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("request on %s not handled; it will be redelivered", msg.subject)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=5)
-        finally:
-            if in_engine:
-                self._release_slot()
-            self.in_flight.pop(token, None)
-            self._slot_free.set()
+    @property
+    def in_flight(self) -> dict[str, Msg]:
+        return self.intake.in_flight
 
-    def _release_slot(self) -> None:
-        self.running -= 1
-        self._slot_free.set()
+    @property
+    def completed(self) -> int:
+        return self.intake.completed
 
-    async def pull_loop(self, js, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
-        token = subject_token(self.spec.name)
-        self._js = js
-        self.results = bus.AckAfterPublish(js)
-        sub = await bus.durable_fast_pull(
-            js,
-            bus.REQUESTS,
-            f"inference-{token}",
-            f"jetbatch.requests.{token}.>",
-            ack_wait_s=self.settings.request_ack_wait_s,
-            max_deliver=self.settings.request_max_deliver,
-            max_ack_pending=max(10_000, self.max_unacked * 2),
-        )
-        while not stop.is_set():
-            if not self.gate.healthy:
-                # The GPU is over a threshold: take nothing new until it recovers (the heartbeat
-                # loop reads it). What is in flight finishes.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), UNHEALTHY_POLL_S)
-                continue
-            free = min(self.capacity - self.running, self.max_unacked - len(self.in_flight))
-            if free <= 0:
-                self._slot_free.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_free.wait(), 1.0)
-                continue
-            await self.take(await sub.fetch(min(free, FETCH_MAX), 1.0))
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+    @property
+    def results(self) -> bus.AckAfterPublish | None:
+        return self.intake.results
 
-    async def serve_interactive(self, nc, engine_loop: asyncio.AbstractEventLoop) -> None:  # type: ignore[no-untyped-def]
-        """Serve synchronous requests on `nc`, from the event loop this runs on: the worker's
-        fast lane (shared.lane), a thread and a NATS connection of their own, so a request
-        never waits behind a batch's deliveries, its results or the main loop's slices of batch
-        work. One the engine answers at once is answered in the callback; the others run on
-        the engine's loop (`engine_loop`), a task each, so a long one never holds up the next."""
-        tasks: set[asyncio.Task[None]] = set()
+    @results.setter
+    def results(self, value: bus.AckAfterPublish | None) -> None:
+        self.intake.results = value
 
-        async def on_request(msg: Msg) -> None:
-            self._sync_seen = time.monotonic()
-            try:
-                req = _interactive_decoder.decode(msg.data)
-            except msgspec.DecodeError as e:
-                undecodable = EngineResult(
-                    status_code=400,
-                    error_code="invalid_request_error",
-                    error_message=f"undecodable request: {e}",
-                )
-                await msg.respond(
-                    _encoder.encode(result_for("", undecodable, worker_id=self.worker_id))
-                )
-                return
-            outcome = self._interactive_now(req)
-            if outcome is None:
-                task = asyncio.create_task(self._interactive(msg, req, engine_loop))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            else:
-                await self._respond(msg, req, outcome)
+    @property
+    def _sync_seen(self) -> float:
+        return self.intake.sync_seen
 
-        await nc.subscribe(
-            InteractiveRequest.subject_for(self.spec.name),
-            queue=f"inference-{subject_token(self.spec.name)}",
-            cb=on_request,
-        )
-
-    def _interactive_now(self, req: InteractiveRequest) -> EngineResult | None:
-        if req.endpoint not in self.spec.endpoints:
-            return EngineResult(
-                status_code=400,
-                error_code="invalid_request_error",
-                error_message=f"model {req.model!r} does not serve {req.endpoint}",
-            )
-        try:
-            return self.engine.answer_now(req.endpoint, bytes(req.body), req.request_id)
-        except Exception:
-            return None  # the engine's full path reports it
-
-    async def _interactive(
-        self, msg: Msg, req: InteractiveRequest, engine_loop: asyncio.AbstractEventLoop
-    ) -> None:
-        outcome = await on_loop(engine_loop, self._run_interactive(req))
-        await self._respond(msg, req, outcome)
-
-    async def _run_interactive(self, req: InteractiveRequest) -> EngineResult:
-        try:
-            return await self.engine.run(
-                req.endpoint, bytes(req.body), req.request_id, interactive=True
-            )
-        except Exception as e:
-            log.exception("engine failed on interactive request %s", req.request_id)
-            return EngineResult(status_code=500, error_code="engine_error", error_message=str(e))
-
-    async def _respond(self, msg: Msg, req: InteractiveRequest, outcome: EngineResult) -> None:
-        self._count_tokens(outcome.output_tokens)
-        await msg.respond(
-            _encoder.encode(result_for(req.request_id, outcome, worker_id=self.worker_id))
-        )
-
-    async def keep_alive(self, stop: asyncio.Event) -> None:
-        """Tell JetStream that long requests are still being worked on, so they aren't redelivered."""
-        interval = max(1.0, self.settings.request_ack_wait_s / 3)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
-            for msg in list(self.in_flight.values()):
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
-
-    def heartbeat(self) -> WorkerHeartbeat:
-        reading = self.gpu.read()
-        healthy = self.gate.update(reading)
-        return WorkerHeartbeat(
-            worker_id=self.worker_id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            model=self.spec.name,
-            endpoints=list(self.spec.endpoints),
-            engine=self.engine.name,
-            started_at=self.started_at,
-            seen_at=int(time.time()),
-            in_flight=self.running,  # in the engine, against `capacity`
-            capacity=self.capacity,
-            completed=self.completed,
-            tokens_per_s=self._tokens_per_s(),
-            gpu_index=reading.index if reading else self.gpu.index,
-            gpu_name=reading.name if reading else None,
-            gpu_memory_used_mb=reading.memory_used_mb if reading else None,
-            gpu_memory_total_mb=reading.memory_total_mb if reading else None,
-            gpu_temperature_c=reading.temperature_c if reading else None,
-            gpu_utilization_pct=reading.utilization_pct if reading else None,
-            healthy=healthy,
-        )
-
-    async def heartbeat_loop(self, kv, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
-        while not stop.is_set():
-            try:
-                await kv.put(self.worker_id, _encoder.encode(self.heartbeat()))
-            except Exception as e:
-                log.warning("heartbeat not written: %s", e)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.heartbeat_interval_s)
-
-    async def drain(self, timeout_s: float) -> None:
-        """Let in-flight requests finish; hand back whatever is still running after the timeout.
-
-        What is still running is stopped first (aborted in the engine), then every message not
-        acked is nak'ed, so JetStream redelivers it at once to another worker. A request whose
-        result was published but not yet acked is redelivered too: its result has the same msg
-        id, and the results writer keeps one row per line, so nothing is duplicated."""
-        deadline = time.monotonic() + timeout_s
-        while self.in_flight and time.monotonic() < deadline:
-            self._slot_free.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_free.wait(), 0.5)
-        leftover = list(self.in_flight.values())
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        handed_back = 0
-        for msg in leftover:
-            if msg.is_acked:
-                continue
-            with contextlib.suppress(Exception):
-                await msg.nak()
-                handed_back += 1
-        if handed_back:
-            log.info("handed back %d in-flight requests", handed_back)
+    @_sync_seen.setter
+    def _sync_seen(self, value: float) -> None:
+        self.intake.sync_seen = value
 
     def _abort_batch(self, stop: BatchStop) -> None:
         for request_id in list(self._running.get(stop.batch_id, ())):
-            self._spawn(self.engine.abort(request_id))
+            self.intake.spawn(self.engine.abort(request_id))
 
-    async def _dead_letter(self, msg: Msg, error: str) -> None:
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
         """Hand a message this worker cannot use to the watchdog, which records it."""
-        meta = msg.metadata
-        letter = DeadLetterMessage(
-            stream=meta.stream,
-            stream_seq=meta.sequence.stream,
-            consumer=meta.consumer,
-            original_subject=msg.subject,
-            payload=msg.data,
-            error=error,
-            deliveries=int(meta.num_delivered),
-            headers=dict(msg.headers) if msg.headers else None,
-        )
-        assert self._js is not None
-        publisher = bus.Publisher(self._js)
-        await publisher.publish(
-            DeadLetterMessage.subject_for(letter.stream), _encoder.encode(letter), letter.msg_id
-        )
-        await publisher.flush()
-
-    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _count_tokens(self, n: int) -> None:
-        if n:
-            self._tokens.append((time.monotonic(), n))
-
-    def _tokens_per_s(self, window_s: float = 30.0) -> float:
-        now = time.monotonic()
-        while self._tokens and self._tokens[0][0] < now - window_s:
-            self._tokens.popleft()
-        return round(sum(n for _, n in self._tokens) / window_s, 2)
+        assert self._dead_letters is not None, "the worker is not started"
+        await self._dead_letters(msg, reason)
 
 
 async def run(
@@ -594,13 +254,14 @@ async def run(
     stop: asyncio.Event,
     worker_id: str | None = None,
 ) -> None:
+    """Start the engine, serve until `stop` is set, then drain (README: Operations)."""
     spec = settings.model(model)
     if spec is None:
         raise config.ConfigError(
             f"model {model!r} is not configured; served: {[m.name for m in settings.models]}"
         )
-    if not settings.nats_url:
-        raise config.ConfigError("JETBATCH_NATS_URL is not set")
+    config.require(settings, "inference", "nats_url")
+    assert settings.nats_url is not None
     worker_id = worker_id or f"{socket.gethostname()}-{subject_token(spec.name)}-{os.getpid()}"
     worker_id = "".join(c if c.isalnum() or c in "-_=" else "_" for c in worker_id)
     engine = make_engine(settings, spec)
@@ -613,36 +274,16 @@ async def run(
     try:
         js = nc.jetstream(publish_async_max_pending=8192)
         await bus.ensure_streams(js)
-        kv = await bus.workers_kv(js)
         worker = Worker(settings, spec, engine, GpuMonitor(gpu_index), worker_id)
+        worker.start(js)
         # Before the first pull: a request of a batch cancelled while we were down must not run.
         await worker.cancellations.start(nc, js)
         lane.start()
         nc_sync = await lane.call(
             bus.connect(settings.nats_url, name=f"inference-sync:{worker_id}")
         )
-        await lane.call(worker.serve_interactive(nc_sync, asyncio.get_running_loop()))
-        fetching = asyncio.Event()  # set = stop fetching
-        drained = asyncio.Event()  # heartbeats and ack extensions go on while draining
-        background = [
-            asyncio.create_task(worker.heartbeat_loop(kv, drained)),
-            asyncio.create_task(worker.keep_alive(drained)),
-            asyncio.create_task(worker.cancellations.keep_in_sync(drained)),
-        ]
-        puller = asyncio.create_task(worker.pull_loop(js, fetching))
-        log.info("worker %s ready: model=%s capacity=%d", worker_id, spec.name, worker.capacity)
-        await stop.wait()
-        log.info("stopping: no new requests; draining %d in flight", len(worker.in_flight))
-        fetching.set()
-        await puller
-        await worker.drain(settings.health.drain_timeout_s)
-        if worker.results is not None:
-            # Its reply subscription would hold the NATS drain below for its whole timeout.
-            await worker.results.close()
-        drained.set()
-        await asyncio.gather(*background, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await kv.delete(worker_id)
+        await lane.call(worker.lane.serve(nc_sync, asyncio.get_running_loop()))
+        await _serve(worker, js, await bus.workers_kv(js), stop)
     finally:
         if nc_sync is not None:
             with contextlib.suppress(Exception):
@@ -651,6 +292,32 @@ async def run(
         with contextlib.suppress(Exception):
             await nc.drain()
         await engine.stop()
+
+
+async def _serve(worker: Worker, js: Any, kv: Any, stop: asyncio.Event) -> None:
+    fetching = asyncio.Event()  # set = stop fetching
+    drained = asyncio.Event()  # heartbeats and ack extensions go on while draining
+    background = [
+        asyncio.create_task(worker.heartbeats.loop(kv, drained)),
+        asyncio.create_task(worker.intake.keep_alive(drained)),
+        asyncio.create_task(worker.cancellations.keep_in_sync(drained)),
+    ]
+    puller = asyncio.create_task(worker.intake.pull(js, fetching))
+    log.info(
+        "worker %s ready: model=%s capacity=%d", worker.worker_id, worker.spec.name, worker.capacity
+    )
+    await stop.wait()
+    log.info("stopping: no new requests; draining %d in flight", len(worker.in_flight))
+    fetching.set()
+    await puller
+    await worker.intake.drain(worker.settings.health.drain_timeout_s)
+    if worker.results is not None:
+        # Its reply subscription would hold the NATS drain below for its whole timeout.
+        await worker.results.close()
+    drained.set()
+    await asyncio.gather(*background, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        await kv.delete(worker.worker_id)
 
 
 def main() -> None:
@@ -662,16 +329,8 @@ def main() -> None:
     if args.gpu is not None:
         # Before the engine starts: the worker sees only its own GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
-    settings = config.load()
-    telemetry.setup("inference", settings.log_level)
-    asyncio.run(_main(settings, args.model, args.gpu, args.worker_id))
 
+    async def serve(settings: config.Settings, stop: asyncio.Event) -> None:
+        await run(settings, args.model, args.gpu, stop, args.worker_id)
 
-async def _main(
-    settings: config.Settings, model: str, gpu: int | None, worker_id: str | None
-) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await run(settings, model, gpu, stop, worker_id)
+    process.main("inference", serve, requires=("nats_url",))

@@ -1,13 +1,17 @@
-"""watchdog: keeps the system honest.
+"""watchdog: records dead letters and keeps every batch moving towards its end.
 
-Consumes: stream DEADLETTERS, durable `watchdog`, subjects `jetbatch.deadletters.>`
-  (DeadLetterMessage, from services without a database) and
-  `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.REQUESTS.*` (JetStream's advisory for a request
-  that reached max deliveries: its worker crashed or hung on it every time), ack_wait ACK_WAIT_S,
-  max_deliver unlimited. Each becomes a row of `dead_letters`; a request's also becomes an error
-  line (`dead_lettered` ResultMessage on RESULTS, msg id `<batch_id>:<line>:r:dead_letter`), so
-  its batch can still finish, and a max-delivered request is then deleted from REQUESTS.
+Consumes: CONSUMER below, the whole of stream DEADLETTERS as durable `watchdog`, max_deliver
+unlimited (a dead letter is data that must reach the database): DeadLetterMessage on
+`jetbatch.deadletters.<stream>` (from services without a database) and MaxDeliveriesAdvisory on
+`$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.REQUESTS.*` (JetStream's advisory for a request that
+reached max deliveries: its worker crashed or hung on it every time). Each becomes a row of
+`dead_letters`; one that does not decode is rejected by the runner, i.e. recorded as such.
+Emits: for a dead-lettered request, an error line (`dead_lettered` ResultMessage on RESULTS, msg
+id `<batch_id>:<line>:r:dead_letter`), so its batch can still finish, and a max-delivered request
+is then deleted from REQUESTS; BatchCommand `close_out` / `redrive` on CONTROL (for the api);
+puts into KV `jetbatch_cancelled`.
 Reads: table batches, KV `jetbatch_workers`.
+
 Every JETBATCH_WATCHDOG_INTERVAL_S it:
   1. expires in_progress batches past expires_at (`ending = 'expired'`),
   2. puts every cancelled or expiring batch into KV `jetbatch_cancelled` (workers stop running
@@ -31,13 +35,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from contextlib import AsyncExitStack
+from typing import Any
 
 import asyncpg
 import msgspec
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -46,127 +49,66 @@ from schemas.messages import (
     BatchStop,
     DeadLetterMessage,
     LineKey,
+    MaxDeliveriesAdvisory,
     ResultMessage,
     WorkerHeartbeat,
 )
 from services.watchdog import store
-from shared import bus, config, db, deadletters, telemetry
+from shared import bus, config, db, process
+from shared.consumer import Consumer, Delivery, Runner, sleep_unless
+from shared.domain import deadletters
 from shared.ids import stable_id
 
 log = logging.getLogger(__name__)
 
 SERVICE = "watchdog"
-DURABLE = "watchdog"
-ACK_WAIT_S = 60
-FETCH_BATCH = 64
-RETRY_DELAY_S = 5.0
+
+CONSUMER: Consumer[DeadLetterMessage | MaxDeliveriesAdvisory] = Consumer(
+    stream=bus.DEADLETTERS,
+    durable="watchdog",
+    message=(DeadLetterMessage, MaxDeliveriesAdvisory),
+    ack_wait_s=60,
+    max_deliver=-1,
+)
+
 # Commands to the api are re-sent at most once per this many seconds (msg id bucket).
 COMMAND_PERIOD_S = 60
 
 _heartbeat = msgspec.json.Decoder(WorkerHeartbeat)
-_letter_decoder = msgspec.json.Decoder(DeadLetterMessage)
 _encoder = msgspec.json.Encoder()
 
 
-class MaxDeliveriesAdvisory(msgspec.Struct, kw_only=True):
-    """JetStream's io.nats.jetstream.advisory.v1.max_deliver (the fields we use)."""
-
-    stream: str
-    consumer: str
-    stream_seq: int
-    deliveries: int
+# Dead letters --------------------------------------------------------------------------------
 
 
-_advisory_decoder = msgspec.json.Decoder(MaxDeliveriesAdvisory)
+class Recorder:
+    """Records DEADLETTERS messages in table `dead_letters` (the runner acks each after)."""
 
-
-def stale_workers(
-    beats: list[WorkerHeartbeat], now: float, stale_after_s: float
-) -> list[WorkerHeartbeat]:
-    return [b for b in beats if now - b.seen_at > stale_after_s]
-
-
-async def read_heartbeats(kv) -> list[WorkerHeartbeat]:  # type: ignore[no-untyped-def]
-    beats = []
-    try:
-        keys = await kv.keys()
-    except Exception:  # an empty bucket answers NoKeysError
-        return []
-    for key in keys:
-        with contextlib.suppress(Exception):
-            entry = await kv.get(key)
-            if entry.value:
-                beats.append(_heartbeat.decode(entry.value))
-    return beats
-
-
-def dead_lettered_result(key: LineKey, dead_letter_id: int, reason: str) -> ResultMessage:
-    """The error line a dead-lettered request becomes."""
-    assert key.batch_id is not None and key.custom_id is not None and key.line is not None
-    return ResultMessage(
-        batch_id=key.batch_id,
-        line=key.line,
-        custom_id=key.custom_id,
-        request_id=stable_id("req_", key.batch_id, key.custom_id),
-        status_code=500,
-        error_code="dead_lettered",
-        error_message=f"{reason}; the request was set aside as dead letter {dead_letter_id} "
-        "(GET /v1/dead_letters)",
-        worker_id=SERVICE,
-        finished_at_ms=int(time.time() * 1000),
-    )
-
-
-class Watchdog:
-    def __init__(
-        self,
-        settings: config.Settings,
-        pool: asyncpg.Pool,
-        js: JetStreamContext,
-        workers,  # type: ignore[no-untyped-def]
-        cancelled,  # type: ignore[no-untyped-def]
-    ) -> None:
-        self.settings = settings
-        self.health = settings.health
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext) -> None:
         self.pool = pool
         self.js = js
-        self.workers = workers
-        self.cancelled = cancelled
-        self._announced: set[str] = set()  # batches put into jetbatch_cancelled by this process
-        self._stale_logged: set[str] = set()
 
-    # -- dead letters ---------------------------------------------------------------------------
-
-    async def handle_dead_letter(self, msg: Msg) -> None:
-        """Record one DEADLETTERS message; the caller acks it after this returns."""
-        if msg.subject.startswith(bus.MAX_DELIVERIES_ADVISORY):
-            await self._max_delivered(msg)
-            return
-        try:
-            letter = _letter_decoder.decode(msg.data)
-        except msgspec.DecodeError as e:
-            await deadletters.record_msg(self.pool, msg, f"undecodable dead letter: {e}")
+    async def handle(
+        self, value: DeadLetterMessage | MaxDeliveriesAdvisory, _: Delivery[Any]
+    ) -> None:
+        if isinstance(value, MaxDeliveriesAdvisory):
+            await self._max_delivered(value)
             return
         dead_letter_id = await deadletters.record(
             self.pool,
-            source=letter.stream,
-            stream_seq=letter.stream_seq,
-            consumer=letter.consumer,
-            subject=letter.original_subject,
-            payload=letter.payload,
-            headers=letter.headers,
-            error=letter.error,
-            deliveries=letter.deliveries,
+            source=value.stream,
+            stream_seq=value.stream_seq,
+            consumer=value.consumer,
+            subject=value.original_subject,
+            payload=value.payload,
+            headers=value.headers,
+            error=value.error,
+            deliveries=value.deliveries,
         )
-        if letter.stream == bus.REQUESTS.name:
-            await self._error_line(letter.payload, dead_letter_id, letter.error)
+        if value.stream == bus.REQUESTS.name:
+            await self._error_line(value.payload, dead_letter_id, value.error)
 
-    async def _max_delivered(self, msg: Msg) -> None:
-        try:
-            advisory = _advisory_decoder.decode(msg.data)
-        except msgspec.DecodeError as e:
-            log.error("undecodable advisory on %s: %s", msg.subject, e)
-            return
+    async def _max_delivered(self, advisory: MaxDeliveriesAdvisory) -> None:
         try:
             original = await self.js.get_msg(advisory.stream, advisory.stream_seq)
         except NotFoundError:
@@ -215,37 +157,65 @@ class Watchdog:
         )
         await publisher.flush()
 
-    async def consume_dead_letters(self, stop: asyncio.Event) -> None:
-        sub = await bus.durable_pull(
-            self.js,
-            bus.DEADLETTERS,
-            DURABLE,
-            ">",
-            ack_wait_s=ACK_WAIT_S,
-            max_deliver=-1,
-            max_ack_pending=1_000,
-        )
-        try:
-            while not stop.is_set():
-                try:
-                    msgs = await bus.fetch(sub, FETCH_BATCH, timeout_s=1.0)
-                except Exception as e:  # disconnected: the client reconnects by itself
-                    log.warning("dead letter fetch failed: %r", e)
-                    await _sleep(stop, RETRY_DELAY_S)
-                    continue
-                for msg in msgs:
-                    try:
-                        await self.handle_dead_letter(msg)
-                        await msg.ack()
-                    except Exception:
-                        log.exception("dead letter on %s not recorded; retrying", msg.subject)
-                        with contextlib.suppress(Exception):
-                            await msg.nak(delay=RETRY_DELAY_S)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
-    # -- rounds ---------------------------------------------------------------------------------
+def dead_lettered_result(key: LineKey, dead_letter_id: int, reason: str) -> ResultMessage:
+    """The error line a dead-lettered request becomes."""
+    assert key.batch_id is not None and key.custom_id is not None and key.line is not None
+    return ResultMessage.failure(
+        batch_id=key.batch_id,
+        line=key.line,
+        custom_id=key.custom_id,
+        request_id=stable_id("req_", key.batch_id, key.custom_id),
+        status_code=500,
+        code="dead_lettered",
+        message=f"{reason}; the request was set aside as dead letter {dead_letter_id} "
+        "(GET /v1/dead_letters)",
+        worker_id=SERVICE,
+    )
+
+
+# Rounds -------------------------------------------------------------------------------------
+
+
+def stale_workers(
+    beats: list[WorkerHeartbeat], now: float, stale_after_s: float
+) -> list[WorkerHeartbeat]:
+    return [b for b in beats if now - b.seen_at > stale_after_s]
+
+
+async def read_heartbeats(kv) -> list[WorkerHeartbeat]:  # type: ignore[no-untyped-def]
+    beats = []
+    try:
+        keys = await kv.keys()
+    except Exception:  # an empty bucket answers NoKeysError
+        return []
+    for key in keys:
+        with contextlib.suppress(Exception):
+            entry = await kv.get(key)
+            if entry.value:
+                beats.append(_heartbeat.decode(entry.value))
+    return beats
+
+
+class Watchdog:
+    """The rounds: expiry, stop and close-out, re-drive, stall and stale-worker flags."""
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        workers,  # type: ignore[no-untyped-def]
+        cancelled,  # type: ignore[no-untyped-def]
+    ) -> None:
+        self.settings = settings
+        self.health = settings.health
+        self.pool = pool
+        self.js = js
+        self.workers = workers
+        self.cancelled = cancelled
+        self._announced: set[str] = set()  # batches put into jetbatch_cancelled by this process
+        self._stale_logged: set[str] = set()
 
     async def round(self) -> None:
         """One look at everything. Each step runs even if an earlier one failed."""
@@ -329,12 +299,10 @@ class Watchdog:
     async def rounds(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self.round()
-            await _sleep(stop, self.health.watchdog_interval_s)
+            await sleep_unless(stop, self.health.watchdog_interval_s)
 
 
-async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+# Wiring -------------------------------------------------------------------------------------
 
 
 async def run(settings: config.Settings, stop: asyncio.Event) -> None:
@@ -350,9 +318,12 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
         watchdog = Watchdog(
             settings, pool, js, await bus.workers_kv(js), await bus.cancelled_kv(js)
         )
+        dead_letters = Runner(js, CONSUMER, deadletters.InDatabase(pool))
         log.info("watchdog: every %.1f s; dead letters from %s", settings.health.watchdog_interval_s,
                  bus.DEADLETTERS.name)  # fmt: skip
-        await asyncio.gather(watchdog.rounds(stop), watchdog.consume_dead_letters(stop))
+        await asyncio.gather(
+            watchdog.rounds(stop), dead_letters.run(Recorder(pool, js).handle, stop)
+        )
         log.info("watchdog: stopped")
 
 
@@ -362,14 +333,4 @@ async def _drain(nc) -> None:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    settings = config.load()
-    telemetry.setup(SERVICE, settings.log_level)
-    asyncio.run(_main(settings))
-
-
-async def _main(settings: config.Settings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await run(settings, stop)
+    process.main(SERVICE, run)

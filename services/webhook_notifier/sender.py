@@ -1,7 +1,7 @@
 """One signed webhook POST and what came of it. Never raises for anything the receiver or the
 network does: every way an attempt can end is an Outcome, to be recorded.
 
-Safety: the URL must be http(s) and resolve only to allowed addresses (shared.webhooks), checked
+Safety: the URL must be http(s) and resolve only to allowed addresses (shared.domain.webhooks), checked
 before the request and again by the connector's resolver; redirects are never followed (a 3xx
 is a failed attempt); at most MAX_RESPONSE_BYTES of the answer are read; one timeout covers the
 whole attempt; no cookies, no proxies from the environment, no decompression of the answer.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from shared.webhooks import GuardedResolver, UnsafeUrl, check_url, signed_headers
+from shared.domain.webhooks import GuardedResolver, UnsafeUrl, check_url, signed_headers
 
 USER_AGENT = "jetbatch-webhooks/1"
 MAX_RESPONSE_BYTES = 64 * 1024  # read for the error message; the rest is dropped unread

@@ -1,19 +1,20 @@
 """webhook_notifier: tells clients that a batch ended, with Standard-Webhooks-signed POSTs.
 
-Consumes: stream EVENTS, durable `webhook_notifier`, filter `jetbatch.events.batch.>`, messages
-`schemas.messages.BatchEvent` (JSON), ack_wait ACK_WAIT_S, max_deliver unlimited (an event is
-data that must reach the database; one that does not decode is termed). Each fetch becomes one
-transaction that inserts a delivery per destination (idempotent on (event_id, destination)),
-and is acked after its commit: from then on the delivery lives in PostgreSQL, not on the bus.
+Consumes: CONSUMER below, stream EVENTS as durable `webhook_notifier`, BatchEvent on
+`jetbatch.events.batch.<status>`, a fetch of up to 100 at a time, max_deliver unlimited (an event
+is data that must reach the database). Each fetch becomes one transaction that inserts a delivery
+per destination (idempotent on (event_id, destination)) and is acked after its commit. An event
+that does not decode, or that PostgreSQL cannot store, is a dead letter (table `dead_letters`).
 Emits: HTTP POSTs of `schemas.webhooks.WebhookEvent` to the registered endpoints whose event types
 match, and to the batch's own `metadata.webhook_url` (signed with JETBATCH_WEBHOOK_SECRET).
 
-The delivery loop, in the same process, claims due deliveries (`FOR UPDATE SKIP LOCKED`, then a
-lease: services/webhook_notifier/store.py) and attempts each: any non-2xx answer or network error
-is retried with exponential backoff and full jitter until JETBATCH_WEBHOOK_MAX_ATTEMPTS or
-JETBATCH_WEBHOOK_MAX_AGE_S, then the delivery is a dead letter (`/v1/webhook_deliveries`). Every
-attempt is recorded. Each retry carries the same `webhook-id` (the event id), so a receiver
-de-duplicates the rare second copy (a notifier killed after the POST but before recording it).
+The delivery loop (Deliverer), in the same process, claims due deliveries (`FOR UPDATE SKIP
+LOCKED`, then a lease: services/webhook_notifier/store.py) and attempts each: any non-2xx answer
+or network error is retried with exponential backoff and full jitter until
+JETBATCH_WEBHOOK_MAX_ATTEMPTS or JETBATCH_WEBHOOK_MAX_AGE_S, then the delivery is a dead letter
+(`/v1/webhook_deliveries`). Every attempt is recorded. Each retry carries the same `webhook-id`
+(the event id), so a receiver de-duplicates the rare second copy (a notifier killed after the
+POST but before recording it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,30 +31,32 @@ from contextlib import AsyncExitStack
 import aiohttp
 import asyncpg
 import msgspec
-from nats.aio.msg import Msg
-from nats.errors import MsgAlreadyAckdError
-from nats.js import JetStreamContext
 
 from schemas.messages import BatchEvent
 from schemas.webhooks import WebhookEvent, WebhookEventData
 from services.webhook_notifier import sender, store
-from shared import bus, config, db, telemetry
+from shared import bus, db, process, telemetry
 from shared.config import ConfigError, Settings, WebhookSettings
+from shared.consumer import BACKOFF, Backoff, Batch, Consumer, Runner
+from shared.domain import deadletters
+from shared.domain.webhooks import UnsafeUrl, host_key, parse_url
 from shared.ids import stable_id
-from shared.webhooks import UnsafeUrl, host_key, parse_url
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
 SERVICE = "webhook_notifier"
-STREAM = bus.EVENTS
-DURABLE = "webhook_notifier"
-FILTER_SUBJECT = "jetbatch.events.batch.>"
-ACK_WAIT_S = 60
-MAX_DELIVER = -1
-FETCH_BATCH = 100
-FETCH_TIMEOUT_S = 1.0
-RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # consumer: the database is unavailable
+
+CONSUMER = Consumer(
+    stream=bus.EVENTS,
+    durable="webhook_notifier",
+    message=BatchEvent,
+    batch=True,
+    fetch=100,
+    ack_wait_s=60,
+    max_deliver=-1,
+    max_ack_pending=1_000,
+)
 
 BATCH_URL_KEY = "webhook_url"  # metadata key of a batch's own destination
 BATCH_URL_DESTINATION = "batch_url"
@@ -70,7 +72,6 @@ CANDIDATES_PER_SLOT = 2
 
 # Errors caused by an event's content rather than by the database being unavailable.
 _DATA_ERRORS: tuple[type[Exception], ...] = (asyncpg.DataError, UnicodeError)
-_decoder = msgspec.json.Decoder(BatchEvent)
 _encoder = msgspec.json.Encoder()
 _metadata_decoder = msgspec.json.Decoder(dict[str, str] | None)
 
@@ -89,46 +90,42 @@ def payload(event: BatchEvent, metadata: dict[str, str] | None) -> bytes:
     return _encoder.encode(body)
 
 
-def backoff_s(policy: WebhookSettings, cycle_attempt: int, rng: random.Random) -> float:
-    """Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"): uniform in
-    [0, min(max, base * 2**(n-1))] after the n-th failed attempt."""
-    ceiling = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** min(cycle_attempt - 1, 62))
-    return rng.uniform(0, ceiling)
-
-
-def next_state(
-    policy: WebhookSettings,
-    claimed: store.Claimed,
-    outcome: sender.Outcome,
-    rng: random.Random,
-) -> tuple[str, float, str | None]:
-    """(status, seconds until the next attempt, error to record) after an attempt."""
-    if outcome.ok:
-        return "delivered", 0.0, None
-    error = outcome.error or "failed"
-    if outcome.permanent:
-        return "dead", 0.0, error
-    if claimed.cycle_attempt >= policy.max_attempts:
-        return "dead", 0.0, f"gave up after {claimed.cycle_attempt} attempts; last: {error}"
-    left_s = policy.max_age_s - claimed.cycle_age_s
-    if left_s <= 0:
-        return "dead", 0.0, f"gave up after {policy.max_age_s:g}s; last: {error}"
-    # The last retry lands at the max age rather than never happening.
-    return "pending", min(backoff_s(policy, claimed.cycle_attempt, rng), left_s), error
-
-
-# Scheduling: events -> delivery rows --------------------------------------------------------
+# The handler: events -> delivery rows --------------------------------------------------------
 
 
 class Scheduler:
-    """Turns events into delivery rows, one per destination, in one transaction."""
+    """Turns events into delivery rows, one per destination, and wakes the delivery loop."""
 
-    def __init__(self, pool: asyncpg.Pool, policy: WebhookSettings) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, policy: WebhookSettings, wake: asyncio.Event | None = None
+    ) -> None:
         self._pool = pool
         self._policy = policy
+        self._wake = wake or asyncio.Event()
 
-    async def handle(self, events: Sequence[BatchEvent]) -> int:
-        """Returns how many deliveries were new."""
+    async def handle(self, batch: Batch[BatchEvent]) -> None:
+        """One fetch, in one transaction; the runner acks it after the commit. From then on the
+        deliveries live in PostgreSQL, not on the bus."""
+        events = batch.values
+        try:
+            new = await self.schedule(events)
+        except _DATA_ERRORS:
+            # Text PostgreSQL refuses (a NUL in a URL, say) in one event: schedule them one by
+            # one, so the culprit alone is rejected and the others go out.
+            new = 0
+            for i, event in enumerate(events):
+                try:
+                    new += await self.schedule([event])
+                except _DATA_ERRORS as e:
+                    batch.reject(i, f"unstorable event {event.id} of {event.batch_id}: {e!r}")
+        for i, event in enumerate(events):
+            if i not in batch.rejected:
+                log.info("batch %s: event %s %s scheduled", event.batch_id, event.id, event.type)
+        if new:
+            self._wake.set()
+
+    async def schedule(self, events: Sequence[BatchEvent]) -> int:
+        """Insert the events' deliveries in one transaction; returns how many were new."""
         now = int(time.time())
         async with self._pool.acquire() as conn, conn.transaction():
             endpoints = await store.live_endpoints(conn)
@@ -192,6 +189,34 @@ class Scheduler:
 
 
 # Delivery: due rows -> signed POSTs ---------------------------------------------------------
+
+
+def backoff_s(policy: WebhookSettings, cycle_attempt: int, rng: random.Random) -> float:
+    """The wait after the n-th failed attempt: the one Backoff, with full jitter."""
+    return Backoff(policy.backoff_base_s, policy.backoff_max_s, jitter=True).delay_s(
+        cycle_attempt, rng
+    )
+
+
+def next_state(
+    policy: WebhookSettings,
+    claimed: store.Claimed,
+    outcome: sender.Outcome,
+    rng: random.Random,
+) -> tuple[str, float, str | None]:
+    """(status, seconds until the next attempt, error to record) after an attempt."""
+    if outcome.ok:
+        return "delivered", 0.0, None
+    error = outcome.error or "failed"
+    if outcome.permanent:
+        return "dead", 0.0, error
+    if claimed.cycle_attempt >= policy.max_attempts:
+        return "dead", 0.0, f"gave up after {claimed.cycle_attempt} attempts; last: {error}"
+    left_s = policy.max_age_s - claimed.cycle_age_s
+    if left_s <= 0:
+        return "dead", 0.0, f"gave up after {policy.max_age_s:g}s; last: {error}"
+    # The last retry lands at the max age rather than never happening.
+    return "pending", min(backoff_s(policy, claimed.cycle_attempt, rng), left_s), error
 
 
 class Deliverer:
@@ -309,15 +334,18 @@ class Deliverer:
             log.warning("%s: %s; retrying in %.1fs", where, error, retry_in_s)
 
     async def run(self, stop: asyncio.Event) -> None:
+        failures = 0
         while not stop.is_set():
             self.wake.clear()
             try:
                 while await self.claim():
                     pass
                 wait_s = await store.seconds_until_due(self._pool, self._saturated())
+                failures = 0
             except Exception:
+                failures += 1
                 log.exception("claiming deliveries failed; retrying")
-                wait_s = RETRY_BACKOFF_S[1]
+                wait_s = BACKOFF.delay_s(failures)
             if len(self._tasks) >= self._policy.concurrency or wait_s is None:
                 wait_s = IDLE_POLL_S
             wait_s = min(max(wait_s, 0.005), IDLE_POLL_S)
@@ -339,87 +367,6 @@ class Deliverer:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-
-
-# The EVENTS consumer ------------------------------------------------------------------------
-
-
-class _Consumer:
-    def __init__(
-        self, scheduler: Scheduler, deliverer: Deliverer, sub: JetStreamContext.PullSubscription
-    ) -> None:
-        self._scheduler = scheduler
-        self._deliverer = deliverer
-        self._sub = sub
-        self._failures = 0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                msgs = await bus.fetch(self._sub, FETCH_BATCH, FETCH_TIMEOUT_S)
-            except Exception as e:  # disconnected: the client reconnects by itself
-                log.warning("fetch failed: %r", e)
-                await _sleep(stop, RETRY_BACKOFF_S[0])
-                continue
-            if msgs:
-                await self._process_or_retry(msgs, stop)
-
-    async def _process_or_retry(self, msgs: list[Msg], stop: asyncio.Event) -> None:
-        try:
-            with tracer.start_as_current_span(f"{FILTER_SUBJECT} process"):
-                await self.process(msgs)
-            self._failures = 0
-        except Exception:
-            delay = RETRY_BACKOFF_S[min(self._failures, len(RETRY_BACKOFF_S) - 1)]
-            self._failures += 1
-            log.exception("scheduling %d events failed; retrying in %.0fs", len(msgs), delay)
-            for msg in msgs:
-                with contextlib.suppress(MsgAlreadyAckdError):
-                    await msg.nak(delay=delay)
-            await _sleep(stop, delay)
-
-    async def process(self, msgs: list[Msg]) -> None:
-        events: list[BatchEvent] = []
-        held: list[Msg] = []
-        for msg in msgs:
-            try:
-                events.append(_decoder.decode(msg.data))
-                held.append(msg)
-            except msgspec.DecodeError as e:
-                await _reject(msg, f"undecodable: {e}")
-        if not events:
-            return
-        try:
-            new = await self._scheduler.handle(events)
-        except _DATA_ERRORS:
-            # Text PostgreSQL refuses (a NUL in a URL, say) in one event: schedule them one by
-            # one, so the culprit alone is rejected and the others go out.
-            new = 0
-            kept: list[tuple[BatchEvent, Msg]] = []
-            for event, msg in zip(events, held, strict=True):
-                try:
-                    new += await self._scheduler.handle([event])
-                    kept.append((event, msg))
-                except _DATA_ERRORS as e:
-                    await _reject(msg, f"unstorable event {event.id} of {event.batch_id}: {e!r}")
-            events, held = [e for e, _ in kept], [m for _, m in kept]
-        for event in events:
-            log.info("batch %s: event %s %s scheduled", event.batch_id, event.id, event.type)
-        if new:
-            self._deliverer.wake.set()
-        for msg in held:  # after commit: a crash before this only causes redelivery
-            await msg.ack()
-
-
-async def _reject(msg: Msg, reason: str) -> None:
-    """An event we will never be able to use: logged and termed (EVENTS keeps it for replay)."""
-    log.error("rejected event on %s: %s", msg.subject, reason)
-    await msg.term()
-
-
-async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 # Wiring -------------------------------------------------------------------------------------
@@ -449,18 +396,13 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await bus.ensure_streams(js, (bus.EVENTS,))
-        sub = await bus.durable_pull(
-            js, STREAM, DURABLE, FILTER_SUBJECT,
-            ack_wait_s=ACK_WAIT_S, max_deliver=MAX_DELIVER, max_ack_pending=10 * FETCH_BATCH,
-        )  # fmt: skip
-        # An open pull subscription makes drain() wait out its whole timeout.
-        stack.push_async_callback(sub.unsubscribe)
         deliverer = Deliverer(pool, session, policy)
-        consumer = _Consumer(Scheduler(pool, policy), deliverer, sub)
-        log.info("webhook_notifier: consuming %s as %s", FILTER_SUBJECT, DURABLE)
+        scheduler = Scheduler(pool, policy, deliverer.wake)
+        events = Runner(js, CONSUMER, deadletters.InDatabase(pool))
+        log.info("webhook_notifier: consuming %s", CONSUMER.describe())
         delivering = asyncio.create_task(deliverer.run(stop), name="deliver")
         try:
-            await consumer.run(stop)
+            await events.run(scheduler.handle, stop)
         finally:
             stop.set()
             await delivering
@@ -469,14 +411,4 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    settings = config.load()
-    telemetry.setup(SERVICE, settings.log_level)
-    asyncio.run(_serve(settings))
-
-
-async def _serve(settings: Settings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await run(settings, stop)
+    process.main(SERVICE, run)

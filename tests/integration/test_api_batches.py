@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import asyncpg
 import httpx
@@ -28,13 +27,10 @@ from shared import bus, config
 from shared.db import connect_pool
 from shared.embedded import free_port
 from shared.storage import FileStorage
+from tests.helpers import API_KEY, CHAT, CHAT_MODEL, EMBED_MODEL, chat_line, wait_until
 from tests.openai_schema import validate
 
-API_KEY = "sk-test-batches"
-CHAT_MODEL = "SmolLM2-135M-Instruct"
 OTHER_CHAT_MODEL = "other-chat"
-EMBED_MODEL = "all-MiniLM-L6-v2"
-CHAT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 
 
 @pytest.fixture
@@ -69,41 +65,33 @@ async def js(nats_url: str) -> AsyncIterator[nats.js.JetStreamContext]:
     await nc.close()
 
 
-def line(
-    custom_id: Any, *, model: str = CHAT_MODEL, url: str = CHAT, method: str = "POST"
-) -> bytes:
-    body = {"model": model, "messages": [{"role": "user", "content": f"say {custom_id}"}]}
-    obj = {"custom_id": custom_id, "method": method, "url": url, "body": body}
-    return json.dumps(obj).encode() + b"\n"
-
-
 async def upload(client: openai.AsyncOpenAI, content: bytes, purpose: str = "batch") -> str:
     return (await client.files.create(file=("in.jsonl", content), purpose=purpose)).id  # type: ignore[arg-type]
 
 
 async def settled(client: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 20) -> Batch:
-    """The batch once it has left `validating` (and, when in_progress, once published)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """The batch once it has left `validating`."""
+
+    async def left_validating() -> Batch | None:
         batch = await client.batches.retrieve(batch_id)
-        if batch.status != "validating":
-            return batch
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"batch {batch_id} still validating after {timeout_s}s")
+        return batch if batch.status != "validating" else None
+
+    what = f"batch {batch_id} to leave validating"
+    return await wait_until(left_validating, what, timeout_s=timeout_s)
 
 
 async def published_at(database_url: str, batch_id: str, timeout_s: float = 20) -> int:
     conn = await asyncpg.connect(database_url)
     try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = await conn.fetchval("SELECT published_at FROM batches WHERE id = $1", batch_id)
-            if value is not None:
-                return int(value)
-            await asyncio.sleep(0.05)
+
+        async def published() -> int | None:
+            sql = "SELECT published_at FROM batches WHERE id = $1"
+            return await conn.fetchval(sql, batch_id)
+
+        what = f"batch {batch_id} to be published"
+        return int(await wait_until(published, what, timeout_s=timeout_s))
     finally:
         await conn.close()
-    raise AssertionError(f"batch {batch_id} never published")
 
 
 async def request_count(js: nats.js.JetStreamContext) -> int:
@@ -113,7 +101,7 @@ async def request_count(js: nats.js.JetStreamContext) -> int:
 async def test_a_valid_batch_publishes_one_request_per_line(
     client: openai.AsyncOpenAI, js: nats.js.JetStreamContext, database_url: str
 ) -> None:
-    lines = [line(f"req-{i}") for i in range(25)]
+    lines = [chat_line(f"req-{i}") for i in range(25)]
     file_id = await upload(client, b"\n".join(lines))  # blank lines in between are ignored
     created = await client.batches.create(
         input_file_id=file_id,
@@ -171,7 +159,7 @@ async def deps(api_env: dict[str, str], database_url: str, nats_url: str) -> Asy
 async def test_process_batch_can_be_rerun_without_duplicates(
     client: openai.AsyncOpenAI, js: nats.js.JetStreamContext, deps: Deps, database_url: str
 ) -> None:
-    file_id = await upload(client, b"".join(line(f"r{i}") for i in range(10)))
+    file_id = await upload(client, b"".join(chat_line(f"r{i}") for i in range(10)))
     created = await client.batches.create(
         input_file_id=file_id, endpoint=CHAT, completion_window="24h"
     )
@@ -202,7 +190,7 @@ async def test_process_batch_can_be_rerun_without_duplicates(
 async def test_a_batch_whose_file_was_deleted_fails(
     client: openai.AsyncOpenAI, deps: Deps, js: nats.js.JetStreamContext
 ) -> None:
-    file_id = await upload(client, line("a"))
+    file_id = await upload(client, chat_line("a"))
     await client.files.delete(file_id)
     # A batch created before the delete, left in `validating` (the api refuses a deleted file).
     await deps.pool.execute(
@@ -222,16 +210,24 @@ async def test_a_batch_whose_file_was_deleted_fails(
 
 
 BAD_FILES: dict[str, tuple[bytes, str, int | None]] = {
-    "not json": (line("a") + b"{oops\n", "invalid_json_line", 2),
-    "not utf-8": (line("a") + b'{"custom_id": "\xff"}\n', "invalid_utf8", 2),
+    "not json": (chat_line("a") + b"{oops\n", "invalid_json_line", 2),
+    "not utf-8": (chat_line("a") + b'{"custom_id": "\xff"}\n', "invalid_utf8", 2),
     "not an object": (b"[1]\n", "invalid_json_line", 1),
-    "no custom_id": (line("a") + line(""), "missing_custom_id", 2),
-    "duplicate custom_id": (line("a") + line("b") + line("a"), "duplicate_custom_id", 3),
-    "wrong method": (line("a") + line("b", method="GET"), "invalid_method", 2),
-    "wrong url": (line("a") + line("b", url="/v1/completions"), "mismatched_url", 2),
-    "mixed models": (line("a") + b"\n" + line("b", model=OTHER_CHAT_MODEL), "mixed_models", 3),
+    "no custom_id": (chat_line("a") + chat_line(""), "missing_custom_id", 2),
+    "duplicate custom_id": (
+        chat_line("a") + chat_line("b") + chat_line("a"),
+        "duplicate_custom_id",
+        3,
+    ),
+    "wrong method": (chat_line("a") + chat_line("b", method="GET"), "invalid_method", 2),
+    "wrong url": (chat_line("a") + chat_line("b", url="/v1/completions"), "mismatched_url", 2),
+    "mixed models": (
+        chat_line("a") + b"\n" + chat_line("b", model=OTHER_CHAT_MODEL),
+        "mixed_models",
+        3,
+    ),
     "body not an object": (
-        line("a")
+        chat_line("a")
         + b'{"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": 1}\n',
         "invalid_body",
         2,
@@ -276,11 +272,11 @@ async def create_raw(api: str, body: dict[str, Any]) -> httpx.Response:
 async def test_bad_create_requests_are_refused_with_the_field_named(
     client: openai.AsyncOpenAI, api: str
 ) -> None:
-    good = await upload(client, line("a"))
-    embeddings = await upload(client, line("a", model=EMBED_MODEL, url="/v1/embeddings"))
-    unserved = await upload(client, line("a", model="gpt-9"))
+    good = await upload(client, chat_line("a"))
+    embeddings = await upload(client, chat_line("a", model=EMBED_MODEL, url="/v1/embeddings"))
+    unserved = await upload(client, chat_line("a", model="gpt-9"))
     not_batch = await upload(client, b"hello", purpose="user_data")
-    too_long = await upload(client, b"".join(line(f"r{i}") for i in range(51)))
+    too_long = await upload(client, b"".join(chat_line(f"r{i}") for i in range(51)))
 
     async def refused(
         expected: type[openai.APIStatusError], **fields: Any
@@ -334,7 +330,7 @@ async def test_bad_create_requests_are_refused_with_the_field_named(
 async def test_cancelling_moves_an_open_batch_to_cancelling_and_refuses_a_finished_one(
     client: openai.AsyncOpenAI,
 ) -> None:
-    open_file = await upload(client, b"".join(line(f"r{i}") for i in range(5)))
+    open_file = await upload(client, b"".join(chat_line(f"r{i}") for i in range(5)))
     batch = await client.batches.create(
         input_file_id=open_file, endpoint=CHAT, completion_window="24h"
     )
@@ -365,7 +361,7 @@ async def test_cancelling_moves_an_open_batch_to_cancelling_and_refuses_a_finish
 
 
 async def test_listing_batches_paginates_newest_first(client: openai.AsyncOpenAI) -> None:
-    file_id = await upload(client, line("a"))
+    file_id = await upload(client, chat_line("a"))
     ids = []
     for _ in range(5):
         batch = await client.batches.create(
@@ -389,7 +385,7 @@ async def test_responses_match_openais_json_schemas(api: str) -> None:
     async with httpx.AsyncClient(base_url=api, headers=headers) as http:
         good = (
             await http.post(
-                "/files", files={"file": ("in.jsonl", line("a"))}, data={"purpose": "batch"}
+                "/files", files={"file": ("in.jsonl", chat_line("a"))}, data={"purpose": "batch"}
             )
         ).json()
         bad = (
@@ -403,12 +399,12 @@ async def test_responses_match_openais_json_schemas(api: str) -> None:
         created = (await http.post("/batches", json={**body, "input_file_id": good["id"]})).json()
         failing = (await http.post("/batches", json={**body, "input_file_id": bad["id"]})).json()
         validate("Batch", created)
-        deadline = time.monotonic() + 20
-        while (failed := (await http.get(f"/batches/{failing['id']}")).json())[
-            "status"
-        ] != "failed":
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+
+        async def failed_batch() -> Any:
+            batch = (await http.get(f"/batches/{failing['id']}")).json()
+            return batch if batch["status"] == "failed" else None
+
+        failed = await wait_until(failed_batch, "the bad file's batch to fail", timeout_s=20)
         assert failed["errors"]["data"][0]["line"] == 1
         validate("Batch", failed)
         validate("Batch", (await http.post(f"/batches/{created['id']}/cancel")).json())

@@ -16,9 +16,7 @@ import pytest
 from services.api.service import running
 from shared import config
 from shared.embedded import free_port
-
-API_KEY = "sk-test-files"
-CHAT_MODEL = "SmolLM2-135M-Instruct"
+from tests.helpers import API_KEY, CHAT_MODEL, chat_line
 
 
 @pytest.fixture
@@ -44,12 +42,6 @@ def client(api: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=api, api_key=API_KEY, max_retries=0)
 
 
-def request_line(custom_id: str, model: str = CHAT_MODEL) -> bytes:
-    body = {"model": model, "messages": [{"role": "user", "content": f"hello {custom_id}"}]}
-    line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
-    return json.dumps(line).encode() + b"\n"
-
-
 def files_dir(api_env: dict[str, str]) -> Path:
     return config.load(api_env).files_dir
 
@@ -57,7 +49,7 @@ def files_dir(api_env: dict[str, str]) -> Path:
 async def test_a_batch_file_round_trips_through_the_sdk(
     client: openai.AsyncOpenAI, api_env: dict[str, str], database_url: str
 ) -> None:
-    content = b"".join(request_line(f"r{i}") for i in range(3)) + b"\n"
+    content = b"".join(chat_line(f"r{i}") for i in range(3)) + b"\n"
     uploaded = await client.files.create(file=("input.jsonl", content), purpose="batch")
     assert uploaded.id.startswith("file-")
     assert (uploaded.bytes, uploaded.filename, uploaded.purpose) == (
@@ -112,14 +104,14 @@ async def test_a_non_batch_file_is_stored_without_expiry_or_scan(
 
 async def test_expires_after_sets_expires_at(client: openai.AsyncOpenAI) -> None:
     uploaded = await client.files.create(
-        file=("in.jsonl", request_line("a")),
+        file=("in.jsonl", chat_line("a")),
         purpose="batch",
         expires_after={"anchor": "created_at", "seconds": 7200},
     )
     assert uploaded.expires_at == uploaded.created_at + 7200
     with pytest.raises(openai.BadRequestError) as bad:
         await client.files.create(
-            file=("in.jsonl", request_line("a")),
+            file=("in.jsonl", chat_line("a")),
             purpose="batch",
             expires_after={"anchor": "created_at", "seconds": 60},
         )
@@ -128,7 +120,7 @@ async def test_expires_after_sets_expires_at(client: openai.AsyncOpenAI) -> None
 
 async def test_listing_files_paginates_newest_first(client: openai.AsyncOpenAI) -> None:
     ids = [
-        (await client.files.create(file=(f"f{i}.jsonl", request_line(f"r{i}")), purpose="batch")).id
+        (await client.files.create(file=(f"f{i}.jsonl", chat_line(f"r{i}")), purpose="batch")).id
         for i in range(5)
     ]
     other = await client.files.create(file=("x.txt", b"x"), purpose="user_data")
@@ -163,7 +155,7 @@ async def test_a_bad_purpose_is_refused(
     client: openai.AsyncOpenAI, api_env: dict[str, str], purpose: str, needle: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
-        await client.files.create(file=("in.jsonl", request_line("a")), purpose=purpose)  # type: ignore[arg-type]
+        await client.files.create(file=("in.jsonl", chat_line("a")), purpose=purpose)  # type: ignore[arg-type]
     assert needle in bad.value.message
     assert bad.value.param == "purpose"  # type: ignore[attr-defined]
     assert not any(files_dir(api_env).iterdir())  # nothing stored, not even a temp file

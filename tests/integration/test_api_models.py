@@ -26,11 +26,9 @@ from schemas.messages import InteractiveRequest, ResultMessage, WorkerHeartbeat
 from services.api.service import running
 from shared import bus, config
 from shared.embedded import free_port
+from tests.helpers import API_KEY, CHAT_MODEL, EMBED_MODEL, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-API_KEY = "sk-test-models"
-CHAT_MODEL = "SmolLM2-135M-Instruct"
-EMBED_MODEL = "all-MiniLM-L6-v2"
 
 
 @pytest.fixture
@@ -308,16 +306,15 @@ async def test_the_api_process_serves_and_exits_cleanly_on_sigterm(api_env: dict
     health = f"http://127.0.0.1:{api_env['JETBATCH_API_PORT']}/healthz"
     try:
         async with httpx.AsyncClient() as http:
-            deadline = time.monotonic() + 30
-            while True:
+
+            async def healthy() -> bool:
                 assert proc.returncode is None, "the api exited during start-up"
                 try:
-                    if (await http.get(health)).status_code == 200:
-                        break
+                    return (await http.get(health)).status_code == 200
                 except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the api did not become healthy"
-                await asyncio.sleep(0.1)
+                    return False
+
+            await wait_until(healthy, "the api to be healthy", timeout_s=30, interval_s=0.1)
         proc.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(proc.communicate(), 30)
     finally:

@@ -19,15 +19,8 @@ from nats.js import JetStreamContext
 
 from schemas.messages import RequestMessage, ResultMessage
 from shared import bus
-from tests.lifecycle_helpers import (
-    API_KEY,
-    CHAT_MODEL,
-    eventually,
-    fetchrow,
-    jsonl,
-    lifecycle_env,
-    running_system,
-)
+from tests.helpers import API_KEY, CHAT_MODEL, chat_jsonl, wait_until
+from tests.lifecycle_helpers import fetchrow, lifecycle_env, running_system
 
 REPO = Path(__file__).resolve().parents[2]
 INFERENCE_DURABLE = f"inference-{CHAT_MODEL}"
@@ -66,7 +59,7 @@ async def test_an_undecodable_request_is_dead_lettered_with_an_error_line(
         payload = b'{"batch_id": "ext-orders", "line": 3, "custom_id": "order-3", "oops": 1}'
         await js.publish(RequestMessage.subject_for(CHAT_MODEL), payload)
         await js.publish(RequestMessage.subject_for(CHAT_MODEL), b"\xff not json")
-        letters = await eventually(lambda: _at_least(dead_letters(system), 2), "two dead letters")
+        letters = await wait_until(lambda: _at_least(dead_letters(system), 2), "two dead letters")
         # A publisher of its own batch gets an error result for the line it named.
         sub = await js.subscribe(ResultMessage.subject_for("ext-orders"), ordered_consumer=True)
         result = msgspec.json.decode((await sub.next_msg(timeout=10)).data, type=ResultMessage)
@@ -90,8 +83,8 @@ async def test_a_request_that_kills_its_worker_every_time_is_dead_lettered_and_r
     # No real worker at first: a "crashing" one takes line 0 and never answers (as a process
     # killed by it would), answers line 1, and holds line 2 back for a minute.
     async with running_system(env, start=("results_writer", "watchdog")) as system:
-        batch_id = await system.create(jsonl(3))
-        sub = await bus.durable_pull(
+        batch_id = await system.create(chat_jsonl(3))
+        sub = await bus.durable_fast_pull(
             js,
             bus.REQUESTS,
             INFERENCE_DURABLE,
@@ -102,7 +95,7 @@ async def test_a_request_that_kills_its_worker_every_time_is_dead_lettered_and_r
         )
 
         async def crash_on_line_0() -> list[dict]:
-            for msg in await bus.fetch(sub, 10, timeout_s=0.5):
+            for msg in await sub.fetch(10, 0.5):
                 req = msgspec.json.decode(msg.data, type=RequestMessage)
                 if req.line == 1:
                     answer = ResultMessage(
@@ -120,7 +113,7 @@ async def test_a_request_that_kills_its_worker_every_time_is_dead_lettered_and_r
                     await msg.nak(delay=60)
             return await dead_letters(system, batch_id=batch_id)
 
-        [letter] = await eventually(crash_on_line_0, "line 0 to be dead-lettered")
+        [letter] = await wait_until(crash_on_line_0, "line 0 to be dead-lettered")
         await sub.unsubscribe()
         assert letter["custom_id"] == "req-0" and letter["deliveries"] == 2
         assert "max deliveries" in letter["error"]
@@ -129,7 +122,7 @@ async def test_a_request_that_kills_its_worker_every_time_is_dead_lettered_and_r
             batch = await system.client.batches.retrieve(batch_id)
             return batch.request_counts.failed == 1  # type: ignore[union-attr]
 
-        await eventually(error_line_written, "the dead letter's error line")
+        await wait_until(error_line_written, "the dead letter's error line")
         row = await fetchrow(
             database_url,
             "SELECT error_code FROM request_results WHERE batch_id = $1 AND custom_id = 'req-0'",
@@ -155,7 +148,7 @@ async def test_a_request_that_kills_its_worker_every_time_is_dead_lettered_and_r
             )
             return row is not None and row["ok"]
 
-        await eventually(rerun, "the replayed request to succeed")
+        await wait_until(rerun, "the replayed request to succeed")
         # The dead letter stays listed, with its replay recorded.
         [again] = await dead_letters(system, batch_id=batch_id)
         assert again["replay_count"] == 1
@@ -166,7 +159,7 @@ async def test_a_result_the_writer_cannot_use_is_a_dead_letter(
 ) -> None:
     async with running_system(env, start=("results_writer",)) as system:
         await js.publish(ResultMessage.subject_for("batch_x"), b"not a result")
-        [letter] = await eventually(lambda: dead_letters(system), "the dead letter")
+        [letter] = await wait_until(lambda: dead_letters(system), "the dead letter")
         detail = await system.client.get(f"/dead_letters/{letter['id']}", cast_to=object)
     assert letter["source"] == "RESULTS" and letter["subject"] == "jetbatch.results.batch_x"
     assert "undecodable" in letter["error"]
@@ -176,7 +169,7 @@ async def test_a_result_the_writer_cannot_use_is_a_dead_letter(
 async def test_dlq_cli_lists_shows_and_replays(env: dict[str, str], js: JetStreamContext) -> None:
     async with running_system(env, start=("results_writer",)) as system:
         await js.publish(ResultMessage.subject_for("batch_cli"), b"{broken")
-        [letter] = await eventually(lambda: dead_letters(system), "the dead letter")
+        [letter] = await wait_until(lambda: dead_letters(system), "the dead letter")
         cli_env = {**os.environ, "JETBATCH_API_URL": system.base_url, "JETBATCH_API_KEY": API_KEY}
 
         async def jetbatch(*args: str) -> str:
@@ -196,7 +189,7 @@ async def test_dlq_cli_lists_shows_and_replays(env: dict[str, str], js: JetStrea
         assert "jetbatch.results.batch_cli" in replayed
         # Replayed as it was, so rejected again: the same stored message is a new dead letter
         # only because replay published a new message.
-        await eventually(lambda: _at_least(dead_letters(system), 2), "the replay's dead letter")
+        await wait_until(lambda: _at_least(dead_letters(system), 2), "the replay's dead letter")
         workers = await jetbatch("workers")
         assert "no workers" in workers
 

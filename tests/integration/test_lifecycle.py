@@ -4,7 +4,6 @@ PostgreSQL. Driven with the openai SDK; every output and error line is decoded a
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -19,16 +18,8 @@ from services.api.deps import Deps
 from shared import bus, config
 from shared.db import connect_pool
 from shared.storage import FileStorage
-from tests.lifecycle_helpers import (
-    CHAT,
-    CHAT_MODEL,
-    check_exactly_once,
-    eventually,
-    fetchrow,
-    jsonl,
-    lifecycle_env,
-    running_system,
-)
+from tests.helpers import CHAT, CHAT_MODEL, chat_jsonl, wait_until
+from tests.lifecycle_helpers import check_exactly_once, fetchrow, lifecycle_env, running_system
 
 
 @pytest.fixture
@@ -62,14 +53,14 @@ async def test_cancel_stops_a_running_batch_within_seconds_and_keeps_finished_re
     env: dict[str, str], nats_url: str
 ) -> None:
     async with running_system(env) as system:
-        batch_id = await system.create(jsonl(40))
+        batch_id = await system.create(chat_jsonl(40))
 
         async def some_done() -> int | None:
             batch = await system.client.batches.retrieve(batch_id)
             done = batch.request_counts.completed if batch.request_counts else 0
             return done if done >= 4 else None
 
-        await eventually(some_done, "a few requests to finish")
+        await wait_until(some_done, "a few requests to finish")
         cancelling = await system.client.batches.cancel(batch_id)
         assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
         done_at_cancel = cancelling.request_counts.completed  # type: ignore[union-attr]
@@ -100,7 +91,7 @@ async def test_a_batch_cancelled_while_validating_ends_cancelled_with_every_line
     # No worker: nothing could run anyway. The batch row is left in `validating`, as by an api
     # that died before validating it; the close-out validates and fills it.
     async with running_system(env, start=("results_writer", "watchdog")) as system:
-        file_id = await system.upload(jsonl(7))
+        file_id = await system.upload(chat_jsonl(7))
         pool = await connect_pool(database_url)
         try:
             now = int(time.time())
@@ -133,7 +124,7 @@ async def test_cancelled_batch_stops_being_published(
 ) -> None:
     settings = config.load({**env, "JETBATCH_MAX_BATCH_LINES": "50000"})
     storage = FileStorage(settings.files_dir)
-    content = jsonl(5_000)
+    content = chat_jsonl(5_000)
     storage.path("file-big").write_bytes(content)
     pool = await connect_pool(database_url)
     nc = await bus.connect(nats_url, "test")
@@ -179,7 +170,7 @@ async def test_an_expired_batch_returns_finished_work_and_expires_the_rest(
 ) -> None:
     env = {**env, "JETBATCH_COMPLETION_WINDOW_S": "2", "JETBATCH_MAX_IN_FLIGHT": "2"}
     async with running_system(env) as system:
-        batch_id = await system.create(jsonl(30))  # 30 x 0.4 s / 2 = 6 s: more than its window
+        batch_id = await system.create(chat_jsonl(30))  # 30 x 0.4 s / 2 = 6 s: more than its window
         created = await system.client.batches.retrieve(batch_id)
         assert created.expires_at == created.created_at + 2
         batch = await system.wait_batch(batch_id, {"expired", "completed"})
@@ -202,7 +193,7 @@ async def test_an_expired_batch_returns_finished_work_and_expires_the_rest(
 
 async def test_cancelling_a_finished_batch_is_a_409(env: dict[str, str]) -> None:
     async with running_system({**env, "JETBATCH_INSTANT_DELAY_S": "0"}) as system:
-        batch_id = await system.create(jsonl(3))
+        batch_id = await system.create(chat_jsonl(3))
         batch = await system.wait_batch(batch_id, {"completed"})
         assert batch.finalizing_at is not None and batch.completed_at is not None
         assert batch.in_progress_at is not None
@@ -219,7 +210,7 @@ async def test_workers_skip_requests_of_a_batch_cancelled_before_they_pulled_the
     # The workers start after the cancel: their snapshot of jetbatch_cancelled is read before
     # the first pull, so not one request of the batch reaches the engine.
     async with running_system(env, start=("results_writer",)) as system:
-        batch_id = await system.create(jsonl(20))
+        batch_id = await system.create(chat_jsonl(20))
 
         async def published() -> bool:
             nc = await nats.connect(nats_url)
@@ -229,7 +220,7 @@ async def test_workers_skip_requests_of_a_batch_cancelled_before_they_pulled_the
             finally:
                 await nc.close()
 
-        await eventually(published, "the batch to be published")
+        await wait_until(published, "the batch to be published")
         await system.client.batches.cancel(batch_id)
         system.start("worker:late")
         batch = await system.wait_batch(batch_id, {"cancelled"}, timeout_s=10)
@@ -238,7 +229,7 @@ async def test_workers_skip_requests_of_a_batch_cancelled_before_they_pulled_the
 
 async def test_a_cancel_reaches_the_workers_through_kv(env: dict[str, str], nats_url: str) -> None:
     async with running_system(env, start=()) as system:
-        batch_id = await system.create(jsonl(2))
+        batch_id = await system.create(chat_jsonl(2))
         await system.client.batches.cancel(batch_id)
         nc = await nats.connect(nats_url)
         try:
@@ -248,7 +239,3 @@ async def test_a_cancel_reaches_the_workers_through_kv(env: dict[str, str], nats
         finally:
             await nc.close()
     assert stop.reason == "cancelled" and stop.error_code == "batch_cancelled"
-
-
-async def _wait(seconds: float) -> None:
-    await asyncio.sleep(seconds)

@@ -16,19 +16,12 @@ import pytest
 from schemas.messages import RequestMessage, ResultMessage, WorkerHeartbeat
 from services.api import store
 from services.inference import service as inference
-from services.inference.engine import InstantEngine
 from services.inference.gpu import GpuMonitor, GpuReading
+from services.inference.instant_engine import InstantEngine
 from shared import bus, config
 from shared.db import connect_pool
-from tests.lifecycle_helpers import (
-    CHAT,
-    CHAT_MODEL,
-    eventually,
-    fetchrow,
-    jsonl,
-    lifecycle_env,
-    running_system,
-)
+from tests.helpers import CHAT, CHAT_MODEL, chat_jsonl, wait_until
+from tests.lifecycle_helpers import fetchrow, lifecycle_env, running_system
 
 
 @pytest.fixture
@@ -66,7 +59,7 @@ async def test_too_many_open_batches_is_a_429_and_creates_nothing(
 ) -> None:
     env = {**env, "JETBATCH_MAX_ACTIVE_BATCHES": "2"}
     async with running_system(env, start=()) as system:  # no worker: batches stay open
-        file_id = await system.upload(jsonl(3))
+        file_id = await system.upload(chat_jsonl(3))
         for _ in range(2):
             await system.client.batches.create(
                 input_file_id=file_id, endpoint=CHAT, completion_window="24h"
@@ -91,7 +84,7 @@ async def test_a_full_queue_is_a_429_and_creates_nothing(
 ) -> None:
     env = {**env, "JETBATCH_MAX_QUEUED_REQUESTS": "10"}
     async with running_system(env, start=()) as system:
-        six = await system.upload(jsonl(6))
+        six = await system.upload(chat_jsonl(6))
         await system.client.batches.create(
             input_file_id=six, endpoint=CHAT, completion_window="24h"
         )
@@ -101,7 +94,7 @@ async def test_a_full_queue_is_a_429_and_creates_nothing(
             )
         assert refused.value.code == "queue_full"
         assert await batch_count(database_url) == 1
-        four = await system.upload(jsonl(4))
+        four = await system.upload(chat_jsonl(4))
         await system.client.batches.create(
             input_file_id=four, endpoint=CHAT, completion_window="24h"
         )
@@ -112,7 +105,7 @@ async def test_concurrent_creates_never_exceed_the_limit(
 ) -> None:
     env = {**env, "JETBATCH_MAX_ACTIVE_BATCHES": "3"}
     async with running_system(env, start=()) as system:
-        file_id = await system.upload(jsonl(2))
+        file_id = await system.upload(chat_jsonl(2))
 
         async def create() -> bool:
             try:
@@ -136,7 +129,7 @@ async def test_batch_creation_needs_a_healthy_worker_when_required(
     try:
         async with running_system(env, start=()) as system:
             kv = await bus.workers_kv(nc.jetstream())
-            file_id = await system.upload(jsonl(2))
+            file_id = await system.upload(chat_jsonl(2))
 
             async def refused() -> openai.APIStatusError:
                 with pytest.raises(openai.InternalServerError) as e:
@@ -173,7 +166,7 @@ async def test_a_batch_left_validating_by_a_crashed_api_is_re_driven(
     env: dict[str, str], database_url: str
 ) -> None:
     async with running_system(env) as system:
-        file_id = await system.upload(jsonl(5))
+        file_id = await system.upload(chat_jsonl(5))
         pool = await connect_pool(database_url)
         try:
             # As a crashed api leaves it: the row, nothing validated or published.
@@ -199,13 +192,13 @@ async def test_a_batch_without_progress_is_flagged_stalled_until_it_moves(
 ) -> None:
     env = {**env, "JETBATCH_BATCH_STALL_S": "1"}
     async with running_system(env, start=("results_writer", "watchdog")) as system:
-        batch_id = await system.create(jsonl(2))  # no worker: nothing happens
+        batch_id = await system.create(chat_jsonl(2))  # no worker: nothing happens
 
         async def stalled() -> int | None:
             batch = await system.client.batches.retrieve(batch_id)
             return (batch.model_extra or {}).get("stalled_at")
 
-        since = await eventually(stalled, "the stalled flag")
+        since = await wait_until(stalled, "the stalled flag")
         assert since <= time.time()
         system.start("worker:w1")
         await system.wait_batch(batch_id, {"completed"})
@@ -213,7 +206,7 @@ async def test_a_batch_without_progress_is_flagged_stalled_until_it_moves(
         async def cleared() -> bool:
             return await stalled() is None
 
-        await eventually(cleared, "the flag to clear")
+        await wait_until(cleared, "the flag to clear")
 
 
 class Readings(GpuMonitor):
@@ -264,7 +257,7 @@ async def test_a_worker_with_a_hot_gpu_pulls_nothing_until_it_cools(
                 return None
             return msgspec.json.decode(entry.value or b"", type=WorkerHeartbeat)
 
-        first = await eventually(beat, "a heartbeat")
+        first = await wait_until(beat, "a heartbeat")
         assert not first.healthy and first.gpu_temperature_c == 93
         body = msgspec.Raw(b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}'
                            % CHAT_MODEL.encode())  # fmt: skip
@@ -280,7 +273,7 @@ async def test_a_worker_with_a_hot_gpu_pulls_nothing_until_it_cools(
         sub = await js.subscribe(ResultMessage.subject_for("ext-gpu"), ordered_consumer=True)
         result = msgspec.json.decode((await sub.next_msg(timeout=10)).data, type=ResultMessage)
         assert result.ok
-        healthy = await eventually(
+        healthy = await wait_until(
             lambda: _healthy(beat()), "a healthy heartbeat"
         )  # fmt: skip
         assert healthy.gpu_temperature_c == 70

@@ -11,10 +11,10 @@ import nats
 import pytest
 
 from schemas.messages import RequestMessage
+from services.api.children import SpareChild
 from services.api.publishing import CHILD_MODULE, PublishJob, publish_in_child
 from shared import bus
-from shared.children import SpareChild
-from tests.lifecycle_helpers import CHAT, CHAT_MODEL, jsonl
+from tests.helpers import CHAT, CHAT_MODEL, chat_jsonl
 
 
 def job_for(path: Path, batch_id: str = "batch_pub") -> PublishJob:
@@ -62,7 +62,7 @@ async def test_the_child_publishes_every_line_once_with_its_message_id(
 ) -> None:
     await ensure_streams(nats_url)
     path = tmp_path / "input.jsonl"
-    path.write_bytes(b"\n" + jsonl(300) + b"\n\n")  # blank lines are not requests
+    path.write_bytes(b"\n" + chat_jsonl(300) + b"\n\n")  # blank lines are not requests
     outcome = await publish_in_child(job_for(path), nats_url, keep_going)
     assert outcome.published == 300 and not outcome.stopped
     messages = await stream_messages(nats_url)
@@ -89,7 +89,7 @@ async def test_a_child_told_to_stop_stops_before_the_end_of_the_file(
 ) -> None:
     await ensure_streams(nats_url)
     path = tmp_path / "input.jsonl"
-    path.write_bytes(jsonl(20_000))
+    path.write_bytes(chat_jsonl(20_000))
     outcome = await publish_in_child(job_for(path), nats_url, stop_now, check_every_s=0.01)
     assert outcome.stopped
     assert len(await stream_messages(nats_url)) < 20_000

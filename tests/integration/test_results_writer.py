@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from shared import bus, db
 from shared.config import Settings
 from shared.ids import stable_id
 from shared.storage import FileStorage
+from tests.helpers import wait_until
 
 TIMEOUT_S = 30
 REPO = Path(__file__).resolve().parents[2]
@@ -158,23 +159,12 @@ async def publish(js: JetStreamContext, results: Iterable[ResultMessage], suffix
     await publisher.flush()
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def wait_status(conn: asyncpg.Connection, batch_id: str, status: str) -> asyncpg.Record:
     async def check() -> asyncpg.Record | None:
         row = await conn.fetchrow("SELECT * FROM batches WHERE id = $1", batch_id)
         return row if row is not None and row["status"] == status else None
 
-    return await eventually(check, f"batch {batch_id} to be {status}")
+    return await wait_until(check, f"batch {batch_id} to be {status}")
 
 
 async def wait_all_acked(js: JetStreamContext) -> None:
@@ -185,7 +175,7 @@ async def wait_all_acked(js: JetStreamContext) -> None:
             return False
         return info.num_ack_pending == 0 and info.num_pending == 0
 
-    await eventually(check, "every result message to be acked or termed")
+    await wait_until(check, "every result message to be acked or termed")
 
 
 async def batch_events(js: JetStreamContext) -> list[tuple[str, BatchEvent, str | None]]:
@@ -297,7 +287,7 @@ async def test_redelivered_results_are_not_counted_twice(
             )
             return done == len(first)
 
-        await eventually(first_counted, "the first results to be counted")
+        await wait_until(first_counted, "the first results to be counted")
         await wait_all_acked(js)
         row = await conn.fetchrow("SELECT * FROM batches WHERE id = $1", batch_id)
         # Not every line is in: the batch goes on.
@@ -429,7 +419,7 @@ async def test_results_wait_out_a_database_failure_instead_of_being_dropped(
                 return False
             return info.delivered.stream_seq >= n
 
-        await eventually(delivered_and_failed, "the writer to try the results")
+        await wait_until(delivered_and_failed, "the writer to try the results")
         await asyncio.sleep(0.5)
         await conn.execute("ALTER TABLE request_results_away RENAME TO request_results")
         row = await wait_status(conn, batch_id, "completed")

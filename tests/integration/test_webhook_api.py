@@ -24,17 +24,16 @@ from aiohttp import web
 from services.api.service import running
 from shared import bus, config
 from shared.embedded import free_port
+from tests.helpers import API_KEY, wait_until
 from tests.webhook_helpers import (
     Notifier,
     Received,
     Receiver,
-    eventually,
     insert_batch,
     notifier_env,
     publish,
 )
 
-API_KEY = "sk-test-webhooks"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -213,7 +212,7 @@ async def test_a_registered_endpoint_gets_batch_events_signed_with_its_secret(
         batch = await client.batches.retrieve(batch_id)
         return batch if getattr(batch, "webhook_status", None) == "delivered" else None
 
-    batch = await eventually(delivered)
+    batch = await wait_until(delivered)
     assert (batch.webhook_attempts, batch.webhook_error) == (1, None)  # type: ignore[attr-defined]
 
 
@@ -263,7 +262,7 @@ async def test_dead_letters_are_listed_inspected_and_resent(
         assert response.status_code == 200
         return response.json()["data"]
 
-    [letter] = await eventually(dead)
+    [letter] = await wait_until(dead)
     assert (letter["object"], letter["event_id"], letter["batch_id"]) == (
         "webhook_delivery",
         event.id,
@@ -291,7 +290,7 @@ async def test_dead_letters_are_listed_inspected_and_resent(
         response = await http.get(f"/webhook_deliveries/{letter['id']}")
         return response.json()["status"] == "delivered"
 
-    await eventually(delivered)
+    await wait_until(delivered)
     assert [r.webhook_id for r in receiver.received] == [event.id] * 5
     batch = await client.batches.retrieve(batch_id)
     assert (batch.webhook_status, batch.webhook_attempts) == ("delivered", 5)  # type: ignore[attr-defined]
@@ -380,7 +379,7 @@ async def test_the_cli_adds_lists_removes_endpoints_and_resends_dead_letters(
         code, out = await cli(api, "dead")
         return out if code == 0 and batch_id in out else None
 
-    out = await eventually(listed_dead, 90)
+    out = await wait_until(listed_dead, timeout_s=90)
     assert "gave up after 4 attempts" in out
     healthy = True
     code, out = await cli(api, "resend", "--all-dead")

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from schemas.messages import BatchEvent
 from shared import bus
-from shared.webhooks import new_secret
+from shared.domain.webhooks import new_secret
+from tests.helpers import wait_until
 from tests.webhook_helpers import (
     SECRET,
     Notifier,
@@ -28,7 +29,6 @@ from tests.webhook_helpers import (
     attempts,
     batch_object,
     deliveries,
-    eventually,
     insert_batch,
     notifier_env,
     publish,
@@ -219,7 +219,7 @@ async def test_exhausted_deliveries_become_dead_letters_that_can_be_resent(
         " dead_at = NULL WHERE id = $1",
         row["id"],
     )  # what POST /v1/webhook_deliveries/{id}/resend does (tested through the api elsewhere)
-    await eventually(lambda: _status(pool, row["id"], "delivered"))
+    await wait_until(lambda: _status(pool, row["id"], "delivered"))
     assert [a["status_code"] for a in await attempts(pool, row["id"])] == [502] * 4 + [200]
 
 

@@ -19,13 +19,13 @@ import pytest
 from aiohttp import web
 
 from shared import bus
+from tests.helpers import wait_until
 from tests.webhook_helpers import (
     SECRET,
     Received,
     Receiver,
     attempts,
     batch_object,
-    eventually,
     insert_batch,
     notifier_env,
     publish,
@@ -141,7 +141,7 @@ async def test_a_notifier_killed_mid_delivery_resumes_and_the_event_arrives_once
             row = await delivery_of(pool, batch_id)
             return row if row is not None and row["status"] == "delivered" else None
 
-        row = await eventually(delivered, 60)
+        row = await wait_until(delivered)
         assert processed == [event.id]
         assert {r.webhook_id for r in receiver.received} == {event.id}
         log = await attempts(pool, row["id"])
@@ -184,7 +184,7 @@ async def test_a_receiver_that_was_down_gets_the_event_when_it_is_back(
             row = await delivery_of(pool, batch_id)
             return row is not None and row["attempts"] >= 2
 
-        await eventually(failed_twice, 60)
+        await wait_until(failed_twice)
         batch = await batch_object(pool, batch_id)
         assert batch.webhook_status == "pending" and "ClientConnectorError" in batch.webhook_error
 
@@ -199,7 +199,7 @@ async def test_a_receiver_that_was_down_gets_the_event_when_it_is_back(
             row = await delivery_of(pool, batch_id)
             return row if row is not None and row["status"] == "delivered" else None
 
-        row = await eventually(delivered, 60)
+        row = await wait_until(delivered)
         log = await attempts(pool, row["id"])
         assert len(log) == row["attempts"] >= 3
         assert all("ClientConnectorError" in a["error"] for a in log[:-1])

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from services.api.children import spawn
 from services.api.validation import (
     CHILD_MODULE,
     LineValidator,
@@ -21,7 +22,6 @@ from services.api.validation import (
     validate_file,
     validate_in_child,
 )
-from shared.children import spawn
 
 CHAT = "/v1/chat/completions"
 MODELS = {

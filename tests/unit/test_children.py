@@ -1,4 +1,4 @@
-"""shared.children.SpareChild: a child started ahead, taken for one job, the next started."""
+"""services.api.children.SpareChild: a child started ahead, taken for one job, the next started."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import msgspec
 
-from shared.children import SpareChild, serve_one_job
+from services.api.children import SpareChild, serve_one_job
 
 # Reads its job from stdin, answers with its arguments and the job.
 ECHO = "json.tool"

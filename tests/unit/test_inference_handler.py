@@ -9,8 +9,9 @@ import msgspec
 from nats.aio.msg import Msg
 
 from schemas.messages import BatchStop, RequestMessage
-from services.inference.engine import EngineResult, InstantEngine
+from services.inference.engine import EngineResult
 from services.inference.gpu import GpuMonitor, GpuReading
+from services.inference.instant_engine import InstantEngine
 from services.inference.service import TAKE_SLICE, TAKE_SLICE_SYNC, Worker
 from shared import config
 

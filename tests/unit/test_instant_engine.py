@@ -11,12 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.inference.engine import (
-    EngineResult,
-    InstantEngine,
-    _InFlight,
-    make_engine,
-)
+from services.inference.engine import EngineResult, InFlight, make_engine
+from services.inference.instant_engine import InstantEngine
 from shared.config import ModelSpec, load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,15 +179,16 @@ def test_max_in_flight_overrides_the_engines_capacity(tmp_path: Path) -> None:
     assert make_engine(load(env), EMBED_MODEL).capacity == 7
 
 
-def test_engine_module_imports_without_vllm() -> None:
+def test_engine_modules_import_without_vllm() -> None:
     code = (
         "import sys; import services.inference.engine; "
+        "import services.inference.instant_engine, services.inference.vllm_engine; "
         "assert 'vllm' not in sys.modules and 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
-# -- abort semantics (the vLLM engine runs every request through _InFlight) -----------------------
+# -- abort semantics (the vLLM engine runs every request through InFlight) ------------------------
 
 
 async def _slow(seconds: float) -> EngineResult:
@@ -200,7 +197,7 @@ async def _slow(seconds: float) -> EngineResult:
 
 
 async def test_aborted_request_returns_499_instead_of_raising() -> None:
-    in_flight = _InFlight()
+    in_flight = InFlight()
     running = asyncio.create_task(in_flight.run("req_1", _slow(30)))
     await asyncio.sleep(0.01)
     assert in_flight.abort("req_1")
@@ -217,7 +214,7 @@ async def test_aborted_request_is_499_even_when_the_work_swallows_the_cancellati
             return EngineResult(status_code=400, error_code="BadRequestError")
         return EngineResult(status_code=200)
 
-    in_flight = _InFlight()
+    in_flight = InFlight()
     running = asyncio.create_task(in_flight.run("req_1", swallowing()))
     await asyncio.sleep(0.01)
     in_flight.abort("req_1")
@@ -225,11 +222,11 @@ async def test_aborted_request_is_499_even_when_the_work_swallows_the_cancellati
 
 
 async def test_aborting_an_unknown_request_does_nothing() -> None:
-    assert not _InFlight().abort("nobody")
+    assert not InFlight().abort("nobody")
 
 
 async def test_cancelled_caller_sees_cancelled_error_not_a_result() -> None:
-    in_flight = _InFlight()
+    in_flight = InFlight()
     running = asyncio.create_task(in_flight.run("req_1", _slow(30)))
     await asyncio.sleep(0.01)
     running.cancel()
@@ -239,7 +236,7 @@ async def test_cancelled_caller_sees_cancelled_error_not_a_result() -> None:
 
 
 async def test_abort_leaves_other_requests_running() -> None:
-    in_flight = _InFlight()
+    in_flight = InFlight()
     kept = asyncio.create_task(in_flight.run("keep", _slow(0.05)))
     dropped = asyncio.create_task(in_flight.run("drop", _slow(30)))
     await asyncio.sleep(0.01)

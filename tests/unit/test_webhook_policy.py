@@ -16,8 +16,7 @@ from schemas.messages import BatchEvent
 from services.webhook_notifier import sender, service, store
 from shared import config
 from shared.config import WebhookSettings
-from shared.supervisor import ensure_webhook_secret
-from shared.webhooks import (
+from shared.domain.webhooks import (
     GuardedResolver,
     UnsafeUrl,
     address_allowed,
@@ -26,6 +25,7 @@ from shared.webhooks import (
     signature,
     signed_headers,
 )
+from shared.supervisor import ensure_webhook_secret
 
 
 def sdk() -> openai.OpenAI:

@@ -3,7 +3,9 @@
 count, for an operator to list and replay (README: Dead letters).
 
 Recording is idempotent per stored message (source stream + sequence), so a rejection retried
-after a crash records one dead letter."""
+after a crash records one dead letter. A consumer runner (shared.consumer) records what its
+handlers reject through one of the two sinks at the end: `InDatabase` for services with a
+database, `OnBus` (DEADLETTERS, recorded by the watchdog) for those without."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import time
 import asyncpg
 import msgspec
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
-from schemas.messages import LineKey
+from schemas.messages import DeadLetterMessage, LineKey
+from shared import bus
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +110,41 @@ async def record_msg(conn: asyncpg.Connection | asyncpg.Pool, msg: Msg, error: s
         consumer=consumer,
         headers=dict(msg.headers) if msg.headers else None,
     )
+
+
+class InDatabase:
+    """Rejected messages recorded straight into table `dead_letters`."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def __call__(self, msg: Msg, reason: str) -> None:
+        await record_msg(self._pool, msg, reason)
+
+
+class OnBus:
+    """Rejected messages handed to the watchdog on DEADLETTERS, which records them: for
+    services without a database (an inference worker)."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def __call__(self, msg: Msg, reason: str) -> None:
+        meta = msg.metadata
+        letter = DeadLetterMessage(
+            stream=meta.stream,
+            stream_seq=meta.sequence.stream,
+            consumer=meta.consumer,
+            original_subject=msg.subject,
+            payload=msg.data,
+            error=reason,
+            deliveries=int(meta.num_delivered),
+            headers=dict(msg.headers) if msg.headers else None,
+        )
+        publisher = bus.Publisher(self._js)
+        await publisher.publish(
+            DeadLetterMessage.subject_for(letter.stream),
+            msgspec.json.encode(letter),
+            letter.msg_id,
+        )
+        await publisher.flush()

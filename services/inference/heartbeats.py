@@ -1,0 +1,81 @@
+"""The worker's heartbeat: WorkerHeartbeat into KV `jetbatch_workers` every few seconds (model,
+GPU readings, in flight against capacity, tokens/s), which also updates the GPU gate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from schemas.messages import WorkerHeartbeat
+from services.inference.gpu import GpuGate, GpuMonitor
+
+if TYPE_CHECKING:
+    from services.inference.service import Worker
+
+log = logging.getLogger(__name__)
+
+TOKENS_WINDOW_S = 30.0
+
+_encoder = msgspec.json.Encoder()
+
+
+class Heartbeats:
+    def __init__(self, worker: Worker, gpu: GpuMonitor, gate: GpuGate) -> None:
+        self.worker = worker
+        self.gpu = gpu
+        self.gate = gate
+        self.started_at = int(time.time())
+        self._tokens: deque[tuple[float, int]] = deque()
+
+    def beat(self) -> WorkerHeartbeat:
+        w, intake = self.worker, self.worker.intake
+        reading = self.gpu.read()
+        healthy = self.gate.update(reading)
+        return WorkerHeartbeat(
+            worker_id=w.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            model=w.spec.name,
+            endpoints=list(w.spec.endpoints),
+            engine=w.engine.name,
+            started_at=self.started_at,
+            seen_at=int(time.time()),
+            in_flight=intake.running,  # in the engine, against `capacity`
+            capacity=intake.capacity,
+            completed=intake.completed,
+            tokens_per_s=self.tokens_per_s(),
+            gpu_index=reading.index if reading else self.gpu.index,
+            gpu_name=reading.name if reading else None,
+            gpu_memory_used_mb=reading.memory_used_mb if reading else None,
+            gpu_memory_total_mb=reading.memory_total_mb if reading else None,
+            gpu_temperature_c=reading.temperature_c if reading else None,
+            gpu_utilization_pct=reading.utilization_pct if reading else None,
+            healthy=healthy,
+        )
+
+    async def loop(self, kv, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+        while not stop.is_set():
+            try:
+                await kv.put(self.worker.worker_id, _encoder.encode(self.beat()))
+            except Exception as e:
+                log.warning("heartbeat not written: %s", e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.worker.settings.heartbeat_interval_s)
+
+    def count_tokens(self, n: int) -> None:
+        if n:
+            self._tokens.append((time.monotonic(), n))
+
+    def tokens_per_s(self, window_s: float = TOKENS_WINDOW_S) -> float:
+        now = time.monotonic()
+        while self._tokens and self._tokens[0][0] < now - window_s:
+            self._tokens.popleft()
+        return round(sum(n for _, n in self._tokens) / window_s, 2)

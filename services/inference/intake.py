@@ -1,0 +1,222 @@
+"""The worker's intake: pulls as much as the engine can hold (the runner's pull mode with an
+admission hook), starts each request, and publishes its result then acks it, in groups when
+answers need no waiting. Drains and hands back on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from nats.aio.msg import Msg
+
+from schemas.messages import RequestMessage, ResultMessage
+from shared import bus
+from shared.consumer import Delivery, Runner
+from shared.ids import new_id, stable_id
+
+if TYPE_CHECKING:
+    from services.inference.service import Worker
+
+log = logging.getLogger(__name__)
+
+FETCH_MAX = 512
+# Requests whose result is on its way to RESULTS (published, PubAck pending, then acked) do not
+# hold an engine slot: the engine is refilled as soon as a request finishes, and up to this many
+# finished ones may wait for their PubAck meanwhile. Bounded, so a stalled stream stops the pulls.
+RESULTS_WINDOW = 2_048
+# Requests handled per turn of the event loop, so a synchronous request waits for one slice of
+# batch work, never a whole fetch. Every turn runs one slice of each busy batch task before the
+# sockets are polled again, so while synchronous requests keep coming (one within SYNC_RECENT_S)
+# slices shrink: measured on bench interactive, p99 under load 103-113 -> 54-63 ms, at the price
+# of ~15% of batch throughput (bench orchestration), which is paid only then.
+TAKE_SLICE = 64
+TAKE_SLICE_SYNC = 16
+YIELD_EVERY_SYNC = 32
+SYNC_RECENT_S = 1.0
+# While the GPU is unhealthy, how often the pull loop looks again.
+UNHEALTHY_POLL_S = 1.0
+# A result the stream did not take is retried after this.
+REPUBLISH_DELAY_S = 5.0
+
+Ready = list[tuple[Delivery[RequestMessage], ResultMessage | None]]
+
+
+class Intake:
+    """Engine slots, slices and results for one worker."""
+
+    def __init__(self, worker: Worker, runner: Runner[RequestMessage]) -> None:
+        self.worker = worker
+        self.runner = runner
+        self.capacity = worker.settings.max_in_flight or worker.engine.capacity
+        self.max_unacked = self.capacity + RESULTS_WINDOW
+        self.in_flight: dict[str, Msg] = {}  # every message not acked yet
+        self.running = 0  # of those, requests in the engine (or about to enter it)
+        self.sync_seen = -SYNC_RECENT_S  # when the last synchronous request came in
+        self.results: bus.AckAfterPublish | None = None  # set by pull
+        self.completed = 0
+        self._slot_free = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- admission ------------------------------------------------------------------------------
+    async def admit(self) -> int:
+        """How many requests may be pulled now; waits a little while the answer is none."""
+        if not self.worker.gate.healthy:
+            # The GPU is over a threshold: take nothing new until it recovers (the heartbeat
+            # loop reads it). What is in flight finishes.
+            await asyncio.sleep(UNHEALTHY_POLL_S)
+            return 0
+        free = min(self.capacity - self.running, self.max_unacked - len(self.in_flight))
+        if free <= 0:
+            self._slot_free.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_free.wait(), 1.0)
+            return 0
+        return free
+
+    def sync_traffic(self) -> bool:
+        """Whether synchronous requests are coming in now (one within SYNC_RECENT_S)."""
+        return time.monotonic() - self.sync_seen < SYNC_RECENT_S
+
+    def slice_size(self) -> int:
+        sync = self.sync_traffic()
+        if self.results is not None:
+            self.results.yield_every = YIELD_EVERY_SYNC if sync else bus.YIELD_EVERY
+        return TAKE_SLICE_SYNC if sync else TAKE_SLICE
+
+    async def pull(self, js, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+        self.results = bus.AckAfterPublish(js)
+        await self.runner.pull(self.take_slice, stop, admit=self.admit, slice_size=self.slice_size)
+
+    async def take(self, msgs: list[Msg]) -> None:
+        """Start on a pulled chunk, a slice at a time (what `pull` does with each fetch)."""
+        await self.runner.take(self.take_slice, msgs, self.slice_size())
+
+    # -- one slice ------------------------------------------------------------------------------
+    async def take_slice(self, deliveries: list[Delivery[RequestMessage]]) -> None:
+        """Requests answered without waiting are published and acked as one group (one task);
+        the others each get a task that awaits the engine."""
+        self.running += len(deliveries)
+        ready: Ready = []
+        for d in deliveries:
+            req = d.value
+            now = self.worker.answer_now(
+                req, stable_id("req_", req.batch_id, req.custom_id), d.number
+            )
+            if now is self.worker.needs_engine:
+                self._spawn(self.process(d))
+                continue
+            self.in_flight[d.msg.reply or new_id("m")] = d.msg
+            self._release_slot()
+            ready.append((d, now))  # type: ignore[arg-type]
+        if ready:
+            self._spawn(self._publish_ready(ready))
+
+    async def _publish_ready(self, ready: Ready) -> None:
+        assert self.results is not None
+        items: list[tuple[str, bytes, str, Msg]] = []
+        retry: list[Delivery[RequestMessage]] = []
+        for d, result in ready:
+            if result is None:
+                retry.append(d)
+            else:
+                items.append((
+                    ResultMessage.subject_for(result.batch_id), self.worker.encode(result),
+                    result.msg_id, d.msg,
+                ))  # fmt: skip
+        try:
+            for d in retry:
+                await self.runner.retry(d)
+            failed = await self.results.publish_many_then_ack(items)
+            self.completed += len(items) - len(failed)
+            for index, error in failed.items():
+                msg = items[index][3]
+                log.warning(
+                    "result of %s not published (%r); it will be redelivered", msg.subject, error
+                )
+                await self.runner.retry(msg, REPUBLISH_DELAY_S)
+        finally:
+            for d, _ in ready:
+                self.in_flight.pop(d.msg.reply or "", None)
+            self._slot_free.set()
+
+    async def process(self, d: Delivery[RequestMessage]) -> None:
+        """One request that waits for the engine; `self.running` counted it already."""
+        token = d.msg.reply or new_id("m")
+        self.in_flight[token] = d.msg
+        in_engine = True
+        try:
+            try:
+                result = await self.worker.handle(d.value, d.number)
+            finally:
+                in_engine = False
+                self._release_slot()
+            if result is None:
+                await self.runner.retry(d)
+                return
+            # Acked once RESULTS holds the result; results finishing together share one round
+            # trip to the server.
+            assert self.results is not None
+            await self.results.publish_then_ack(
+                ResultMessage.subject_for(result.batch_id), self.worker.encode(result),
+                result.msg_id, d.msg,
+            )  # fmt: skip
+            self.completed += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request on %s not handled; it will be redelivered", d.subject)
+            with contextlib.suppress(Exception):
+                await self.runner.retry(d, REPUBLISH_DELAY_S)
+        finally:
+            if in_engine:
+                self._release_slot()
+            self.in_flight.pop(token, None)
+            self._slot_free.set()
+
+    def _release_slot(self) -> None:
+        self.running -= 1
+        self._slot_free.set()
+
+    # -- keeping and giving back ------------------------------------------------------------------
+    async def keep_alive(self, stop: asyncio.Event) -> None:
+        """Tell JetStream that long requests are still being worked on, so they aren't redelivered."""
+        interval = max(1.0, self.worker.settings.request_ack_wait_s / 3)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            for msg in list(self.in_flight.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let in-flight requests finish; hand back whatever is still running after the timeout.
+
+        What is still running is stopped first (aborted in the engine), then every message not
+        acked is handed back, so JetStream redelivers it at once to another worker. A request
+        whose result was published but not yet acked is redelivered too: its result has the same
+        msg id, and the results writer keeps one row per line, so nothing is duplicated."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            self._slot_free.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_free.wait(), 0.5)
+        leftover = list(self.in_flight.values())
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        handed_back = await self.runner.hand_back(leftover)
+        if handed_back:
+            log.info("handed back %d in-flight requests", handed_back)
+
+    def spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        self._spawn(coro)
+
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
