@@ -311,7 +311,7 @@ def start_system(
     log_path = data_dir / "up.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "up"],
+            [sys.executable, "-m", "services.cli", "up"],
             cwd=REPO,
             env=full_env,
             stdout=log_file,

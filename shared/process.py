@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 
-from shared import config, telemetry
+from shared import config
 from shared.config import ConfigError, Settings
 from shared.lane import lower_priority
 
@@ -47,6 +47,8 @@ def main(
     """The process entry point of a service: `serve(settings, stop)` until SIGTERM/SIGINT.
     `batch_only` processes run niced (JETBATCH_BATCH_NICE), yielding the CPU to synchronous
     requests."""
+    from shared import telemetry  # not for the light child processes that use on_signals
+
     settings = load_settings(service, requires)
     telemetry.setup(service, settings.log_level)
     if batch_only:
@@ -71,3 +73,10 @@ def on_signals(callback: Callable[[signal.Signals], None]) -> Iterator[None]:
     finally:
         for sig in SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+def on_signals_blocking(callback: Callable[[int], None]) -> None:
+    """Call `callback(signal)` on SIGTERM/SIGINT in a program without an event loop (the
+    `jetbatch up` supervisor polls its children)."""
+    for sig in SIGNALS:
+        signal.signal(sig, lambda signum, _frame: callback(signum))

@@ -1,7 +1,7 @@
 """jetbatch as separate OS processes that can be killed and restarted one by one: each service
 (`python -m services.<name>`) on an embedded nats-server and PostgreSQL (or ones given), with the
 instant engine. For the crash tests (tests/crash/) and the soak benchmark (bench/soak.py); jetbatch
-itself runs under `jetbatch up` (shared/supervisor.py) or a process manager.
+itself runs under `jetbatch up` (services/supervisor.py) or a process manager.
 
 Nothing here knows about batches: it starts, signals and restarts processes, and stops and
 restarts the nats-server on the same store and port (as after a crash of the server)."""

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from schemas.messages import RequestMessage
 from services.api.children import Child, killed_on_error, output_of, serve_one_job, spawn
 from services.api.validation import iter_requests
-from shared import bus
+from shared import bus, process
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,11 @@ class _ChildInput(msgspec.Struct, frozen=True):
 
 async def _child(given: _ChildInput) -> PublishOutcome:
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    with process.on_signals(lambda _sig: stop.set()):
+        return await _publish(given, stop)
+
+
+async def _publish(given: _ChildInput, stop: asyncio.Event) -> PublishOutcome:
     parent = os.getppid()
 
     async def orphaned() -> None:

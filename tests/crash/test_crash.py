@@ -84,7 +84,7 @@ def check_batch(
 ) -> Any:
     """The batch reaches a final status with each of its n custom_ids exactly once."""
     try:
-        batch = wait_until_sync(
+        batch: Any = wait_until_sync(
             lambda: b if (b := c.batches.retrieve(batch_id)).status in final else None,
             f"batch {batch_id} to be {final}",
             timeout_s=FINISH_TIMEOUT_S,

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from shared.embedded import free_port
+from tests.helpers import API_KEY
 
 REPO = Path(__file__).resolve().parents[2]
-API_KEY = "sk-e2e-test-key"
 START_TIMEOUT_S = 600
 
 
@@ -61,7 +61,7 @@ def start_system(data_dir: Path, engine: str, log_name: str) -> System:
     log_path = data_dir / log_name
     log_file = open(log_path, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "up"],
+        [sys.executable, "-m", "services.cli", "up"],
         cwd=REPO,
         env=env,
         stdout=log_file,

@@ -3,34 +3,33 @@
 
 from __future__ import annotations
 
-import json
-import time
+from typing import Any
 
 import msgspec
 import openai
 import pytest
 
 from schemas.openai import OutputLine
+from tests.helpers import (
+    CHAT_MODEL,
+    EMBED_MODEL,
+    completion_line,
+    embedding_line,
+    jsonl,
+    wait_until_sync,
+)
 from tests.openai_schema import validate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
-CHAT = "SmolLM2-135M-Instruct"
-EMBED = "all-MiniLM-L6-v2"
-
-
-def jsonl(lines: list[dict]) -> bytes:
-    return "".join(json.dumps(line) + "\n" for line in lines).encode()
-
 
 def wait_done(client: openai.OpenAI, batch_id: str, timeout_s: float = 480):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def finished() -> Any:
         batch = client.batches.retrieve(batch_id)
-        if batch.status in ("completed", "failed", "expired", "cancelled"):
-            return batch
-        time.sleep(0.5)
-    raise TimeoutError(f"batch {batch_id} still {batch.status} after {timeout_s}s")
+        return batch if batch.status in ("completed", "failed", "expired", "cancelled") else None
+
+    what = f"batch {batch_id} to finish"
+    return wait_until_sync(finished, what, timeout_s=timeout_s, interval_s=0.5)
 
 
 def output_lines(client: openai.OpenAI, file_id: str | None) -> list[OutputLine]:
@@ -48,7 +47,7 @@ def test_chat_batch_runs_through_vllm_to_output_and_error_files(client: openai.O
             "method": "POST",
             "url": "/v1/chat/completions",
             "body": {
-                "model": CHAT,
+                "model": CHAT_MODEL,
                 "messages": [{"role": "user", "content": p}],
                 "max_tokens": 12,
                 "temperature": 0,
@@ -63,7 +62,7 @@ def test_chat_batch_runs_through_vllm_to_output_and_error_files(client: openai.O
             "method": "POST",
             "url": "/v1/chat/completions",
             "body": {
-                "model": CHAT,
+                "model": CHAT_MODEL,
                 "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 1_000_000,
             },
@@ -86,7 +85,7 @@ def test_chat_batch_runs_through_vllm_to_output_and_error_files(client: openai.O
     assert done.request_counts.total == 6
     assert done.request_counts.completed == 5
     assert done.request_counts.failed == 1
-    assert done.model == CHAT
+    assert done.model == CHAT_MODEL
     assert done.metadata == {"run": "e2e"}
     for stamp in (done.in_progress_at, done.finalizing_at, done.completed_at):
         assert stamp is not None and stamp >= done.created_at
@@ -103,7 +102,7 @@ def test_chat_batch_runs_through_vllm_to_output_and_error_files(client: openai.O
         assert line.response.status_code == 200
         body = msgspec.json.decode(line.response.body)
         assert body["object"] == "chat.completion"
-        assert body["model"] == CHAT
+        assert body["model"] == CHAT_MODEL
         assert body["choices"][0]["message"]["content"]
         output_tokens += body["usage"]["completion_tokens"]
     assert output_tokens == done.usage.output_tokens
@@ -114,16 +113,8 @@ def test_chat_batch_runs_through_vllm_to_output_and_error_files(client: openai.O
 
 
 def test_embeddings_batch_returns_one_vector_per_line(client: openai.OpenAI) -> None:
-    lines = [
-        {
-            "custom_id": f"emb-{i}",
-            "method": "POST",
-            "url": "/v1/embeddings",
-            "body": {"model": EMBED, "input": f"sentence number {i}"},
-        }
-        for i in range(8)
-    ]
-    uploaded = client.files.create(file=("emb.jsonl", jsonl(lines)), purpose="batch")
+    content = jsonl(embedding_line(f"emb-{i}", f"sentence number {i}") for i in range(8))
+    uploaded = client.files.create(file=("emb.jsonl", content), purpose="batch")
     batch = client.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
     )
@@ -140,16 +131,10 @@ def test_embeddings_batch_returns_one_vector_per_line(client: openai.OpenAI) -> 
 
 
 def test_completions_batch_runs(client: openai.OpenAI) -> None:
-    lines = [
-        {
-            "custom_id": f"c-{i}",
-            "method": "POST",
-            "url": "/v1/completions",
-            "body": {"model": CHAT, "prompt": "Once upon a time", "max_tokens": 8, "seed": i},
-        }
-        for i in range(3)
-    ]
-    uploaded = client.files.create(file=("c.jsonl", jsonl(lines)), purpose="batch")
+    content = jsonl(
+        completion_line(f"c-{i}", "Once upon a time", max_tokens=8, seed=i) for i in range(3)
+    )
+    uploaded = client.files.create(file=("c.jsonl", content), purpose="batch")
     batch = client.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
     )
@@ -163,21 +148,21 @@ def test_completions_batch_runs(client: openai.OpenAI) -> None:
 
 def test_synchronous_chat_and_embeddings_use_the_same_workers(client: openai.OpenAI) -> None:
     chat = client.chat.completions.create(
-        model=CHAT, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8
     )
     assert chat.choices[0].message.content
     assert chat.usage.completion_tokens > 0
-    emb = client.embeddings.create(model=EMBED, input=["a", "b"])
+    emb = client.embeddings.create(model=EMBED_MODEL, input=["a", "b"])
     assert [len(d.embedding) for d in emb.data] == [384, 384]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=CHAT, messages=[{"role": "user", "content": "x"}], max_tokens=1_000_000
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1_000_000
         )
 
 
 def test_models_lists_served_models_with_live_workers(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {CHAT, EMBED}
+    assert set(models) == {CHAT_MODEL, EMBED_MODEL}
     for m in models.values():
         assert m.model_extra["live_workers"] >= 1
 
@@ -221,7 +206,7 @@ def test_bad_inputs_get_openai_errors(client: openai.OpenAI, system) -> None:
             "b.jsonl",
             b'{"custom_id": "1", "method": "POST", '
             b'"url": "/v1/chat/completions", "body": {"model": "'
-            + CHAT.encode()
+            + CHAT_MODEL.encode()
             + b'", "messages": []}}\nnot json\n',
         ),
         purpose="batch",

@@ -3,9 +3,7 @@ started on SIGTERM. Runs on the instant engine: this is about processes, not the
 
 from __future__ import annotations
 
-import json
 import signal
-import time
 from pathlib import Path
 
 import openai
@@ -13,6 +11,7 @@ import psutil
 import pytest
 
 from tests.e2e.conftest import start_system, stop_system
+from tests.helpers import CHAT, chat_line, wait_until_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -35,35 +34,22 @@ def test_up_restarts_a_killed_service_and_stops_cleanly(scratch_dir: Path) -> No
         started = children_named(system.proc.pid, "services.results_writer")
         assert len(started) == 1
         started[0].send_signal(signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def restarted() -> bool:
             now = children_named(system.proc.pid, "services.results_writer")
-            if now and now[0].pid != started[0].pid:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("results writer was not restarted")
+            return bool(now) and now[0].pid != started[0].pid
+
+        wait_until_sync(restarted, "the results writer to restart", timeout_s=30, interval_s=0.2)
 
         # The system still works end to end after the restart.
-        line = {
-            "custom_id": "a",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": "SmolLM2-135M-Instruct",
-                "messages": [{"role": "user", "content": "hi"}],
-            },
-        }
-        f = client.files.create(
-            file=("a.jsonl", (json.dumps(line) + "\n").encode()), purpose="batch"
+        f = client.files.create(file=("a.jsonl", chat_line("a", "hi")), purpose="batch")
+        batch = client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
+        wait_until_sync(
+            lambda: client.batches.retrieve(batch.id).status == "completed",
+            f"batch {batch.id} to complete",
+            timeout_s=60,
+            interval_s=0.2,
         )
-        batch = client.batches.create(
-            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-        deadline = time.monotonic() + 60
-        while client.batches.retrieve(batch.id).status != "completed":
-            assert time.monotonic() < deadline, client.batches.retrieve(batch.id)
-            time.sleep(0.2)
 
         everything = psutil.Process(system.proc.pid).children(recursive=True)
         assert len(everything) >= 8  # 6 services + nats-server + postgres (+ its workers)

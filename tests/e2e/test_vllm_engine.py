@@ -21,13 +21,11 @@ import pytest
 from services.inference.engine import Engine, EngineResult, make_engine
 from services.inference.models import prepare_models
 from shared.config import DEFAULT_CHAT_MODEL, DEFAULT_EMBED_MODEL, Settings, load
+from tests.helpers import CHAT, COMPLETIONS, EMBEDDINGS
 
 pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parents[2]
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-EMBEDDINGS = "/v1/embeddings"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,15 +17,11 @@ import openai
 import pytest
 
 from tests.e2e.conftest import System, start_system, stop_system
+from tests.helpers import chat_line, wait_until_sync
 
 pytestmark = pytest.mark.e2e
 
-LINE = {
-    "custom_id": "a",
-    "method": "POST",
-    "url": "/v1/chat/completions",
-    "body": {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}]},
-}
+LINE = chat_line("a", "hi")
 
 
 class Receiver:
@@ -60,14 +55,13 @@ class Receiver:
     def wait(
         self, path: str, count: int, timeout_s: float = 120
     ) -> list[tuple[dict[str, str], bytes]]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def arrived() -> list[tuple[dict[str, str], bytes]] | None:
             with self.lock:
                 got = [(h, b) for p, h, b in self.received if p == path]
-            if len(got) >= count:
-                return got
-            time.sleep(0.1)
-        raise AssertionError(f"{count} POSTs to {path} not received; got {self.received!r}")
+            return got if len(got) >= count else None
+
+        what = f"{count} POSTs to {path}"
+        return wait_until_sync(arrived, what, timeout_s=timeout_s, interval_s=0.1)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -89,13 +83,13 @@ def receiver() -> Iterator[Receiver]:
 
 
 def wait_batch(client: openai.OpenAI, batch_id: str, status: str, timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def announced() -> Any:
         batch = client.batches.retrieve(batch_id)
-        if batch.status == status and getattr(batch, "webhook_status", None) == "delivered":
-            return batch
-        time.sleep(0.2)
-    raise AssertionError(client.batches.retrieve(batch_id))
+        delivered = getattr(batch, "webhook_status", None) == "delivered"
+        return batch if batch.status == status and delivered else None
+
+    what = f"batch {batch_id} to be {status} and announced"
+    return wait_until_sync(announced, what, timeout_s=timeout_s, interval_s=0.2)
 
 
 def test_a_finished_batch_is_announced_to_its_webhook_url_and_to_registered_endpoints(
@@ -108,7 +102,7 @@ def test_a_finished_batch_is_announced_to_its_webhook_url_and_to_registered_endp
         url=receiver.url("/registered"), event_types=["batch.completed"], name="e2e"
     )
 
-    f = client.files.create(file=("a.jsonl", (json.dumps(LINE) + "\n").encode()), purpose="batch")
+    f = client.files.create(file=("a.jsonl", LINE), purpose="batch")
     metadata = {"webhook_url": receiver.url("/per-batch"), "order": "42"}
     batch = client.batches.create(
         input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
@@ -132,8 +126,7 @@ def test_an_invalid_input_file_is_announced_as_batch_failed(
 ) -> None:
     client = openai.OpenAI(base_url=system.base_url, api_key=system.api_key, max_retries=0)
     secret = (system.data_dir / "webhook-secret").read_text().strip()
-    good = json.dumps(LINE).encode()
-    f = client.files.create(file=("bad.jsonl", good + b"\n{not json\n"), purpose="batch")
+    f = client.files.create(file=("bad.jsonl", LINE + b"{not json\n"), purpose="batch")
     batch = client.batches.create(
         input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
         metadata={"webhook_url": receiver.url("/failed")},

@@ -174,7 +174,7 @@ async def test_dlq_cli_lists_shows_and_replays(env: dict[str, str], js: JetStrea
 
         async def jetbatch(*args: str) -> str:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "shared.cli", *args, cwd=REPO, env=cli_env,
+                sys.executable, "-m", "services.cli", *args, cwd=REPO, env=cli_env,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )  # fmt: skip
             out, _ = await proc.communicate()

@@ -335,7 +335,7 @@ async def test_removing_an_endpoint_cancels_its_pending_deliveries(
 async def cli(api: str, *args: str) -> tuple[int, str]:
     env = {**os.environ, "JETBATCH_API_URL": api, "JETBATCH_API_KEY": API_KEY}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.cli", "webhooks", *args,
+        sys.executable, "-m", "services.cli", "webhooks", *args,
         cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await proc.communicate()

@@ -4,7 +4,6 @@ scan done while a file uploads."""
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +21,17 @@ from services.api.validation import (
     validate_file,
     validate_in_child,
 )
+from tests.helpers import CHAT, chat_body, request_line
 
-CHAT = "/v1/chat/completions"
 MODELS = {
     "chat-model": ("/v1/chat/completions", "/v1/completions"),
     "embed-model": ("/v1/embeddings",),
 }
 
 
-def line(
-    custom_id: Any = "r1",
-    *,
-    method: Any = "POST",
-    url: Any = CHAT,
-    body: Any = None,
-    model: str = "chat-model",
-    **extra: Any,
-) -> bytes:
-    obj: dict[str, Any] = {"custom_id": custom_id, "method": method, "url": url}
-    obj["body"] = (
-        {"model": model, "messages": [{"role": "user", "content": "hi"}]} if body is None else body
-    )
-    obj.update(extra)
-    return json.dumps(obj).encode() + b"\n"
+def line(custom_id: Any, *, body: Any = None, model: str = "chat-model", **fields: Any) -> bytes:
+    """A request line for MODELS' chat model; `body` replaces the whole body."""
+    return request_line(custom_id, chat_body("hi", model=model) if body is None else body, **fields)
 
 
 def validate(

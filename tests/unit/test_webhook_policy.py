@@ -25,7 +25,7 @@ from shared.domain.webhooks import (
     signature,
     signed_headers,
 )
-from shared.supervisor import ensure_webhook_secret
+from services.supervisor import ensure_webhook_secret
 
 
 def sdk() -> openai.OpenAI:

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["JETBATCH_ENGINE"] = args.engine
             settings = config.load()
             telemetry.setup("jetbatch-up", settings.log_level)
-            from shared.supervisor import up
+            from services.supervisor import up
 
             return up(settings)
         if command in ("dlq", "workers"):

@@ -17,7 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from shared import config, db
+from shared import config, db, process
 from shared.embedded import EmbeddedNats, EmbeddedPostgres
 
 log = logging.getLogger(__name__)
@@ -169,12 +169,11 @@ def up(settings: config.Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
 
-    def on_signal(signum: int, _frame: object) -> None:
+    def on_signal(_sig: int) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    process.on_signals_blocking(on_signal)
 
     nats_server: EmbeddedNats | None = None
     pg_server: EmbeddedPostgres | None = None
