@@ -34,9 +34,10 @@ fmt:
     {{venv}}/ruff format .
     {{venv}}/ruff check --fix .
 
-# Regenerate README's configuration table from the settings Structs (shared/config.py)
+# Regenerate README's configuration table (shared/config.py) and layout (services/layout.py)
 docs:
     {{venv}}/python -m shared.config README.md
+    {{venv}}/python -m services.layout README.md
 
 # Benchmarks (print figures and ratios against their baselines; write bench/results/*.json)
 bench *args:

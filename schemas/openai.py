@@ -23,9 +23,12 @@ BatchStatus = Literal[
 ]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
 
-# The endpoints this deployment serves. OpenAI's others (/v1/responses, /v1/moderations) are
-# refused when a batch is created, with a message that lists these (services/api/exceptions.py).
-Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+# The endpoints this deployment serves. Any other (OpenAI's /v1/responses, /v1/moderations, ...)
+# is refused with this error code and a message that lists these (services/api/exceptions.py).
+Endpoint = Annotated[
+    Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"],
+    Meta(extra={"error_code": "unsupported_endpoint"}),
+]
 
 FilePurpose = Literal[
     "batch", "batch_output", "assistants", "fine-tune", "vision", "user_data", "evals"

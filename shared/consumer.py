@@ -111,9 +111,15 @@ class Consumer(Generic[M]):
     def describe(self) -> str:
         """One line for README's layout section."""
         names = ", ".join(t.__name__ for t in self.types)
+        how = (
+            f"fetches of up to {self.fetch}"
+            if self.batch
+            else "one at a time" + (f", {self.concurrency} at once" if self.concurrency > 1 else "")
+        )
+        deliver = "unlimited" if self.max_deliver < 0 else str(self.max_deliver)
         return (
-            f"{self.stream.name} `{self.filter_subject or '(whole stream)'}` as `{self.durable}`"
-            f" ({names}; max_deliver {self.max_deliver}, ack_wait {self.ack_wait_s:g} s)"
+            f"{self.stream.name} `{self.filter_subject or '(whole stream)'}` as `{self.durable}`:"
+            f" {names}, {how}, max_deliver {deliver}, ack_wait {self.ack_wait_s:g} s"
         )
 
 
@@ -206,7 +212,7 @@ class Runner(Generic[M]):
                 if subject_matches(filter_subject, msg.subject):
                     return decoder.decode(msg.data)  # type: ignore[return-value]
         except msgspec.DecodeError as e:  # ValidationError included
-            raise Reject(f"undecodable: {e}") from None
+            raise Reject(f"undecodable {self._label}: {e}") from None
         raise Reject(f"no message type is declared for subject {msg.subject}")
 
     async def ack(self, delivery: Delivery[M]) -> None:

@@ -32,7 +32,8 @@ def load_settings(service: str, requires: tuple[str, ...]) -> Settings:
         settings = config.load()
         config.require(settings, service, *requires)
     except ConfigError as e:
-        print(f"{service}: {e}", file=sys.stderr)
+        message = str(e)
+        print(message if message.startswith(service) else f"{service}: {message}", file=sys.stderr)
         sys.exit(2)
     return settings
 

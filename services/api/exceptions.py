@@ -76,16 +76,21 @@ def on_validation_error(
     first = problems[0] if problems and isinstance(problems[0], dict) else {}
     param = first.get("key") or None
     message = first.get("message") or exc.detail
+    code = None
     if param == "data":  # the body as a whole: a missing field is named only in the message
         missing = _MISSING_FIELD.search(message)
         param = missing.group(1) if missing else None
     elif param:
         param = _INDEX.sub("", param)
         if first.get("source") == "body":
-            message = explain(param, message, body_field_type(request, param))
+            field_type = body_field_type(request, param)
+            if isinstance(field_type, mi.Metadata):  # Meta(extra=...): the type's own error code
+                code = (field_type.extra or {}).get("error_code")
+                field_type = field_type.type
+            message = explain(param, message, field_type)
     if param and param not in message:
         message = f"{message} (parameter {param!r})"
-    return error_response(400, message, param=param)
+    return error_response(400, message, param=param, code=code)
 
 
 def explain(param: str, problem: str, field_type: mi.Type | None) -> str:

@@ -1,4 +1,4 @@
-"""The api: OpenAI-compatible Files, Batches, Models and synchronous inference (Litestar).
+"""api: OpenAI-compatible Files, Batches, Models and synchronous inference (Litestar).
 
 Reads: PostgreSQL (files, batches), file bytes under the data dir, KV bucket `jetbatch_workers`
 (heartbeats). Emits: REQUESTS `jetbatch.requests.<model>.batch` (one RequestMessage per input
@@ -30,6 +30,7 @@ from litestar.handlers import BaseRouteHandler
 from litestar.types import Guard
 from nats.aio.client import Client as NATS
 
+from schemas.messages import BatchEvent, InteractiveRequest, RequestMessage
 from services.api import (
     admin,
     batches,
@@ -52,6 +53,8 @@ from shared.storage import FileStorage
 log = logging.getLogger(__name__)
 
 SERVICE = "api"
+CONSUMERS = (lifecycle.CONSUMER,)
+EMITS = (RequestMessage, BatchEvent, InteractiveRequest, "BatchStop into KV `jetbatch_cancelled`")
 # JSON bodies (batch creation, synchronous requests): a synchronous request travels as one NATS
 # message, 8 MB at most on a jetbatch server. Uploads have their own limit (max_file_bytes).
 MAX_JSON_BODY_BYTES = 8 * 1024 * 1024

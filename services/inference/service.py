@@ -31,7 +31,13 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from schemas.messages import BatchStop, RequestMessage, ResultMessage, subject_token
+from schemas.messages import (
+    BatchStop,
+    DeadLetterMessage,
+    RequestMessage,
+    ResultMessage,
+    subject_token,
+)
 from services.inference.cancellations import Cancellations
 from services.inference.engine import Engine, EngineResult, make_engine
 from services.inference.gpu import GpuGate, GpuMonitor
@@ -45,21 +51,23 @@ from shared.domain import deadletters
 from shared.ids import stable_id
 from shared.lane import Lane
 
-__all__ = ["CONSUMER", "EMITS", "TAKE_SLICE", "TAKE_SLICE_SYNC", "Worker", "run"]
+__all__ = ["CONSUMER", "CONSUMERS", "EMITS", "TAKE_SLICE", "TAKE_SLICE_SYNC", "Worker", "run"]
 
 log = logging.getLogger(__name__)
 
 # Filled in per model at start (consumer_for): the model, and the settings named above.
 CONSUMER = Consumer(
     stream=bus.REQUESTS,
-    durable="inference-{model}",
+    durable="inference-MODEL",
     message=RequestMessage,
+    bound={"model": "MODEL"},
     ack_wait_s=60,
     max_deliver=5,
     fetch=512,
     max_ack_pending=10_000,
 )
-EMITS = (ResultMessage,)
+CONSUMERS = (CONSUMER,)
+EMITS = (ResultMessage, DeadLetterMessage, "WorkerHeartbeat into KV `jetbatch_workers`")
 
 _encoder = msgspec.json.Encoder()
 

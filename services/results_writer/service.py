@@ -35,7 +35,15 @@ from shared.consumer import Batch, Consumer, Runner
 from shared.domain import deadletters
 from shared.storage import FileStorage
 
-__all__ = ["CONSUMER", "EMITS", "ResultsWriter", "output_file_id", "output_line", "result_record"]
+__all__ = [
+    "CONSUMER",
+    "CONSUMERS",
+    "EMITS",
+    "ResultsWriter",
+    "output_file_id",
+    "output_line",
+    "result_record",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,7 @@ CONSUMER = Consumer(
     # Room for several writer processes sharing the durable, each with a fetch in hand.
     max_ack_pending=20_000,
 )
+CONSUMERS = (CONSUMER,)
 EMITS = (BatchEvent,)
 DURABLE = CONSUMER.durable
 DRAIN_TIMEOUT_S = 20.0

@@ -3,7 +3,7 @@
 Consumes: CONSUMER below, the whole of stream DEADLETTERS as durable `watchdog`, max_deliver
 unlimited (a dead letter is data that must reach the database): DeadLetterMessage on
 `jetbatch.deadletters.<stream>` (from services without a database) and MaxDeliveriesAdvisory on
-`$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.REQUESTS.*` (JetStream's advisory for a request that
+`$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.REQUESTS.>` (JetStream's advisory for a request that
 reached max deliveries: its worker crashed or hung on it every time). Each becomes a row of
 `dead_letters`; one that does not decode is rejected by the runner, i.e. recorded as such.
 Emits: for a dead-lettered request, an error line (`dead_lettered` ResultMessage on RESULTS, msg
@@ -70,6 +70,8 @@ CONSUMER: Consumer[DeadLetterMessage | MaxDeliveriesAdvisory] = Consumer(
     ack_wait_s=60,
     max_deliver=-1,
 )
+CONSUMERS = (CONSUMER,)
+EMITS = (ResultMessage, BatchCommand, "BatchStop into KV `jetbatch_cancelled`")
 
 # Commands to the api are re-sent at most once per this many seconds (msg id bucket).
 COMMAND_PERIOD_S = 60

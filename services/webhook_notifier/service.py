@@ -57,6 +57,8 @@ CONSUMER = Consumer(
     max_deliver=-1,
     max_ack_pending=1_000,
 )
+CONSUMERS = (CONSUMER,)
+EMITS = ("WebhookEvent as signed HTTP POSTs",)
 
 BATCH_URL_KEY = "webhook_url"  # metadata key of a batch's own destination
 BATCH_URL_DESTINATION = "batch_url"
