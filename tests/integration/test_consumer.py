@@ -20,6 +20,7 @@ from nats.js.api import RetentionPolicy
 from schemas.messages import BusMessage
 from shared import bus
 from shared.consumer import BACKOFF, Backoff, Batch, Consumer, Delivery, Reject, Retry, Runner
+from tests.helpers import wait_until
 
 
 class Job(BusMessage, kw_only=True, frozen=True):
@@ -58,9 +59,7 @@ async def run_until(runner: Runner, handler, done, timeout_s: float = 10) -> Non
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(handler, stop))
     try:
-        async with asyncio.timeout(timeout_s):
-            while not done():
-                await asyncio.sleep(0.02)
+        await wait_until(done, "the runner to get there", timeout_s=timeout_s)
     finally:
         stop.set()
         await task

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from schemas.messages import BatchEvent
+from services.supervisor import ensure_webhook_secret
 from services.webhook_notifier import sender, service, store
 from shared import config
 from shared.config import WebhookSettings
@@ -25,7 +26,6 @@ from shared.domain.webhooks import (
     signature,
     signed_headers,
 )
-from services.supervisor import ensure_webhook_secret
 
 
 def sdk() -> openai.OpenAI:
