@@ -308,8 +308,8 @@ class Watchdog:
 
 
 async def run(settings: config.Settings, stop: asyncio.Event) -> None:
-    if not settings.nats_url or not settings.database_url:
-        raise config.ConfigError("the watchdog needs JETBATCH_NATS_URL and JETBATCH_DATABASE_URL")
+    config.require(settings, SERVICE, "nats_url", "database_url")
+    assert settings.nats_url is not None and settings.database_url is not None
     async with AsyncExitStack() as stack:
         pool = await db.connect_pool(settings.database_url, min_size=1, max_size=4)
         stack.push_async_callback(pool.close)

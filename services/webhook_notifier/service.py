@@ -35,8 +35,8 @@ import msgspec
 from schemas.messages import BatchEvent
 from schemas.webhooks import WebhookEvent, WebhookEventData
 from services.webhook_notifier import sender, store
-from shared import bus, db, process, telemetry
-from shared.config import ConfigError, Settings, WebhookSettings
+from shared import bus, config, db, process, telemetry
+from shared.config import Settings, WebhookSettings
 from shared.consumer import BACKOFF, Backoff, Batch, Consumer, Runner
 from shared.domain import deadletters
 from shared.domain.webhooks import UnsafeUrl, host_key, parse_url
@@ -377,8 +377,8 @@ class Deliverer:
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set, then let attempts in flight finish (up to one timeout), drain
     NATS and close the pool."""
-    if not settings.database_url or not settings.nats_url:
-        raise ConfigError("webhook_notifier needs JETBATCH_DATABASE_URL and JETBATCH_NATS_URL")
+    config.require(settings, SERVICE, "database_url", "nats_url")
+    assert settings.database_url is not None and settings.nats_url is not None
     policy = settings.webhooks
     if policy.secret is None:
         log.warning(
