@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import signal
 import sys
 import time
 
 from bench import common
+from shared import process
 
 BENCHMARKS = {
     "orchestration": "bench.orchestration",  # 50k lines, instant engine, vs raw JetStream
@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench",
         *(argv if argv is not None else sys.argv[1:]),
     ]
-    # SIGTERM (a timeout, Ctrl-C from a wrapper) unwinds like Ctrl-C, so every benchmark still
-    # stops the systems it started.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # So every benchmark still stops the systems it started.
+    process.sigterm_as_interrupt()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     # The benchmarks close their own NATS connections; "disconnected" is expected, not news.
     logging.getLogger("shared.bus").setLevel(logging.ERROR)

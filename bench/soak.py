@@ -18,7 +18,6 @@ import collections
 import json
 import logging
 import random
-import signal
 import sys
 import tempfile
 import threading
@@ -31,6 +30,7 @@ import msgspec
 import openai
 
 from schemas.openai import OutputLine
+from shared import process
 from tests.harness import API_KEY, CHAT_MODEL, Harness
 
 log = logging.getLogger("bench.soak")
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind: stop what we started
+    process.sigterm_as_interrupt()  # unwind: stop what we started
     print(
         f"soak: {args.duration:.0f} s, {args.batches} open batches of {args.lines} lines, "
         f"{args.workers} workers, a kill every {args.kill_every[0]:g}-{args.kill_every[1]:g} s, "

@@ -81,3 +81,9 @@ def on_signals_blocking(callback: Callable[[int], None]) -> None:
     `jetbatch up` supervisor polls its children)."""
     for sig in SIGNALS:
         signal.signal(sig, lambda signum, _frame: callback(signum))
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM (a timeout, a wrapper's Ctrl-C) unwinds like Ctrl-C (KeyboardInterrupt), so a
+    command-line tool still stops what it started (the benchmarks, the soak)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
