@@ -402,11 +402,13 @@ class Runner(Generic[M]):
             await sleep_unless(stop, delay)
             return
         self._failures = 0
+        rejected = batch.rejected
         for i, d in enumerate(deliveries):
-            if i in batch.rejected:
-                await self.reject(d, batch.rejected[i])
+            if i in rejected:
+                await self.reject(d, rejected[i])
             else:  # after the handler's commit: a crash before this only redelivers
-                await self.ack(d)
+                await d.msg.ack()
+        self.counts.acked += len(deliveries) - len(rejected)
 
     async def pull(
         self,
