@@ -20,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 from bench.common import cpu_delta, cpu_seconds, scratch
 from schemas.messages import RequestMessage
 from shared import bus
+from shared.bus import nats_private
 from shared.embedded import EmbeddedNats
 
 STREAM = "RAWBENCH"
@@ -56,13 +57,14 @@ async def _core_publish(nc: nats.NATS, messages: Sequence[Message], subject: str
     subscription after the last publish (no future, timer or callback per message)."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(f"{inbox}.*", pending_msgs_limit=1_000_000)
-    queue = sub._pending_queue
+    queue = nats_private.pending_queue(sub)
     started = time.perf_counter()
     for i, m in enumerate(messages):
         await nc.publish(subject, m.payload, reply=f"{inbox}.{i}", headers={bus.MSG_ID: m.msg_id})
     acked = errors = 0
     while acked + errors < len(messages):
         ack = await asyncio.wait_for(queue.get(), 30)
+        nats_private.taken(sub, ack)
         if b'"error"' in ack.data:
             errors += 1
         else:

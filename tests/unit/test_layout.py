@@ -124,3 +124,28 @@ def test_no_service_pulls_naks_or_handles_signals_itself() -> None:
         for line, what in sorted(consumer_plumbing(parse(p)))
     ]
     assert not found, "consumer plumbing outside shared/:\n" + "\n".join(found)
+
+
+# nats-py internals jetbatch's fast paths read (shared/bus/nats_private.py wraps each).
+NATS_PRIVATE = {"_pending_queue", "_pending_size", "_pending_msgs_limit"}
+NATS_HANDLES = {"js", "nc", "sub", "msg", "client"}
+
+
+def test_nats_pys_private_attributes_are_read_only_in_nats_private() -> None:
+    wrapper = REPO / "shared" / "bus" / "nats_private.py"
+    found = [
+        f"{name(p)}:{node.lineno} .{node.attr}"
+        for p in modules(*CODE, "bench", "tests")
+        if p != wrapper
+        for node in ast.walk(parse(p))
+        if isinstance(node, ast.Attribute)
+        and (
+            node.attr in NATS_PRIVATE
+            or (
+                node.attr.startswith("_")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in NATS_HANDLES
+            )
+        )
+    ]
+    assert not found, f"nats-py internals read outside shared/bus/nats_private.py: {found}"
