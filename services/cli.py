@@ -19,8 +19,9 @@ SERVICES = {
 
 USAGE = """jetbatch COMMAND [ARGS]
 
-  up                  start everything on this machine (embedded NATS + PostgreSQL unless
-                      JETBATCH_NATS_URL / JETBATCH_DATABASE_URL are set) and print the base URL
+  up [--cluster]      start everything on this machine (embedded NATS, or a local 3-node NATS
+                      cluster with --cluster, + PostgreSQL, unless JETBATCH_NATS_URL /
+                      JETBATCH_DATABASE_URL are set) and print the base URL
   api                 run the HTTP API
   inference --model NAME [--gpu N]
                       run one inference worker (one per GPU per model)
@@ -58,16 +59,24 @@ def main(argv: list[str] | None = None) -> int:
                 default=None,
                 help="instant = fake engine, for tests and benchmarks only",
             )
+            parser.add_argument(
+                "--cluster",
+                action="store_true",
+                help="a local 3-node NATS cluster instead of one server (JETBATCH_NATS_REPLICAS"
+                " 3 unless set), for trying the HA setup on one machine",
+            )
             args = parser.parse_args(rest)
-            if args.engine:
-                import os
+            import os
 
+            if args.engine:
                 os.environ["JETBATCH_ENGINE"] = args.engine
+            if args.cluster:
+                os.environ.setdefault("JETBATCH_NATS_REPLICAS", "3")
             settings = config.load()
             telemetry.setup("jetbatch-up", settings.log_level)
             from services.supervisor import up
 
-            return up(settings)
+            return up(settings, cluster=args.cluster)
         if command in ("dlq", "workers"):
             from services.api.admin_cli import main as admin_main
 

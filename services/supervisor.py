@@ -5,6 +5,7 @@ dies. SIGINT/SIGTERM stops everything it started, services first, servers last."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -17,10 +18,13 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from shared import config, db, process
-from shared.embedded import EmbeddedNats, EmbeddedPostgres
+from shared import bus, config, db, process
+from shared.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres
 
 log = logging.getLogger(__name__)
+
+# A fresh cluster elects its JetStream leader in 2-3 s here.
+JETSTREAM_READY_S = 30
 
 RESTART_BACKOFF_MAX_S = 30.0
 
@@ -165,7 +169,20 @@ def stop_children(children: list[Child]) -> None:
             child.proc.wait()
 
 
-def up(settings: config.Settings) -> int:
+def start_nats(settings: config.Settings, cluster: bool) -> EmbeddedNats | EmbeddedNatsCluster:
+    """The embedded nats-server, or a local 3-node cluster whose JetStream has elected its
+    leader (the services create their streams with JETBATCH_NATS_REPLICAS replicas)."""
+    if not cluster:
+        server = EmbeddedNats(settings.data_dir / "nats").start()
+        log.info("embedded nats-server at %s", server.url)
+        return server
+    nodes = EmbeddedNatsCluster(settings.data_dir / "nats-cluster").start()
+    asyncio.run(bus.wait_for_jetstream(nodes.url, JETSTREAM_READY_S))
+    log.info("embedded 3-node NATS cluster at %s", nodes.url)
+    return nodes
+
+
+def up(settings: config.Settings, *, cluster: bool = False) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
 
@@ -175,22 +192,19 @@ def up(settings: config.Settings) -> int:
 
     process.on_signals_blocking(on_signal)
 
-    nats_server: EmbeddedNats | None = None
+    nats_server: EmbeddedNats | EmbeddedNatsCluster | None = None
     pg_server: EmbeddedPostgres | None = None
     children: list[Child] = []
     try:
         nats_url = settings.nats_url
         if not nats_url:
-            nats_server = EmbeddedNats(settings.data_dir / "nats").start()
+            nats_server = start_nats(settings, cluster)
             nats_url = nats_server.url
-            log.info("embedded nats-server at %s", nats_url)
         database_url = settings.database_url
         if not database_url:
             pg_server = EmbeddedPostgres(settings.data_dir / "postgres").start()
             database_url = pg_server.url
             log.info("embedded PostgreSQL at %s", database_url)
-        import asyncio
-
         asyncio.run(db.migrate(database_url))
         if settings.engine == "vllm":
             from services.inference.models import prepare_models

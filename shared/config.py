@@ -303,10 +303,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: Annotated[
         str | None,
         Meta(
-            description="use this NATS server instead of starting one (`jetbatch up`)",
+            description="use this NATS server instead of starting one (`jetbatch up`); a"
+            " cluster's servers as a comma-separated list, reconnected across",
             extra={"unset": "embedded"},
         ),
     ] = None
+    nats_replicas: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=5,
+            description="replicas of every stream and KV bucket: 1 on a single server, 3 in a"
+            " cluster; start-up creates what is missing with it and raises what is under it,"
+            " never lowers one, and keeps limits an operator changed",
+        ),
+    ] = 1
     database_url: Annotated[
         str | None,
         Meta(

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -49,25 +50,40 @@ def nats_server_binary() -> str:
 
 
 class EmbeddedNats:
-    """nats-server -js on loopback with its store under `store_dir`."""
+    """nats-server -js on loopback with its store under `store_dir`; with `cluster`, one node of
+    a cluster (EmbeddedNatsCluster)."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, store_dir: Path, port: int | None = None, cluster: ClusterNode | None = None
+    ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
+        self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self) -> EmbeddedNats:
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+    def config(self) -> str:
         # A request line may carry a long prompt: allow 8 MB messages (the default is 1 MB).
-        conf = self.store_dir / "nats-server.conf"
-        conf.write_text(
+        text = (
             f'listen: "127.0.0.1:{self.port}"\nmax_payload: 8MB\n'
             f'jetstream {{ store_dir: "{self.store_dir}" }}\n'
         )
+        if self.cluster is not None:
+            routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.cluster.route_ports)
+            text += (
+                f'server_name: "{self.cluster.name}"\n'
+                f'cluster {{ name: "{self.cluster.cluster_name}", '
+                f'listen: "127.0.0.1:{self.cluster.port}", routes: [{routes}] }}\n'
+            )
+        return text
+
+    def start(self) -> EmbeddedNats:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.store_dir / "nats-server.conf"
+        conf.write_text(self.config())
         log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],
@@ -91,6 +107,46 @@ class EmbeddedNats:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    name: str
+    port: int  # the cluster (route) port
+    route_ports: tuple[int, ...]  # every node's, its own included
+    cluster_name: str = "jetbatch"
+
+
+class EmbeddedNatsCluster:
+    """A JetStream cluster of `size` nats-servers on loopback, each with its own store under
+    `store_dir/<name>` (`jetbatch up --cluster`, and the cluster tests). `url` lists every node,
+    as JETBATCH_NATS_URL takes it."""
+
+    def __init__(self, store_dir: Path, size: int = 3) -> None:
+        route_ports = tuple(free_port() for _ in range(size))
+        self.nodes = [
+            EmbeddedNats(
+                store_dir / f"n{i + 1}",
+                cluster=ClusterNode(f"n{i + 1}", route_ports[i], route_ports),
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def node(self, name: str) -> EmbeddedNats:
+        return next(n for n in self.nodes if n.cluster is not None and n.cluster.name == name)
+
+    def start(self) -> EmbeddedNatsCluster:
+        for node in self.nodes:
+            node.start()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 def _pg_bin() -> Path:

@@ -54,7 +54,11 @@ def main(
     telemetry.setup(service, settings.log_level)
     if batch_only:
         lower_priority(settings.batch_nice)
-    asyncio.run(_serve(serve, settings))
+    try:
+        asyncio.run(_serve(serve, settings))
+    except ConfigError as e:  # found once connected (more NATS replicas than servers, say)
+        log.error("%s", e)
+        sys.exit(2)
 
 
 async def _serve(serve: Serve, settings: Settings) -> None:

@@ -127,7 +127,7 @@ def create_app(settings: Settings) -> Litestar:
             nc = await bus.connect(nats_url, name=f"jetbatch-{SERVICE}")
             stack.push_async_callback(_close_nats, nc)
             js = nc.jetstream()
-            await bus.ensure_streams(js)
+            await bus.ensure_streams(js, replicas=settings.nats_replicas)
             nc_sync = await bus.connect(nats_url, name=f"jetbatch-{SERVICE}-sync")
             stack.push_async_callback(_close_nats, nc_sync)
             # Batch-only work: niced, so it yields the CPU to the requests this process serves.
@@ -142,10 +142,10 @@ def create_app(settings: Settings) -> Litestar:
                 pool=pool,
                 nc=nc,
                 js=js,
-                workers=await bus.workers_kv(js),
+                workers=await bus.workers_kv(js, settings.nats_replicas),
                 storage=FileStorage(settings.files_dir),
                 started_at=int(time.time()),
-                cancelled=await bus.cancelled_kv(js),
+                cancelled=await bus.cancelled_kv(js, settings.nats_replicas),
                 nc_sync=nc_sync,
                 validators=validators,
                 publishers=publishers,

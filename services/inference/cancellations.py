@@ -50,9 +50,9 @@ class Cancellations:
     def __len__(self) -> int:
         return len(self._stops)
 
-    async def start(self, nc: NATS, js: JetStreamContext) -> None:
+    async def start(self, nc: NATS, js: JetStreamContext, replicas: int = 1) -> None:
         """Subscribe, then read the snapshot: nothing put in between is missed."""
-        self._kv = await bus.cancelled_kv(js)
+        self._kv = await bus.cancelled_kv(js, replicas)
         self._sub = await nc.subscribe(f"$KV.{bus.CANCELLED_BUCKET}.>", cb=self._on_put)
         await self.resync()
 

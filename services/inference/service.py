@@ -281,17 +281,17 @@ async def run(
     lane = Lane(f"inference-sync:{worker_id}")
     try:
         js = nc.jetstream(publish_async_max_pending=8192)
-        await bus.ensure_streams(js)
+        await bus.ensure_streams(js, replicas=settings.nats_replicas)
         worker = Worker(settings, spec, engine, GpuMonitor(gpu_index), worker_id)
         worker.start(js)
         # Before the first pull: a request of a batch cancelled while we were down must not run.
-        await worker.cancellations.start(nc, js)
+        await worker.cancellations.start(nc, js, settings.nats_replicas)
         lane.start()
         nc_sync = await lane.call(
             bus.connect(settings.nats_url, name=f"inference-sync:{worker_id}")
         )
         await lane.call(worker.lane.serve(nc_sync, asyncio.get_running_loop()))
-        await _serve(worker, js, await bus.workers_kv(js), stop)
+        await _serve(worker, js, await bus.workers_kv(js, settings.nats_replicas), stop)
     finally:
         if nc_sync is not None:
             with contextlib.suppress(Exception):

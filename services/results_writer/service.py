@@ -152,7 +152,7 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
         # Exits run in reverse: NATS is drained (acks flushed) before the pool closes.
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
-        await bus.ensure_streams(js, (bus.RESULTS, bus.EVENTS))
+        await bus.ensure_streams(js, (bus.RESULTS, bus.EVENTS), replicas=settings.nats_replicas)
         writer = ResultsWriter(pool, js, FileStorage(settings.files_dir))
         runner = Runner(js, CONSUMER, deadletters.InDatabase(pool))
         log.info("results_writer: consuming %s", CONSUMER.describe())

@@ -316,9 +316,13 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
         nc = await bus.connect(settings.nats_url, name=SERVICE)
         stack.push_async_callback(_drain, nc)
         js = nc.jetstream()
-        await bus.ensure_streams(js)
+        await bus.ensure_streams(js, replicas=settings.nats_replicas)
         watchdog = Watchdog(
-            settings, pool, js, await bus.workers_kv(js), await bus.cancelled_kv(js)
+            settings,
+            pool,
+            js,
+            await bus.workers_kv(js, settings.nats_replicas),
+            await bus.cancelled_kv(js, settings.nats_replicas),
         )
         dead_letters = Runner(js, CONSUMER, deadletters.InDatabase(pool))
         log.info("watchdog: every %.1f s; dead letters from %s", settings.health.watchdog_interval_s,

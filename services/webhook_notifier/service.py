@@ -397,7 +397,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         nc = await bus.connect(settings.nats_url, name=SERVICE)
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
-        await bus.ensure_streams(js, (bus.EVENTS,))
+        await bus.ensure_streams(js, (bus.EVENTS,), replicas=settings.nats_replicas)
         deliverer = Deliverer(pool, session, policy)
         scheduler = Scheduler(pool, policy, deliverer.wake)
         events = Runner(js, CONSUMER, deadletters.InDatabase(pool))

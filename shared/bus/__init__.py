@@ -21,6 +21,7 @@ from shared.bus.streams import (
     connect,
     durable_consumer,
     ensure_streams,
+    wait_for_jetstream,
     workers_kv,
 )
 
@@ -49,5 +50,6 @@ __all__ = [
     "durable_consumer",
     "durable_fast_pull",
     "ensure_streams",
+    "wait_for_jetstream",
     "workers_kv",
 ]

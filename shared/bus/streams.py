@@ -3,9 +3,12 @@ consumers. Subjects come from the message types in schemas.messages."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
@@ -19,7 +22,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from schemas.messages import (
     DeadLetterMessage,
@@ -27,6 +30,7 @@ from schemas.messages import (
     RequestMessage,
     ResultMessage,
 )
+from shared.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ class Stream:
     max_age_s: float = 0  # 0 = forever
     duplicate_window_s: float = 120
 
-    def config(self) -> StreamConfig:
+    def config(self, replicas: int = 1) -> StreamConfig:
         return StreamConfig(
             name=self.name,
             subjects=list(self.subjects),
@@ -49,6 +53,7 @@ class Stream:
             storage=StorageType.FILE,
             max_age=self.max_age_s,
             duplicate_window=self.duplicate_window_s,
+            num_replicas=replicas,
         )
 
 
@@ -85,6 +90,9 @@ CANCELLED_TTL_S = 7 * DAY_S
 
 
 async def connect(url: str, name: str) -> NATS:
+    """A connection to `url`, one server or a comma-separated list of a cluster's (the client
+    reconnects across them, without end)."""
+
     async def on_error(e: Exception) -> None:
         log.warning("nats: %s", e)
 
@@ -95,7 +103,7 @@ async def connect(url: str, name: str) -> NATS:
         log.info("nats: reconnected")
 
     return await nats.connect(
-        url,
+        servers=server_list(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -107,31 +115,141 @@ async def connect(url: str, name: str) -> NATS:
     )
 
 
-async def ensure_streams(js: JetStreamContext, streams: Iterable[Stream] = STREAMS) -> None:
+def server_list(url: str) -> list[str]:
+    """`nats://a:4222,nats://b:4222` -> both; JETBATCH_NATS_URL takes one or several."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError(f"no NATS server in {url!r}")
+    return servers
+
+
+async def wait_for_jetstream(url: str, timeout_s: float) -> None:
+    """Until JetStream answers at `url` (a new cluster elects its leader first)."""
+    nc = await connect(url, "jetbatch-wait")
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                await nc.jetstream().account_info()
+                return
+            except Exception:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+class ReplicasUnavailable(ConfigError):
+    """More replicas were asked for than the NATS deployment has servers."""
+
+
+async def ensure_streams(
+    js: JetStreamContext, streams: Iterable[Stream] = STREAMS, *, replicas: int = 1
+) -> None:
+    """Create what is missing, with `replicas`; bring what exists up to it. An existing stream
+    keeps every limit an operator changed and is never given fewer replicas: only subjects
+    jetbatch declares and lacks are added, and its replica count raised if under `replicas`.
+    What differs from jetbatch's declaration is logged."""
     for stream in streams:
+        await ensure_stream(js, stream.config(replicas))
+
+
+async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, *, retry: bool = True) -> None:
+    assert wanted.name is not None
+    name, replicas = wanted.name, wanted.num_replicas or 1
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
         try:
-            await js.add_stream(stream.config())
-        except BadRequestError:
-            # Exists with another config: bring it to ours.
-            await js.update_stream(stream.config())
-
-
-async def workers_kv(js: JetStreamContext):  # type: ignore[no-untyped-def]
-    try:
-        return await js.key_value(WORKERS_BUCKET)
-    except (NotFoundError, Exception):  # BucketNotFoundError subclasses NotFoundError
-        return await js.create_key_value(
-            KeyValueConfig(bucket=WORKERS_BUCKET, history=1, ttl=WORKERS_TTL_S)
+            await js.add_stream(wanted)
+        except APIError as e:
+            if e.err_code == _STREAM_NAME_IN_USE and retry:  # another service created it first
+                await ensure_stream(js, wanted, retry=False)
+                return
+            raise _replicas_error(e, name, replicas) from e
+        if replicas > 1:
+            log.info("stream %s created with %d replicas", name, replicas)
+        return
+    current = info.config
+    changes: dict[str, Any] = {}
+    subjects = merged_subjects(list(current.subjects or []), list(wanted.subjects or []))
+    if subjects != list(current.subjects or []):
+        changes["subjects"] = subjects
+    have = current.num_replicas or 1
+    if have < replicas:
+        changes["num_replicas"] = replicas
+    elif have > replicas:
+        log.info("stream %s has %d replicas, more than asked (%d): kept", name, have, replicas)
+    for field, mine in (("max_age", wanted.max_age), ("duplicate_window", wanted.duplicate_window)):
+        theirs = getattr(current, field)
+        if theirs != mine:
+            log.info("stream %s: %s is %s (jetbatch declares %s): kept", name, field, theirs, mine)
+    if changes:
+        log.warning(
+            "stream %s: updating %s", name, ", ".join(f"{k}={v}" for k, v in changes.items())
         )
+        try:
+            await js.update_stream(dataclasses.replace(current, **changes))
+        except APIError as e:
+            raise _replicas_error(e, name, replicas) from e
 
 
-async def cancelled_kv(js: JetStreamContext):  # type: ignore[no-untyped-def]
-    try:
-        return await js.key_value(CANCELLED_BUCKET)
-    except (NotFoundError, Exception):
-        return await js.create_key_value(
-            KeyValueConfig(bucket=CANCELLED_BUCKET, history=1, ttl=CANCELLED_TTL_S)
+def merged_subjects(current: list[str], wanted: list[str]) -> list[str]:
+    """The stream's subjects with jetbatch's added; one of jetbatch's that covers an existing
+    one (`a.>` covers `a.*`) takes its place rather than overlap it."""
+    kept = [s for s in current if not any(s != w and _covers(w, s) for w in wanted)]
+    return kept + [w for w in wanted if w not in kept]
+
+
+def _covers(wider: str, narrower: str) -> bool:
+    want, have = wider.split("."), narrower.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+_STREAM_NAME_IN_USE = 10058
+# JetStream's error codes for "not that many replicas here".
+_NO_SUCH_REPLICAS = {10074, 10023}  # replicas > 1 non-clustered; insufficient resources
+
+
+def _replicas_error(e: APIError, name: str, replicas: int) -> Exception:
+    text = str(e.description or e)
+    if replicas > 1 and (e.err_code in _NO_SUCH_REPLICAS or "replica" in text.lower()):
+        return ReplicasUnavailable(
+            f"JETBATCH_NATS_REPLICAS={replicas}, but stream {name} cannot have {replicas} replicas"
+            f" on this NATS deployment ({text}): a single server holds 1; use a cluster of at"
+            f" least {replicas} servers, or lower the setting"
         )
+    return e
+
+
+async def workers_kv(js: JetStreamContext, replicas: int = 1):  # type: ignore[no-untyped-def]
+    return await _bucket(js, WORKERS_BUCKET, WORKERS_TTL_S, replicas)
+
+
+async def cancelled_kv(js: JetStreamContext, replicas: int = 1):  # type: ignore[no-untyped-def]
+    return await _bucket(js, CANCELLED_BUCKET, CANCELLED_TTL_S, replicas)
+
+
+async def _bucket(js: JetStreamContext, bucket: str, ttl_s: float, replicas: int):  # type: ignore[no-untyped-def]
+    """A KV bucket, created with `replicas` or raised to it (never lowered), like a stream."""
+    try:
+        kv = await js.key_value(bucket)
+    except NotFoundError:  # BucketNotFoundError subclasses it
+        try:
+            return await js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=1, ttl=ttl_s, replicas=replicas)
+            )
+        except APIError as e:
+            raise _replicas_error(e, f"KV_{bucket}", replicas) from e
+    info = await js.stream_info(f"KV_{bucket}")
+    await ensure_stream(js, dataclasses.replace(info.config, num_replicas=replicas))
+    return kv
 
 
 async def durable_consumer(

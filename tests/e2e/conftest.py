@@ -42,7 +42,7 @@ def _get(url: str, key: str) -> dict:
         return json.loads(r.read())
 
 
-def start_system(data_dir: Path, engine: str, log_name: str) -> System:
+def start_system(data_dir: Path, engine: str, log_name: str, *args: str) -> System:
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -61,7 +61,7 @@ def start_system(data_dir: Path, engine: str, log_name: str) -> System:
     log_path = data_dir / log_name
     log_file = open(log_path, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up"],
+        [sys.executable, "-m", "services.cli", "up", *args],
         cwd=REPO,
         env=env,
         stdout=log_file,

@@ -69,6 +69,15 @@ async def queued(js: JetStreamContext) -> int:
     return (await js.stream_info(STREAM.name)).state.messages
 
 
+async def work_queue_emptied(js: JetStreamContext) -> None:
+    """Acks are processed by the server after they are sent: wait for them to land."""
+
+    async def empty() -> bool:
+        return await queued(js) == 0
+
+    await wait_until(empty, "every ack to reach the work queue", timeout_s=10)
+
+
 def test_the_filter_subject_is_derived_from_the_message_type() -> None:
     assert ONE.filter_subject == "test.jobs.>"
     bound = Consumer(stream=STREAM, durable="b", message=Job, ack_wait_s=5, bound={"kind": "x.y"})
@@ -93,7 +102,7 @@ async def test_handled_messages_are_acked_and_leave_the_work_queue(js: JetStream
     runner = Runner(js, ONE, DeadLetters())
     await run_until(runner, handle, lambda: runner.counts.acked == 3)
     assert sorted(seen) == [1, 2, 3]
-    assert await queued(js) == 0
+    await work_queue_emptied(js)
 
 
 async def test_retry_redelivers_after_its_delay_and_reject_dead_letters_and_terms(
@@ -117,7 +126,7 @@ async def test_retry_redelivers_after_its_delay_and_reject_dead_letters_and_term
     assert runner.counts.retried == 1 and runner.counts.rejected == 1
     await asyncio.sleep(0.3)
     assert deliveries[2] == 1  # termed: never delivered again
-    assert await queued(js) == 0
+    await work_queue_emptied(js)
 
 
 async def test_an_undecodable_message_is_rejected_without_reaching_the_handler(
@@ -170,7 +179,7 @@ async def test_a_batch_handler_rejects_one_message_and_the_rest_is_acked(
     await run_until(runner, handle, lambda: runner.counts.acked + runner.counts.rejected == 6)
     assert dead.letters == [("test.jobs.a.3", "three is bad")]
     assert runner.counts.acked == 5 and sum(sizes) == 6
-    assert await queued(js) == 0
+    await work_queue_emptied(js)
 
 
 async def test_a_failed_batch_is_redelivered_whole(js: JetStreamContext) -> None:
@@ -206,7 +215,7 @@ async def test_stop_lets_a_running_handler_finish_and_ack(js: JetStreamContext) 
     stop.set()
     await asyncio.wait_for(task, 10)
     assert finished.is_set() and runner.counts.acked == 1
-    assert await queued(js) == 0
+    await work_queue_emptied(js)
 
 
 async def test_a_consumer_of_several_types_decodes_each_by_its_subject(

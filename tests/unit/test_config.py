@@ -94,6 +94,7 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "JETBATCH_API_PORT": ("api_port", "9000", 9000),
     "JETBATCH_API_KEY": ("api_key", "k", "k"),
     "JETBATCH_NATS_URL": ("nats_url", "nats://n:4222", "nats://n:4222"),
+    "JETBATCH_NATS_REPLICAS": ("nats_replicas", "3", 3),
     "JETBATCH_DATABASE_URL": ("database_url", "postgresql://db/jb", "postgresql://db/jb"),
     "JETBATCH_ENGINE": ("engine", "instant", "instant"),
     "JETBATCH_MODELS": (
