@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import random
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +35,8 @@ from nats.js import JetStreamContext
 from opentelemetry import trace
 
 from schemas.messages import BusMessage, subject_matches
-from shared.bus import FastPull, Stream, delivery_count, durable_fast_pull
+from shared.backoff import BACKOFF
+from shared.bus import FastPull, Stream, delivery_count, durable_fast_pull, through_elections
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -54,25 +55,6 @@ class Retry(Exception):
 class Reject(Exception):
     """Never: the message is recorded as a dead letter (for an operator to see and replay) and
     termed, so it is not redelivered."""
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff: after the n-th failure, min(max_s, base_s * 2**(n-1)); with full
-    jitter (AWS architecture blog, "Exponential Backoff And Jitter"), uniform in [0, that]."""
-
-    base_s: float = 1.0
-    max_s: float = 30.0
-    jitter: bool = False
-
-    def delay_s(self, failures: int, rng: random.Random | None = None) -> float:
-        ceiling = min(self.max_s, self.base_s * 2 ** min(max(failures, 1) - 1, 62))
-        return (rng or random).uniform(0, ceiling) if self.jitter else ceiling
-
-
-# The one policy for redelivering messages (1, 2, 4, 8, 16, 30, 30 ... s) and for pausing a
-# consumer whose fetch failed as a whole (the database is most likely down).
-BACKOFF = Backoff()
 
 
 class DeadLetters(Protocol):
@@ -272,10 +254,12 @@ class Runner(Generic[M]):
         if self._pull is None:
             assert self.js is not None, "a runner needs a connection to pull"
             c = self.consumer
-            self._pull = await durable_fast_pull(
-                self.js, c.stream, c.durable, c.filter_subject,
-                ack_wait_s=c.ack_wait_s, max_deliver=c.max_deliver,
-                max_ack_pending=c.max_ack_pending,
+            self._pull = await through_elections(
+                functools.partial(
+                    durable_fast_pull, self.js, c.stream, c.durable, c.filter_subject,
+                    ack_wait_s=c.ack_wait_s, max_deliver=c.max_deliver,
+                    max_ack_pending=c.max_ack_pending,
+                )
             )  # fmt: skip
         return self._pull
 

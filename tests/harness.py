@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared import db
-from shared.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from shared.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, free_port
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def command_for(name: str) -> list[str]:
 class Harness:
     root: Path
     env_overrides: dict[str, str] = field(default_factory=dict)
-    nats: EmbeddedNats | None = None
+    nats: EmbeddedNats | EmbeddedNatsCluster | None = None  # a cluster: its nodes' URLs
     database_url: str | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _own_pg: EmbeddedPostgres | None = None
@@ -75,12 +75,12 @@ class Harness:
         asyncio.run(db.migrate(self.database_url))
 
     def kill_nats(self) -> None:
-        assert self.nats is not None
+        assert isinstance(self.nats, EmbeddedNats)
         self.nats.kill()
 
     def restart_nats(self) -> None:
         """The same store and port, as after a crash of the server."""
-        assert self.nats is not None
+        assert isinstance(self.nats, EmbeddedNats)
         self.nats.start()
 
     # -- services -------------------------------------------------------------------------------

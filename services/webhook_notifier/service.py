@@ -36,8 +36,9 @@ from schemas.messages import BatchEvent
 from schemas.webhooks import WebhookEvent, WebhookEventData
 from services.webhook_notifier import sender, store
 from shared import bus, config, db, process, telemetry
+from shared.backoff import BACKOFF, Backoff
 from shared.config import Settings, WebhookSettings
-from shared.consumer import BACKOFF, Backoff, Batch, Consumer, Runner
+from shared.consumer import Batch, Consumer, Runner
 from shared.domain import deadletters
 from shared.domain.webhooks import UnsafeUrl, host_key, parse_url
 from shared.ids import stable_id

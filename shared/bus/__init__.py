@@ -21,6 +21,7 @@ from shared.bus.streams import (
     connect,
     durable_consumer,
     ensure_streams,
+    through_elections,
     wait_for_jetstream,
     workers_kv,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "durable_consumer",
     "durable_fast_pull",
     "ensure_streams",
+    "through_elections",
     "wait_for_jetstream",
     "workers_kv",
 ]

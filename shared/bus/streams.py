@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
@@ -22,7 +23,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 
 from schemas.messages import (
     DeadLetterMessage,
@@ -30,9 +31,12 @@ from schemas.messages import (
     RequestMessage,
     ResultMessage,
 )
+from shared.backoff import BACKOFF
 from shared.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DAY_S = 86_400
 
@@ -152,7 +156,32 @@ async def ensure_streams(
     jetbatch declares and lacks are added, and its replica count raised if under `replicas`.
     What differs from jetbatch's declaration is logged."""
     for stream in streams:
-        await ensure_stream(js, stream.config(replicas))
+        wanted = stream.config(replicas)
+        await through_elections(functools.partial(ensure_stream, js, wanted))
+
+
+# JetStream answers these while a cluster elects a leader (a node was lost, or the cluster is
+# new and several services create streams at once): asked again, it succeeds.
+_TRANSIENT = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
+TRANSIENT_RETRY_S = 60.0
+
+
+async def through_elections(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, asked again with the one backoff while JetStream is between leaders, for at
+    most TRANSIENT_RETRY_S."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TRANSIENT_RETRY_S
+    failures = 0
+    while True:
+        try:
+            return await call()
+        except _TRANSIENT as e:
+            failures += 1
+            delay = BACKOFF.delay_s(failures)
+            if loop.time() + delay > deadline:
+                raise
+            log.warning("JetStream not answering (%r); asking again in %.0f s", e, delay)
+            await asyncio.sleep(delay)
 
 
 async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, *, retry: bool = True) -> None:
@@ -229,11 +258,11 @@ def _replicas_error(e: APIError, name: str, replicas: int) -> Exception:
 
 
 async def workers_kv(js: JetStreamContext, replicas: int = 1):  # type: ignore[no-untyped-def]
-    return await _bucket(js, WORKERS_BUCKET, WORKERS_TTL_S, replicas)
+    return await through_elections(lambda: _bucket(js, WORKERS_BUCKET, WORKERS_TTL_S, replicas))
 
 
 async def cancelled_kv(js: JetStreamContext, replicas: int = 1):  # type: ignore[no-untyped-def]
-    return await _bucket(js, CANCELLED_BUCKET, CANCELLED_TTL_S, replicas)
+    return await through_elections(lambda: _bucket(js, CANCELLED_BUCKET, CANCELLED_TTL_S, replicas))
 
 
 async def _bucket(js: JetStreamContext, bucket: str, ttl_s: float, replicas: int):  # type: ignore[no-untyped-def]

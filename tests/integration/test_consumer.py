@@ -19,7 +19,8 @@ from nats.js.api import RetentionPolicy
 
 from schemas.messages import BusMessage
 from shared import bus
-from shared.consumer import BACKOFF, Backoff, Batch, Consumer, Delivery, Reject, Retry, Runner
+from shared.backoff import BACKOFF, Backoff
+from shared.consumer import Batch, Consumer, Delivery, Reject, Retry, Runner
 from tests.helpers import wait_until
 
 
