@@ -23,9 +23,6 @@ from shared.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres
 
 log = logging.getLogger(__name__)
 
-# A fresh cluster elects its JetStream leader in 2-3 s here.
-JETSTREAM_READY_S = 30
-
 RESTART_BACKOFF_MAX_S = 30.0
 
 
@@ -177,7 +174,7 @@ def start_nats(settings: config.Settings, cluster: bool) -> EmbeddedNats | Embed
         log.info("embedded nats-server at %s", server.url)
         return server
     nodes = EmbeddedNatsCluster(settings.data_dir / "nats-cluster").start()
-    asyncio.run(bus.wait_for_jetstream(nodes.url, JETSTREAM_READY_S))
+    asyncio.run(bus.wait_for_jetstream(nodes.url))
     log.info("embedded 3-node NATS cluster at %s", nodes.url)
     return nodes
 

@@ -181,16 +181,16 @@ class Runner(Generic[M]):
         self._decoders = [
             (t.filter_subject(**consumer.bound), msgspec.json.Decoder(t)) for t in consumer.types
         ]
+        self._only = self._decoders[0][1] if len(self._decoders) == 1 else None
 
     # -- settling one message --------------------------------------------------------------
 
     def decode(self, msg: Msg) -> M:
         """The message as its declared type; raises Reject if it does not decode."""
-        decoders = self._decoders
         try:
-            if len(decoders) == 1:
-                return decoders[0][1].decode(msg.data)  # type: ignore[return-value]
-            for filter_subject, decoder in decoders:
+            if self._only is not None:  # one declared type: no subject to look at
+                return self._only.decode(msg.data)  # type: ignore[no-any-return,return-value]
+            for filter_subject, decoder in self._decoders:
                 if subject_matches(filter_subject, msg.subject):
                     return decoder.decode(msg.data)  # type: ignore[return-value]
         except msgspec.DecodeError as e:  # ValidationError included

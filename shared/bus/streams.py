@@ -30,6 +30,7 @@ from schemas.messages import (
     MaxDeliveriesAdvisory,
     RequestMessage,
     ResultMessage,
+    subject_matches,
 )
 from shared.backoff import BACKOFF
 from shared.config import ConfigError
@@ -127,19 +128,11 @@ def server_list(url: str) -> list[str]:
     return servers
 
 
-async def wait_for_jetstream(url: str, timeout_s: float) -> None:
+async def wait_for_jetstream(url: str) -> None:
     """Until JetStream answers at `url` (a new cluster elects its leader first)."""
     nc = await connect(url, "jetbatch-wait")
     try:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            try:
-                await nc.jetstream().account_info()
-                return
-            except Exception:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+        await through_elections(nc.jetstream().account_info)
     finally:
         await nc.close()
 
@@ -227,18 +220,8 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, *, retry: bo
 def merged_subjects(current: list[str], wanted: list[str]) -> list[str]:
     """The stream's subjects with jetbatch's added; one of jetbatch's that covers an existing
     one (`a.>` covers `a.*`) takes its place rather than overlap it."""
-    kept = [s for s in current if not any(s != w and _covers(w, s) for w in wanted)]
+    kept = [s for s in current if not any(s != w and subject_matches(w, s) for w in wanted)]
     return kept + [w for w in wanted if w not in kept]
-
-
-def _covers(wider: str, narrower: str) -> bool:
-    want, have = wider.split("."), narrower.split(".")
-    for i, token in enumerate(want):
-        if token == ">":
-            return len(have) > i
-        if i >= len(have) or (token != "*" and token != have[i]):
-            return False
-    return len(want) == len(have)
 
 
 _STREAM_NAME_IN_USE = 10058

@@ -65,7 +65,7 @@ def test_a_batch_finishes_exactly_once_when_stream_leaders_are_killed(
         database_url=database_url,
     )
     try:
-        asyncio.run(bus.wait_for_jetstream(cluster.url, 30))
+        asyncio.run(bus.wait_for_jetstream(cluster.url))
         h.start_servers()
         for name in ("api", "results_writer", "watchdog", "worker-1"):
             h.start(name)

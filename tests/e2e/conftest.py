@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
+from openai.types import Batch
 
 from shared.embedded import free_port
-from tests.helpers import API_KEY
+from tests.helpers import API_KEY, CHAT, wait_until_sync
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600
@@ -108,3 +110,16 @@ def client(system: System):
     import openai
 
     return openai.OpenAI(base_url=system.base_url, api_key=system.api_key, max_retries=0)
+
+
+def run_batch(client: openai.OpenAI, data: bytes, name: str = "batch.jsonl") -> Batch:
+    """Upload `data`, create a chat batch of it and wait for it to complete."""
+    f = client.files.create(file=(name, data), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
+    wait_until_sync(
+        lambda: client.batches.retrieve(batch.id).status == "completed",
+        f"batch {batch.id} to complete",
+        timeout_s=60,
+        interval_s=0.2,
+    )
+    return client.batches.retrieve(batch.id)

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from shared import bus
-from tests.e2e.conftest import start_system, stop_system
-from tests.helpers import CHAT, chat_jsonl, wait_until_sync
+from tests.e2e.conftest import run_batch, start_system, stop_system
+from tests.helpers import chat_jsonl
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
@@ -40,15 +40,8 @@ def test_up_with_a_cluster_replicates_every_stream_and_runs_a_batch(scratch_dir:
         ]
         assert len(nats) == 3
         client = openai.OpenAI(base_url=system.base_url, api_key=system.api_key, max_retries=0)
-        f = client.files.create(file=("c.jsonl", chat_jsonl(20, "c")), purpose="batch")
-        batch = client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
-        wait_until_sync(
-            lambda: client.batches.retrieve(batch.id).status == "completed",
-            f"batch {batch.id} to complete",
-            timeout_s=60,
-            interval_s=0.2,
-        )
-        assert client.batches.retrieve(batch.id).request_counts.completed == 20
+        batch = run_batch(client, chat_jsonl(20, "c"), "c.jsonl")
+        assert batch.request_counts is not None and batch.request_counts.completed == 20
         url = re.search(r"3-node NATS cluster at (\S+)", system.log_path.read_text())
         assert url is not None, system.log_tail()
         assert set(asyncio.run(stream_replicas(url.group(1))).values()) == {3}

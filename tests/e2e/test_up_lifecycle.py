@@ -10,8 +10,8 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.conftest import start_system, stop_system
-from tests.helpers import CHAT, chat_line, wait_until_sync
+from tests.e2e.conftest import run_batch, start_system, stop_system
+from tests.helpers import chat_line, wait_until_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -42,14 +42,7 @@ def test_up_restarts_a_killed_service_and_stops_cleanly(scratch_dir: Path) -> No
         wait_until_sync(restarted, "the results writer to restart", timeout_s=30, interval_s=0.2)
 
         # The system still works end to end after the restart.
-        f = client.files.create(file=("a.jsonl", chat_line("a", "hi")), purpose="batch")
-        batch = client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
-        wait_until_sync(
-            lambda: client.batches.retrieve(batch.id).status == "completed",
-            f"batch {batch.id} to complete",
-            timeout_s=60,
-            interval_s=0.2,
-        )
+        run_batch(client, chat_line("a", "hi"), "a.jsonl")
 
         everything = psutil.Process(system.proc.pid).children(recursive=True)
         assert len(everything) >= 8  # 6 services + nats-server + postgres (+ its workers)

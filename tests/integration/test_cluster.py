@@ -32,19 +32,11 @@ def cluster(scratch_dir: Path) -> Iterator[EmbeddedNatsCluster]:
         nodes.stop()
 
 
-async def jetstream_ready(js: JetStreamContext) -> bool:
-    try:
-        await js.account_info()
-        return True
-    except Exception:
-        return False
-
-
 @pytest.fixture
 async def cluster_js(cluster: EmbeddedNatsCluster) -> AsyncIterator[tuple[NATS, JetStreamContext]]:
+    await bus.wait_for_jetstream(cluster.url)
     nc = await bus.connect(cluster.url, "cluster-test")
     js = nc.jetstream()
-    await wait_until(lambda: jetstream_ready(js), "the cluster to elect its JetStream leader")
     yield nc, js
     await nc.close()
 
