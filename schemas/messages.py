@@ -192,6 +192,11 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True, frozen=True):
     gpu_temperature_c: int | None = None
     gpu_utilization_pct: int | None = None
     healthy: bool = True
+    # What `capacity` is sized from, as vLLM sized its engine (None: an engine without them).
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    kv_cache_blocks: int | None = None  # allocated after profiling memory
+    kv_cache_tokens: int | None = None  # what those blocks hold in all
 
 
 class InteractiveRequest(BusMessage, kw_only=True, frozen=True):

@@ -23,12 +23,13 @@ USAGE = """jetbatch COMMAND [ARGS]
                       cluster with --cluster, + PostgreSQL, unless JETBATCH_NATS_URL /
                       JETBATCH_DATABASE_URL are set) and print the base URL
   api                 run the HTTP API
-  inference --model NAME [--gpu N]
-                      run one inference worker (one per GPU per model)
+  inference --model NAME [--gpu N[,N...]]
+                      run one inference worker (one per GPU, or GPU group, per model;
+                      engine settings per model: JETBATCH_MODELS_FILE)
   results-writer      run the results writer
   webhook-notifier    run the webhook notifier
   watchdog            run the watchdog
-  migrate             apply database migrations to JETBATCH_DATABASE_URL
+  migrate             apply database migrations; move an old data dir's files into JetStream
   dlq list|show|replay
                       dead letters: list them, show one, publish them again (through the api)
   workers             every inference worker's last heartbeat, stale and unhealthy ones flagged
@@ -90,10 +91,15 @@ def main(argv: list[str] | None = None) -> int:
             telemetry.setup("migrate", settings.log_level)
             if not settings.database_url:
                 raise config.ConfigError("JETBATCH_DATABASE_URL is not set")
-            from shared import db
+            from services.migrate import migrate
 
-            applied = asyncio.run(db.migrate(settings.database_url))
-            print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
+            moved = asyncio.run(migrate(settings, settings.database_url, settings.nats_url))
+            print(f"applied: {', '.join(moved.migrations) or 'nothing (up to date)'}")
+            if moved.files_moved or moved.files_already_there or moved.files_dropped:
+                print(
+                    f"files: {moved.files_moved} moved into JetStream,"
+                    f" {moved.files_already_there} already there, {moved.files_dropped} dropped"
+                )
             return 0
         if command == "setup":
             settings = config.load()

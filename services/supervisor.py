@@ -18,7 +18,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from shared import bus, config, db, process
+from services.migrate import migrate
+from shared import bus, config, process
 from shared.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def up(settings: config.Settings, *, cluster: bool = False) -> int:
             pg_server = EmbeddedPostgres(settings.data_dir / "postgres").start()
             database_url = pg_server.url
             log.info("embedded PostgreSQL at %s", database_url)
-        asyncio.run(db.migrate(database_url))
+        asyncio.run(migrate(settings, database_url, nats_url))
         if settings.engine == "vllm":
             from services.inference.models import prepare_models
 

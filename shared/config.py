@@ -277,10 +277,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Annotated[
         Path,
         Meta(
-            description="file bytes (`files/`), the embedded servers' state (`nats/`, `postgres/`),"
-            " the api key; relative to the working directory"
+            description="the embedded servers' state (`nats/`, `postgres/`) and local secrets (the"
+            " api key, the webhook secret); relative to the working directory. File bytes live in"
+            " JetStream (bucket `jetbatch_files`); a `files/` folder left by an older version is"
+            " moved there by `jetbatch migrate`"
         ),
     ] = Path(".jetbatch")
+    scratch_dir: Annotated[
+        Path | None,
+        Meta(
+            description="where the api keeps its private working copy of a batch's input file"
+            " while it validates and publishes it (deleted right after); never shared",
+            extra={"unset": "the system's temporary directory"},
+        ),
+    ] = None
     models_cache_dir: Annotated[
         Path | None,
         Meta(
@@ -343,6 +353,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         ModelSpec(name=DEFAULT_CHAT_MODEL, path="", task="generate"),
         ModelSpec(name=DEFAULT_EMBED_MODEL, path="", task="embed"),
     )
+    models_file: Annotated[
+        Path | None,
+        Meta(
+            description='TOML file of vLLM engine settings per served model (`[models."NAME"]`,'
+            " keys named as vLLM's engine arguments: `tensor_parallel_size`, `max_model_len`,"
+            " `gpu_memory_utilization`, ...; README: Engine settings per model); an unknown key"
+            " or a bad value stops the inference worker, naming it",
+            extra={"unset": "jetbatch's defaults for the device"},
+        ),
+    ] = None
     max_file_bytes: Annotated[int, Meta(ge=1, description="largest upload (200 MB)")] = (
         200 * 1024 * 1024
     )
@@ -400,7 +420,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ] = 0.0
 
     @property
-    def files_dir(self) -> Path:
+    def legacy_files_dir(self) -> Path:
+        """Where versions before the files bucket kept file bytes (`jetbatch migrate` empties it)."""
         return self.data_dir / "files"
 
     @property

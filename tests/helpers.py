@@ -8,7 +8,7 @@ import asyncio
 import inspect
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Final, TypeVar, overload
 
 # The models the instant and vLLM engines serve by default (shared.config).
@@ -136,3 +136,46 @@ def wait_until_sync(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}: {value!r}")
         time.sleep(interval_s)
+
+
+async def stored_bytes(nats_url: str, key: str) -> bytes | None:
+    """A file's bytes as stored in the files bucket (None: no such object)."""
+    from shared import bus
+
+    nc = await bus.connect(nats_url, "test-read-object")
+    try:
+        files = await bus.files_bucket(nc.jetstream())
+        if await files.size(key) is None:
+            return None
+        return b"".join([chunk async for chunk in files.iter_bytes(key)])
+    finally:
+        await nc.close()
+
+
+async def stored_keys(nats_url: str) -> set[str]:
+    """Every object in the files bucket."""
+    from shared import bus
+
+    nc = await bus.connect(nats_url, "test-list-objects")
+    try:
+        return await (await bus.files_bucket(nc.jetstream())).keys()
+    finally:
+        await nc.close()
+
+
+async def as_chunks(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    """`data` as an async source of chunks (FileObjects.put)."""
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+async def stored_messages(nats_url: str) -> int:
+    """How many messages the files bucket's stream holds (chunks and metas, live or not)."""
+    from shared import bus
+
+    nc = await bus.connect(nats_url, "test-count-objects")
+    try:
+        files = await bus.files_bucket(nc.jetstream())
+        return (await nc.jetstream().stream_info(files.stream)).state.messages
+    finally:
+        await nc.close()

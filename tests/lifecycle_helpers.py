@@ -24,8 +24,7 @@ from services.results_writer import service as results_writer
 from services.watchdog import service as watchdog
 from shared import config
 from shared.embedded import free_port
-from shared.storage import FileStorage
-from tests.helpers import API_KEY, CHAT, CHAT_MODEL, wait_until
+from tests.helpers import API_KEY, CHAT, CHAT_MODEL, stored_bytes, wait_until
 
 TIMEOUT_S = 30.0
 
@@ -103,10 +102,12 @@ class System:
         what = f"batch {batch_id} to be {statuses}"
         return await wait_until(reached, what, timeout_s=timeout_s, interval_s=0.1)
 
-    def lines(self, file_id: str | None) -> list[OutputLine]:
+    async def lines(self, file_id: str | None) -> list[OutputLine]:
         if file_id is None:
             return []
-        data = FileStorage(self.settings.files_dir).path(file_id).read_bytes()
+        assert self.settings.nats_url is not None
+        data = await stored_bytes(self.settings.nats_url, file_id)
+        assert data is not None, f"file {file_id} has no bytes"
         return [msgspec.json.decode(x, type=OutputLine) for x in data.splitlines()]
 
 

@@ -16,8 +16,8 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from services.api.children import SpareChild
+from shared.bus import FileObjects
 from shared.config import Settings
-from shared.storage import FileStorage
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Deps:
     nc: NATS
     js: JetStreamContext
     workers: KeyValue  # heartbeats of the inference workers
-    storage: FileStorage
+    storage: FileObjects  # file bytes: the files bucket
     started_at: int
     # KV bucket `jetbatch_cancelled`: batches whose remaining requests workers must not run.
     cancelled: KeyValue | None = None

@@ -11,11 +11,14 @@ import re
 from typing import Any
 
 import msgspec.inspect as mi
+import nats.errors
+import nats.js.errors
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from schemas.openai import ErrorDetail, ErrorResponse
+from shared.bus.streams import store_full
 from shared.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -180,6 +183,35 @@ def on_http_exception(
     return error_response(status, str(exc.detail), headers=exc.headers)
 
 
+# NATS answers that heal by themselves: no quorum (a majority of a cluster's nodes down, or
+# mid-election past the writes' own retries), a server not answering, the connection between
+# servers of its list. The SDKs retry a 503 after Retry-After.
+_BUS_DOWN = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+BUS_RETRY_AFTER_S = 5
+
+
+def on_bus_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
+    """NATS/JetStream failures: 503 with a stable code when they heal by themselves, else 500."""
+    headers = {"retry-after": str(BUS_RETRY_AFTER_S)}
+    if store_full(exc):
+        log.error("%s %s: JetStream store full: %s", request.method, request.url.path, exc)
+        message = "The message store is full; try again once space is freed."
+        return error_response(503, message, code="jetstream_storage_full", headers=headers)
+    if isinstance(exc, _BUS_DOWN):
+        log.error("%s %s: JetStream unavailable: %r", request.method, request.url.path, exc)
+        message = "JetStream is unavailable (no quorum or no server); try again shortly."
+        return error_response(503, message, code="jetstream_unavailable", headers=headers)
+    return on_unexpected(request, exc)
+
+
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
     log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
     return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
@@ -189,5 +221,6 @@ EXCEPTION_HANDLERS = {
     ApiError: on_api_error,
     ValidationException: on_validation_error,
     HTTPException: on_http_exception,
+    nats.errors.Error: on_bus_error,
     Exception: on_unexpected,
 }

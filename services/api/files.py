@@ -1,11 +1,10 @@
-"""`/v1/files`: upload (streamed to disk), retrieve, download, list, delete."""
+"""`/v1/files`: upload (streamed into the files bucket), retrieve, download, list, delete."""
 
 from __future__ import annotations
 
 import logging
 from typing import Annotated, Any, Literal, get_args
 
-import anyio.to_thread
 from litestar import Request, delete, get, post
 from litestar.params import Parameter
 from litestar.response import Stream
@@ -13,6 +12,7 @@ from litestar.response import Stream
 from schemas.openai import DeletedFile, FileList, FilePurpose, OpenAIFile
 from services.api import store, uploads
 from services.api.deps import DepsParam
+from shared.domain import retention
 from shared.errors import InvalidRequest, NotFound
 from shared.ids import new_id
 
@@ -74,22 +74,22 @@ async def create_file(request: Request[Any, Any, Any], deps: DepsParam) -> OpenA
     """Multipart `file` + `purpose` (+ optional `expires_after`). The body limit is ours, not
     Litestar's: the file part is counted as it streams and refused past max_file_bytes (413)."""
     file_id = new_id("file-")
-    upload = await uploads.receive(
-        request,
-        deps.storage,
-        file_id,
-        max_file_bytes=deps.settings.max_file_bytes,
-        check_field=_check_field,
-    )
-    try:
+    created_at = store.now_s()
+    # The object exists once this block ends without an error; refused, nothing is kept.
+    async with deps.storage.writer(file_id) as writer:
+        upload = await uploads.receive(
+            request,
+            writer,
+            max_file_bytes=deps.settings.max_file_bytes,
+            check_field=_check_field,
+        )
         purpose = upload.fields.get("purpose")
         if not purpose:
             raise InvalidRequest("purpose is required", param="purpose")
         _check_purpose(purpose)
-        created_at = store.now_s()
         expires_at = _expires_at(upload.fields, created_at, purpose)
-        await anyio.to_thread.run_sync(deps.storage.commit, file_id)
-        is_batch = purpose == "batch"
+    is_batch = purpose == "batch"
+    try:
         row = await store.insert_file(
             deps.pool,
             file_id=file_id,
@@ -103,7 +103,7 @@ async def create_file(request: Request[Any, Any, Any], deps: DepsParam) -> OpenA
             models=upload.models if is_batch else None,
         )
     except BaseException:
-        deps.storage.delete(file_id)
+        await deps.storage.delete(file_id)
         raise
     log.info(
         "file %s uploaded: %s, %d bytes, purpose %s, %d lines, models %s",
@@ -125,12 +125,10 @@ async def file_content(file_id: str, deps: DepsParam) -> Stream:
     row = await store.get_file(deps.pool, file_id)
     if row is None:
         raise not_found(file_id)
-    path = deps.storage.path(row["storage_key"])
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        log.error("file %s: row present but bytes missing at %s", file_id, path)
-        raise NotFound(f"The content of file {file_id} is not available", param="id") from None
+    size = await deps.storage.size(row["storage_key"])
+    if size is None:
+        log.error("file %s: row present but its bytes are missing", file_id)
+        raise NotFound(f"The content of file {file_id} is not available", param="id")
     media_type = (
         "application/jsonl"
         if row["purpose"] in JSONL_PURPOSES or row["filename"].endswith(".jsonl")
@@ -171,12 +169,18 @@ async def list_files(
 
 @delete("/files/{file_id:str}", status_code=200)
 async def delete_file(file_id: str, deps: DepsParam) -> DeletedFile:
-    row = await store.delete_file(deps.pool, file_id)
-    if row is None:
+    """The file and every copy of its content (README: Retention); refused while an open batch
+    still needs it."""
+    try:
+        deleted = await retention.delete_file(deps.pool, deps.js, deps.storage, file_id)
+    except retention.FileInUse as e:
+        raise InvalidRequest(str(e), param="file_id", code="file_in_use") from e
+    if deleted is None:
         raise not_found(file_id)
-    # After the row: a crash between the two leaves unreachable bytes, never a row without them.
-    await anyio.to_thread.run_sync(deps.storage.delete, row["storage_key"])
-    log.info("file %s deleted", file_id)
+    log.info(
+        "file %s deleted, with the copies of batches %s",
+        file_id, [b.batch_id for b in deleted.batches],
+    )  # fmt: skip
     return DeletedFile(id=file_id)
 
 

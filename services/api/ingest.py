@@ -20,8 +20,11 @@ while validating keeps its line count, so its lines become batch_cancelled lines
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio.to_thread
 import msgspec
@@ -83,51 +86,72 @@ async def _process_claimed(deps: DepsParam, batch_id: str) -> None:
     if row is None:
         log.warning("batch %s: no such batch, nothing to process", batch_id)
         return
-    if row["status"] == "validating":
-        row = await _validate(deps, row)
-        if row is None:
-            return
-    elif (
+    validating = row["status"] == "validating"
+    if not validating and (
         row["status"] != "in_progress"
         or row["published_at"] is not None
         or row["ending"] is not None
     ):
         log.debug("batch %s: %s, nothing to process", batch_id, row["status"])
         return
-    await _publish(deps, row)
+    async with input_copy(deps, row) as path:
+        if validating:
+            started = await _validate(deps, row, path)
+            if started is None:
+                return
+            row = started
+        if path is None:
+            # Deleted after validation: nothing to publish from; the watchdog sees it stuck.
+            log.error(
+                "batch %s: input file %s is gone, cannot publish", batch_id, row["input_file_id"]
+            )
+            return
+        await _publish(deps, row, path)
 
 
-async def check_input(deps: DepsParam, row: store.Row) -> tuple[list[BatchError], str | None, int]:
-    """Validate a batch's input file: (errors, model, line count)."""
+@contextlib.asynccontextmanager
+async def input_copy(deps: DepsParam, row: store.Row) -> AsyncIterator[Path | None]:
+    """A private local copy of the batch's input file from the files bucket, read by the
+    validating and publishing children and deleted afterwards; None if the file is gone."""
     file_row = await store.get_file(deps.pool, row["input_file_id"])
-    try:
-        if file_row is None:
-            raise FileNotFoundError(row["input_file_id"])
-        job = ValidationJob(
-            path=str(deps.storage.path(file_row["storage_key"])),
-            endpoint=row["endpoint"],
-            models={m.name: list(m.endpoints) for m in deps.settings.models},
-            max_lines=deps.settings.max_batch_lines,
-            max_line_bytes=max_line_bytes(deps),
-        )
-        if deps.validators is not None:
-            check = await validate_in_child(job, await deps.validators.take())
-        else:
-            check = await anyio.to_thread.run_sync(job.run)
-    except FileNotFoundError:
+    key = None if file_row is None else file_row["storage_key"]
+    if key is None or await deps.storage.size(key) is None:
+        yield None
+        return
+    async with deps.storage.local_copy(key, deps.settings.scratch_dir) as path:
+        yield path
+
+
+async def check_input(
+    deps: DepsParam, row: store.Row, path: Path | None
+) -> tuple[list[BatchError], str | None, int]:
+    """Validate a batch's input file (its local copy `path`, None if gone): (errors, model,
+    line count)."""
+    if path is None:
         error = BatchError(
             code="file_not_found",
             message=f"input file {row['input_file_id']} was deleted before the batch ran",
             param="input_file_id",
         )
         return [error], None, 0
+    job = ValidationJob(
+        path=str(path),
+        endpoint=row["endpoint"],
+        models={m.name: list(m.endpoints) for m in deps.settings.models},
+        max_lines=deps.settings.max_batch_lines,
+        max_line_bytes=max_line_bytes(deps),
+    )
+    if deps.validators is not None:
+        check = await validate_in_child(job, await deps.validators.take())
+    else:
+        check = await anyio.to_thread.run_sync(job.run)
     return check.errors, check.model, check.count
 
 
-async def _validate(deps: DepsParam, row: store.Row) -> store.Row | None:
+async def _validate(deps: DepsParam, row: store.Row, path: Path | None) -> store.Row | None:
     """Pass 1. Returns the batch's row once in_progress, or None when it must not be published."""
     batch_id = row["id"]
-    errors, model, total = await check_input(deps, row)
+    errors, model, total = await check_input(deps, row, path)
     if errors:
         failed = await store.fail_batch(deps.pool, batch_id, errors)
         if failed is not None:
@@ -149,14 +173,9 @@ async def _validate(deps: DepsParam, row: store.Row) -> store.Row | None:
     return started
 
 
-async def _publish(deps: DepsParam, row: store.Row) -> None:
+async def _publish(deps: DepsParam, row: store.Row, path: Path) -> None:
     """Pass 2 (services/api/publishing.py), then `published_at`."""
     batch_id, model = row["id"], row["model"]
-    file_row = await store.get_file(deps.pool, row["input_file_id"])
-    if file_row is None:
-        # Deleted after validation: nothing to publish from; the watchdog sees the batch stuck.
-        log.error("batch %s: input file %s is gone, cannot publish", batch_id, row["input_file_id"])
-        return
 
     async def still_running() -> bool:
         return await _still_running(deps, batch_id)
@@ -166,7 +185,7 @@ async def _publish(deps: DepsParam, row: store.Row) -> None:
     ) as span:
         span.set_attribute("batch_id", batch_id)
         job = PublishJob(
-            path=str(deps.storage.path(file_row["storage_key"])),
+            path=str(path),
             batch_id=batch_id,
             model=model,
             endpoint=row["endpoint"],

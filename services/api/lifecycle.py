@@ -24,6 +24,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio.to_thread
 
@@ -81,25 +82,35 @@ async def _close_out_claimed(deps: DepsParam, batch_id: str) -> None:
     if reason is None:
         log.debug("batch %s: %s, nothing to close out", batch_id, row["status"])
         return
-    if row["total"] == 0:
-        # Cancelled before its validation finished (or the api died validating it): count it.
-        errors, model, total = await ingest.check_input(deps, row)
-        if errors or model is None:
-            await store.record_unrunnable(deps.pool, batch_id, errors)
-            log.info("batch %s: cancelled before it had any valid request", batch_id)
+    async with ingest.input_copy(deps, row) as path:
+        if row["total"] == 0:
+            # Cancelled before its validation finished (or the api died validating it): count it.
+            errors, model, total = await ingest.check_input(deps, row, path)
+            if errors or model is None:
+                await store.record_unrunnable(deps.pool, batch_id, errors)
+                log.info("batch %s: cancelled before it had any valid request", batch_id)
+                return
+            await store.record_validation(deps.pool, batch_id, model=model, total=total)
+        if path is None:
+            log.error(
+                "batch %s: input file %s is gone; its lines without a result cannot be named,"
+                " the batch ends with the %d it has", batch_id, row["input_file_id"],
+                row["completed"] + row["failed"],
+            )  # fmt: skip
+            await store.shrink_to_results(deps.pool, batch_id)
+            await store.mark_closed_out(deps.pool, batch_id)
             return
-        await store.record_validation(deps.pool, batch_id, model=model, total=total)
-    file_row = await store.get_file(deps.pool, row["input_file_id"])
-    path = deps.storage.path(file_row["storage_key"]) if file_row is not None else None
-    if path is None or not path.exists():
-        log.error(
-            "batch %s: input file %s is gone; its lines without a result cannot be named, the "
-            "batch ends with the %d it has", batch_id, row["input_file_id"],
-            row["completed"] + row["failed"],
-        )  # fmt: skip
-        await store.shrink_to_results(deps.pool, batch_id)
-        await store.mark_closed_out(deps.pool, batch_id)
-        return
+        filled = await _fill(deps, row, reason, path)
+        if filled is None:
+            return
+    if await store.mark_closed_out(deps.pool, batch_id):
+        log.info("batch %s %s: %d unfinished lines are closed out", batch_id, reason, filled)
+
+
+async def _fill(deps: DepsParam, row: store.Row, reason: StopReason, path: Path) -> int | None:
+    """A `batch_cancelled` / `batch_expired` line for every line of the input file without a
+    result; None if the batch left its state meanwhile."""
+    batch_id = row["id"]
     stop = BatchStop(batch_id=batch_id, reason=reason, at=store.now_s())
     code, message = stop.error_code, stop.error_message
     filled = 0
@@ -112,10 +123,9 @@ async def _close_out_claimed(deps: DepsParam, batch_id: str) -> None:
             added = await store.fill_missing_lines(deps.pool, batch_id, keyed, code, message)
             if added is None:
                 log.info("batch %s left %s while being closed out", batch_id, row["status"])
-                return
+                return None
             filled += added
-    if await store.mark_closed_out(deps.pool, batch_id):
-        log.info("batch %s %s: %d unfinished lines are %s lines", batch_id, reason, filled, code)
+    return filled
 
 
 def _take(lines: Iterator[tuple[int, RequestLine]], n: int) -> list[tuple[int, RequestLine]]:

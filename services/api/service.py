@@ -48,7 +48,6 @@ from shared import bus, process, telemetry
 from shared.config import ConfigError, Settings
 from shared.db import connect_pool
 from shared.errors import Unauthorized, Unavailable
-from shared.storage import FileStorage
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ def create_app(settings: Settings) -> Litestar:
                 nc=nc,
                 js=js,
                 workers=await bus.workers_kv(js, settings.nats_replicas),
-                storage=FileStorage(settings.files_dir),
+                storage=await bus.files_bucket(js, settings.nats_replicas),
                 started_at=int(time.time()),
                 cancelled=await bus.cancelled_kv(js, settings.nats_replicas),
                 nc_sync=nc_sync,

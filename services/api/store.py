@@ -23,6 +23,7 @@ from schemas.openai import (
     OpenAIFile,
     RequestCounts,
 )
+from shared.errors import NotFound
 
 Order = Literal["asc", "desc"]
 Row: TypeAlias = asyncpg.Record
@@ -105,13 +106,8 @@ async def list_files(
     return rows[:limit], len(rows) > limit
 
 
-async def delete_file(pool: asyncpg.Pool, file_id: str) -> Row | None:
-    """Soft-delete: the row stays (a batch may still name it), the bytes go."""
-    return await pool.fetchrow(
-        "UPDATE files SET deleted_at = $2 WHERE id = $1 AND deleted_at IS NULL"
-        " RETURNING id, storage_key",
-        file_id, now_s(),
-    )  # fmt: skip
+# Deleting a file (and its copies) is shared with the watchdog's expiry:
+# shared/domain/retention.py delete_file.
 
 
 # Batches -------------------------------------------------------------------------------------
@@ -176,15 +172,20 @@ async def insert_batch(
     metadata: dict[str, str] | None,
     output_expires_after: int | None,
 ) -> Row:
+    # Only while the input file exists, whose row is locked (FOR SHARE) until the caller commits:
+    # a concurrent delete of the file waits, then sees this batch and refuses
+    # (shared/domain/retention.py); one that won the race leaves no row to insert from.
     row = await pool.fetchrow(
         "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, created_at,"
         " expires_at, metadata, output_expires_after, updated_at)"
-        " VALUES ($1, $2, $3, $4, 'validating', $5, $6, $7::jsonb, $8, $5) RETURNING *",
+        " SELECT $1, $2, $3, $4, 'validating', $5::bigint, $6::bigint, $7::jsonb, $8::integer,"
+        " $5::bigint FROM files WHERE id = $3 AND deleted_at IS NULL FOR SHARE RETURNING *",
         batch_id, endpoint, input_file_id, completion_window, created_at, expires_at,
         msgspec.json.encode(metadata).decode() if metadata is not None else None,
         output_expires_after,
     )  # fmt: skip
-    assert row is not None
+    if row is None:
+        raise NotFound(f"No such File object: {input_file_id}", param="input_file_id")
     return row
 
 
@@ -348,8 +349,8 @@ WITH b AS MATERIALIZED (
     FOR UPDATE
 ), ins AS (
     INSERT INTO request_results (batch_id, custom_id, line, ok, status_code, request_id,
-                                 response_body, error_code, error_message)
-    SELECT b.id, t.custom_id, t.line, false, 499, t.request_id, NULL, $5, $6
+                                 response_body, error_code, error_message, finished_at)
+    SELECT b.id, t.custom_id, t.line, false, 499, t.request_id, NULL, $5, $6, $7::bigint
     FROM b, unnest($2::int[], $3::text[], $4::text[]) AS t(line, custom_id, request_id)
     ORDER BY t.custom_id
     ON CONFLICT (batch_id, custom_id) DO NOTHING

@@ -2,15 +2,16 @@
 
 Litestar's own form parsing reads the whole body into memory; a batch file may be 200 MB. Here the
 body is fed chunk by chunk to python-multipart's push parser: small form fields are kept in
-memory, the file part goes to the storage's temp file (disk writes and the line scan run in a
-worker thread, ~1 MB at a time), so memory stays flat whatever the file size."""
+memory, the file part streams into the files bucket (shared/bus/objects.py: ~1 MB at a time is
+scanned for lines in a worker thread, then published as object chunks), so memory stays flat
+whatever the file size. The object exists only once the caller's block ends without an error."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 from litestar import Request
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
 from services.api.validation import UploadScanner
+from shared.bus.objects import ObjectWriter
 from shared.errors import InvalidRequest, PayloadTooLarge
-from shared.storage import FileStorage
 
 log = logging.getLogger(__name__)
 
@@ -145,36 +146,15 @@ class _Form:
         self.ended = True
 
 
-class _Writer:
-    """The temp file and the line scan; every method blocks, so each runs in a worker thread."""
-
-    def __init__(self, storage: FileStorage, key: str) -> None:
-        self._file: IO[bytes] = open(storage.temp_path(key), "wb")  # noqa: SIM115
-        self.scanner = UploadScanner()
-
-    def write(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self._file.write(chunk)
-            self.scanner.feed(chunk)
-
-    def close(self) -> None:
-        self._file.close()
-        self.scanner.finish()
-
-    def abort(self) -> None:
-        self._file.close()
-
-
 async def receive(
     request: Request[Any, Any, Any],
-    storage: FileStorage,
-    key: str,
+    writer: ObjectWriter,
     *,
     max_file_bytes: int,
     check_field: Callable[[str, str], None],
 ) -> Upload:
-    """Read the multipart body: the file part into `storage.temp_path(key)` (not committed: the
-    caller commits or deletes it), the other fields into `Upload.fields`, each passed to
+    """Read the multipart body: the file part into `writer` (the caller's `async with` commits
+    it, or drops it when this raises), the other fields into `Upload.fields`, each passed to
     `check_field(name, value)` as soon as it is complete (it raises to refuse the upload)."""
     content_type, options = request.content_type
     if content_type != "multipart/form-data" or not options.get("boundary"):
@@ -190,39 +170,33 @@ async def receive(
         parser = MultipartParser(options["boundary"], form.callbacks())
     except FormParserError as e:
         raise InvalidRequest(f"bad multipart body: {e}", param=FILE_FIELD) from None
-    writer: _Writer | None = None
-    try:
-        async for chunk in request.stream():
-            if chunk:
-                try:
-                    parser.write(chunk)
-                except FormParserError as e:
-                    raise InvalidRequest(f"bad multipart body: {e}", param=FILE_FIELD) from None
-            if form.filename is not None and writer is None:
-                writer = await anyio.to_thread.run_sync(_Writer, storage, key)
-            if (
-                writer is not None
-                and form.queued
-                and (form.queued_bytes >= WRITE_BATCH_BYTES or not chunk)
-            ):
-                await anyio.to_thread.run_sync(writer.write, form.take())
-        parser.finalize()
-        if not form.ended:
-            raise InvalidRequest("the multipart body ended early", param=FILE_FIELD)
-        if writer is None or form.filename is None:
-            raise InvalidRequest("the form has no file part named 'file'", param=FILE_FIELD)
-        if form.queued:
-            await anyio.to_thread.run_sync(writer.write, form.take())
-        await anyio.to_thread.run_sync(writer.close)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        storage.delete(key)
-        raise
+    scanner = UploadScanner()
+
+    async def store(chunks: list[bytes]) -> None:
+        data = b"".join(chunks)
+        await anyio.to_thread.run_sync(scanner.feed, data)
+        await writer.write(data)
+
+    async for chunk in request.stream():
+        if chunk:
+            try:
+                parser.write(chunk)
+            except FormParserError as e:
+                raise InvalidRequest(f"bad multipart body: {e}", param=FILE_FIELD) from None
+        if form.queued and (form.queued_bytes >= WRITE_BATCH_BYTES or not chunk):
+            await store(form.take())
+    parser.finalize()
+    if not form.ended:
+        raise InvalidRequest("the multipart body ended early", param=FILE_FIELD)
+    if form.filename is None:
+        raise InvalidRequest("the form has no file part named 'file'", param=FILE_FIELD)
+    if form.queued:
+        await store(form.take())
+    await anyio.to_thread.run_sync(scanner.finish)
     return Upload(
         fields=form.fields,
         filename=form.filename,
         size=form.file_bytes,
-        line_count=writer.scanner.line_count,
-        models=list(writer.scanner.models),
+        line_count=scanner.line_count,
+        models=list(scanner.models),
     )

@@ -1,5 +1,6 @@
 """The worker's heartbeat: WorkerHeartbeat into KV `jetbatch_workers` every few seconds (model,
-GPU readings, in flight against capacity, tokens/s), which also updates the GPU gate."""
+GPU readings, in flight against capacity and what vLLM sized that from, tokens/s), which also
+updates the GPU gate."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class Heartbeats:
         w, intake = self.worker, self.worker.intake
         reading = self.gpu.read()
         healthy = self.gate.update(reading)
+        # Only the vLLM engine knows how vLLM sized it (VllmEngine.sizing, once started).
+        sizing = getattr(w.engine, "sizing", None)
         return WorkerHeartbeat(
             worker_id=w.worker_id,
             host=socket.gethostname(),
@@ -59,6 +62,10 @@ class Heartbeats:
             gpu_temperature_c=reading.temperature_c if reading else None,
             gpu_utilization_pct=reading.utilization_pct if reading else None,
             healthy=healthy,
+            max_num_seqs=sizing.max_num_seqs if sizing else None,
+            max_model_len=sizing.max_model_len if sizing else None,
+            kv_cache_blocks=sizing.kv_cache_blocks if sizing else None,
+            kv_cache_tokens=sizing.kv_cache_tokens if sizing else None,
         )
 
     async def loop(self, kv, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]

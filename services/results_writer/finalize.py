@@ -1,13 +1,13 @@
 """Finalization: a batch whose every line is accounted for gets its output and error files
-(streamed from a server-side cursor), its event on EVENTS and its final status; idempotent,
-so a sweep redoes whatever a crash interrupted."""
+(streamed from a server-side cursor), its event on EVENTS and its final status, and its
+request_results rows are pruned (folded into usage_minutes); idempotent, so a sweep redoes
+whatever a crash interrupted."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from io import BufferedWriter
 from typing import Literal
 
 import asyncpg
@@ -19,8 +19,10 @@ from schemas.openai import OutputLine
 from services.results_writer import store
 from services.results_writer.lines import event_id, output_file_id, output_line
 from shared import bus, telemetry
+from shared.bus import FileObjects
+from shared.bus.objects import ObjectWriter
 from shared.consumer import sleep_unless
-from shared.storage import FileStorage
+from shared.domain import retention
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -34,16 +36,16 @@ _encoder = msgspec.json.Encoder()
 
 
 class _JsonlFile:
-    """Output lines into a storage temp file, written in chunks off the event loop. Nothing is
-    created on disk until the first line, so an empty file never exists."""
+    """Output lines into an object of the files bucket, published ~1 MB at a time. Nothing is
+    written until the first line, so an empty file never exists."""
 
-    def __init__(self, storage: FileStorage, key: str) -> None:
+    def __init__(self, files: FileObjects, key: str) -> None:
         self.key = key
         self.lines = 0
         self.size = 0
-        self._storage = storage
+        self._files = files
         self._buf = bytearray()
-        self._file: BufferedWriter | None = None
+        self._writer: ObjectWriter | None = None
 
     def add(self, line: OutputLine) -> None:
         _encoder.encode_into(line, self._buf, -1)
@@ -56,28 +58,30 @@ class _JsonlFile:
 
     async def _flush(self) -> None:
         data, self._buf = self._buf, bytearray()
-        if self._file is None:
-            self._file = await asyncio.to_thread(open, self._storage.temp_path(self.key), "wb")
-        await asyncio.to_thread(self._file.write, data)
+        if self._writer is None:
+            self._writer = self._files.writer(self.key)
+        await self._writer.write(data)
         self.size += len(data)
 
     async def commit(self) -> int:
-        """Flush, fsync and move into place; returns the file's size."""
+        """Write the rest and the object's meta (replacing an earlier attempt's); returns the
+        file's size."""
         await self._flush()
-        assert self._file is not None
-        await asyncio.to_thread(self._file.close)
-        await asyncio.to_thread(self._storage.commit, self.key)
+        assert self._writer is not None
+        writer, self._writer = self._writer, None
+        await writer.commit()
         return self.size
 
-    def close(self) -> None:
-        if self._file is not None and not self._file.closed:
-            self._file.close()
+    async def abort(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer.abort()
 
 
 class Finalizer:
     """Writes a fully accounted batch's output and error files, announces and closes it."""
 
-    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, storage: FileStorage) -> None:
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, storage: FileObjects) -> None:
         self._pool = pool
         self._js = js
         self._storage = storage
@@ -155,6 +159,9 @@ class Finalizer:
             conn, batch.id, batch.status, now, file_ids["output"], file_ids["error"]
         )
         if closed:
+            # Its lines are in its files now: the rows become usage per minute, in this same
+            # transaction, so no batch is final with its rows or has rows pruned yet not final.
+            await retention.prune_results(conn, [batch.id], now)
             log.info(
                 "batch %s: %s (%d ok, %d failed)",
                 batch.id,
@@ -190,9 +197,10 @@ class Finalizer:
             for sink in (output, errors):
                 if sink.lines:
                     await sink.commit()
-        finally:
-            output.close()
-            errors.close()
+        except BaseException:
+            await output.abort()
+            await errors.abort()
+            raise
         return output, errors
 
     def submit_finalize(self, batch_id: str) -> None:

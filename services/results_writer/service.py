@@ -33,7 +33,6 @@ from services.results_writer.lines import (
 from shared import bus, config, db, process
 from shared.consumer import Batch, Consumer, Runner
 from shared.domain import deadletters
-from shared.storage import FileStorage
 
 __all__ = [
     "CONSUMER",
@@ -153,7 +152,7 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await bus.ensure_streams(js, (bus.RESULTS, bus.EVENTS), replicas=settings.nats_replicas)
-        writer = ResultsWriter(pool, js, FileStorage(settings.files_dir))
+        writer = ResultsWriter(pool, js, await bus.files_bucket(js, settings.nats_replicas))
         runner = Runner(js, CONSUMER, deadletters.InDatabase(pool))
         log.info("results_writer: consuming %s", CONSUMER.describe())
         sweeper = asyncio.create_task(writer.sweep_forever(stop), name="sweep")

@@ -11,7 +11,8 @@ import asyncpg
 # Results are written only while a batch can still change. `validating` is included because the
 # api publishes requests while it is still reading the file, so results may beat the status
 # change. A batch in `finalizing` or a terminal status has every line accounted for (or none
-# wanted): a late result for it must not change counts that files and events already reflect.
+# wanted): a late result for it must not change counts that files and events already reflect,
+# nor come back as a row once a finished batch's rows have been pruned (shared/domain/retention).
 WRITABLE_STATUSES = ("validating", "in_progress", "cancelling")
 # A fully accounted batch in one of these is finalized by the results writer.
 FINALIZABLE_STATUSES = ("in_progress", "cancelling")
@@ -29,10 +30,11 @@ RESULT_COLUMNS = (
     "input_tokens",
     "cached_tokens",
     "output_tokens",
+    "finished_at",
 )
-# One request_results row, in RESULT_COLUMNS order.
+# One request_results row, in RESULT_COLUMNS order. finished_at (unix seconds) None: the write's.
 ResultRecord = tuple[
-    str, str, int, bool, int, str, str | None, str | None, str | None, int, int, int
+    str, str, int, bool, int, str, str | None, str | None, str | None, int, int, int, int | None
 ]
 
 # Two-key advisory locks: this namespace + hashtext(batch_id). A hash collision only makes a
@@ -47,9 +49,9 @@ _INCOMING = """
 incoming_results AS MATERIALIZED (
     SELECT * FROM unnest(
         $3::text[], $4::text[], $5::int[], $6::bool[], $7::int[], $8::text[], $9::text[],
-        $10::text[], $11::text[], $12::int[], $13::int[], $14::int[]
+        $10::text[], $11::text[], $12::int[], $13::int[], $14::int[], $15::bigint[]
     ) AS i(batch_id, custom_id, line, ok, status_code, request_id, response_body, error_code,
-           error_message, input_tokens, cached_tokens, output_tokens)
+           error_message, input_tokens, cached_tokens, output_tokens, finished_at)
 )
 """
 
@@ -73,8 +75,11 @@ _APPLY_RESULTS = (
 ), inserted AS (
     INSERT INTO request_results (batch_id, custom_id, line, ok, status_code, request_id,
                                  response_body, error_code, error_message, input_tokens,
-                                 cached_tokens, output_tokens)
-    SELECT i.* FROM incoming_results i JOIN touched t ON t.id = i.batch_id
+                                 cached_tokens, output_tokens, finished_at)
+    SELECT i.batch_id, i.custom_id, i.line, i.ok, i.status_code, i.request_id, i.response_body,
+           i.error_code, i.error_message, i.input_tokens, i.cached_tokens, i.output_tokens,
+           coalesce(i.finished_at, $2)
+    FROM incoming_results i JOIN touched t ON t.id = i.batch_id
     ORDER BY i.batch_id, i.custom_id
     ON CONFLICT (batch_id, custom_id) DO NOTHING
     RETURNING batch_id, ok, input_tokens, cached_tokens, output_tokens

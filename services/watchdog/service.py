@@ -10,7 +10,8 @@ Emits: for a dead-lettered request, an error line (`dead_lettered` ResultMessage
 id `<batch_id>:<line>:r:dead_letter`), so its batch can still finish, and a max-delivered request
 is then deleted from REQUESTS; BatchCommand `close_out` / `redrive` on CONTROL (for the api);
 puts into KV `jetbatch_cancelled`.
-Reads: table batches, KV `jetbatch_workers`.
+Reads: table batches, KV `jetbatch_workers`. Deletes: expired files (their objects in the files
+bucket and their copies on RESULTS / REQUESTS), pruned request_results rows.
 
 Every JETBATCH_WATCHDOG_INTERVAL_S it:
   1. expires in_progress batches past expires_at (`ending = 'expired'`),
@@ -24,7 +25,14 @@ Every JETBATCH_WATCHDOG_INTERVAL_S it:
   5. flags open batches without progress for JETBATCH_BATCH_STALL_S (`stalled_at`, shown on the
      batch object) and clears the flag when they move again,
   6. logs workers whose heartbeat is older than JETBATCH_WORKER_STALE_S (GET /v1/workers shows
-     them with `stale: true`).
+     them with `stale: true`),
+  7. deletes files past their expires_at, with every copy of their content
+     (shared/domain/retention.py), except the input file of a batch that has not ended (kept
+     until it ends); at most EXPIRE_FILES_PER_ROUND a round,
+  8. prunes the request_results rows of ended batches the results writer did not prune itself
+     (batches that ended before pruning existed, failed ones), PRUNE_BATCHES_PER_ROUND a round,
+  9. every ORPHAN_SWEEP_INTERVAL_S, purges the files bucket's chunks of uploads cut short by a
+     crash (FileObjects.sweep_orphans).
 Finishing batches whose finalization was interrupted is the results writer's own sweep (every
 5 s, services/results_writer): not repeated here. Every step is idempotent; several watchdogs may
 run at once (commands carry deterministic msg ids, so their duplicates are dropped).
@@ -55,8 +63,9 @@ from schemas.messages import (
 )
 from services.watchdog import store
 from shared import bus, config, db, process
+from shared.bus import FileObjects
 from shared.consumer import Consumer, Delivery, Runner, sleep_unless
-from shared.domain import deadletters
+from shared.domain import deadletters, retention
 from shared.ids import stable_id
 
 log = logging.getLogger(__name__)
@@ -75,6 +84,13 @@ EMITS = (ResultMessage, BatchCommand, "BatchStop into KV `jetbatch_cancelled`")
 
 # Commands to the api are re-sent at most once per this many seconds (msg id bucket).
 COMMAND_PERIOD_S = 60
+# Retention work per round is bounded in count and time, so a backlog (an upgrade's finished
+# batches, a day of expired files) is worked off over rounds without holding up the other steps.
+EXPIRE_FILES_PER_ROUND = 100
+PRUNE_BATCHES_PER_ROUND = 50
+RETENTION_BUDGET_S = 2.0
+# The orphan sweep reads every chunk subject of the files bucket: not every round.
+ORPHAN_SWEEP_INTERVAL_S = 300.0
 
 _heartbeat = msgspec.json.Decoder(WorkerHeartbeat)
 _encoder = msgspec.json.Encoder()
@@ -200,7 +216,8 @@ async def read_heartbeats(kv) -> list[WorkerHeartbeat]:  # type: ignore[no-untyp
 
 
 class Watchdog:
-    """The rounds: expiry, stop and close-out, re-drive, stall and stale-worker flags."""
+    """The rounds: expiry, stop and close-out, re-drive, stall and stale-worker flags,
+    retention."""
 
     def __init__(
         self,
@@ -209,6 +226,7 @@ class Watchdog:
         js: JetStreamContext,
         workers,  # type: ignore[no-untyped-def]
         cancelled,  # type: ignore[no-untyped-def]
+        files: FileObjects,
     ) -> None:
         self.settings = settings
         self.health = settings.health
@@ -216,8 +234,10 @@ class Watchdog:
         self.js = js
         self.workers = workers
         self.cancelled = cancelled
+        self.files = files
         self._announced: set[str] = set()  # batches put into jetbatch_cancelled by this process
         self._stale_logged: set[str] = set()
+        self._next_orphan_sweep = 0.0  # time.monotonic(); the first round sweeps
 
     async def round(self) -> None:
         """One look at everything. Each step runs even if an earlier one failed."""
@@ -227,6 +247,9 @@ class Watchdog:
             self.redrive,
             self.flag_stalled,
             self.flag_stale_workers,
+            self.expire_files,
+            self.prune_results,
+            self.sweep_orphans,
         ):
             try:
                 await step()
@@ -298,6 +321,48 @@ class Watchdog:
                 )  # fmt: skip
         self._stale_logged = {b.worker_id for b in stale}
 
+    # Retention (README: Retention) ------------------------------------------------------------
+
+    async def expire_files(self) -> None:
+        now = int(time.time())
+        async with self.pool.acquire() as conn:
+            due = await store.expired_files(conn, now, EXPIRE_FILES_PER_ROUND)
+        deadline = time.monotonic() + RETENTION_BUDGET_S
+        for file_id in due:
+            try:
+                deleted = await retention.delete_file(self.pool, self.js, self.files, file_id)
+            except retention.FileInUse as e:  # a batch was created from it meanwhile
+                log.info("file %s expired, kept: %s", file_id, e)
+                continue
+            except Exception:
+                # Left as it was (one transaction): the next round tries it again.
+                log.exception("file %s expired but could not be deleted", file_id)
+                continue
+            if deleted is not None:
+                log.info(
+                    "file %s expired: deleted, with the copies of batches %s",
+                    file_id, [b.batch_id for b in deleted.batches],
+                )  # fmt: skip
+            if time.monotonic() > deadline:
+                break
+
+    async def prune_results(self) -> None:
+        deadline = time.monotonic() + RETENTION_BUDGET_S
+        async with self.pool.acquire() as conn:
+            for batch_id in await store.unpruned_batches(conn, PRUNE_BATCHES_PER_ROUND):
+                if await retention.prune_results(conn, [batch_id]):
+                    log.info("batch %s: lines folded into usage_minutes and pruned", batch_id)
+                if time.monotonic() > deadline:
+                    break
+
+    async def sweep_orphans(self) -> None:
+        now = time.monotonic()
+        if now < self._next_orphan_sweep:
+            return
+        # Set first: a sweep that fails is tried again after the interval, not every round.
+        self._next_orphan_sweep = now + ORPHAN_SWEEP_INTERVAL_S
+        await self.files.sweep_orphans()
+
     async def rounds(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self.round()
@@ -323,6 +388,7 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
             js,
             await bus.workers_kv(js, settings.nats_replicas),
             await bus.cancelled_kv(js, settings.nats_replicas),
+            await bus.files_bucket(js, settings.nats_replicas),
         )
         dead_letters = Runner(js, CONSUMER, deadletters.InDatabase(pool))
         log.info("watchdog: every %.1f s; dead letters from %s", settings.health.watchdog_interval_s,

@@ -1,4 +1,5 @@
-"""The watchdog's SQL: what it finds in `batches` every round, and the marks it leaves there.
+"""The watchdog's SQL: what it finds in `batches` (and expired `files`) every round, and the marks
+it leaves there.
 
 Every change is one conditional UPDATE, so a watchdog racing the results writer or a second
 watchdog can never move a batch backwards."""
@@ -97,5 +98,44 @@ async def clear_stalled(conn: asyncpg.Connection) -> list[str]:
         RETURNING id
         """,
         OPEN_STATUSES,
+    )
+    return [r["id"] for r in rows]
+
+
+# Retention (README: Retention) ----------------------------------------------------------------
+
+
+async def expired_files(conn: asyncpg.Connection, now: int, limit: int) -> list[str]:
+    """Files past expires_at, oldest first, but not the input file of a batch that has not
+    ended: it is kept until the batch ends (the delete checks again, under the file's lock)."""
+    rows = await conn.fetch(
+        """
+        SELECT f.id FROM files f
+        WHERE f.deleted_at IS NULL AND f.expires_at <= $1
+          AND NOT EXISTS (SELECT 1 FROM batches b
+                          WHERE b.input_file_id = f.id AND b.status = ANY($2::text[]))
+        ORDER BY f.expires_at, f.id
+        LIMIT $3
+        """,
+        now,
+        OPEN_STATUSES,
+        limit,
+    )
+    return [r["id"] for r in rows]
+
+
+async def unpruned_batches(conn: asyncpg.Connection, limit: int) -> list[str]:
+    """Ended batches whose request_results rows have not been pruned: those that ended before
+    pruning existed (an upgraded deployment) and any the results writer did not finalize
+    (failed in validation)."""
+    rows = await conn.fetch(
+        """
+        SELECT id FROM batches
+        WHERE results_pruned_at IS NULL AND status <> ALL($1::text[])
+        ORDER BY id
+        LIMIT $2
+        """,
+        OPEN_STATUSES,
+        limit,
     )
     return [r["id"] for r in rows]

@@ -1,8 +1,10 @@
-"""NATS JetStream plumbing: the connection and the streams (streams.py), the fast pull
+"""NATS JetStream plumbing: the connection and the streams (streams.py), the files bucket
+(objects.py), the fast pull
 (pull.py), the pipelined publisher (publish.py) and group commit of publish-then-ack
 (ack_after_publish.py). Consumers are declared and run by shared.consumer."""
 
 from shared.bus.ack_after_publish import AckAfterPublish
+from shared.bus.objects import FileObjects, ObjectMissing, files_bucket
 from shared.bus.publish import MSG_ID, YIELD_EVERY, Publisher, PublishError
 from shared.bus.pull import FastPull, ack_all, delivery_count, durable_fast_pull
 from shared.bus.streams import (
@@ -40,6 +42,8 @@ __all__ = [
     "WORKERS_TTL_S",
     "YIELD_EVERY",
     "AckAfterPublish",
+    "FileObjects",
+    "ObjectMissing",
     "FastPull",
     "PublishError",
     "Publisher",
@@ -51,6 +55,7 @@ __all__ = [
     "durable_consumer",
     "durable_fast_pull",
     "ensure_streams",
+    "files_bucket",
     "through_elections",
     "wait_for_jetstream",
     "workers_kv",

@@ -23,7 +23,13 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from schemas.messages import (
     DeadLetterMessage,
@@ -92,12 +98,26 @@ WORKERS_TTL_S = 300
 # schemas.messages.BatchStop. Kept longer than any request of such a batch waits in REQUESTS.
 CANCELLED_BUCKET = "jetbatch_cancelled"
 CANCELLED_TTL_S = 7 * DAY_S
+# A process starting while its NATS servers do (`jetbatch up`, compose) finds them within this.
+CONNECT_WAIT_S = 10.0
 
 
 async def connect(url: str, name: str) -> NATS:
-    """A connection to `url`, one server or a comma-separated list of a cluster's (the client
-    reconnects across them, without end)."""
+    """A connection to `url`, one server or a comma-separated list of a cluster's. Once
+    connected the client reconnects across them without end; when none answers at first,
+    NatsUnreachable (a ConfigError: the process stops naming the setting)."""
+    servers = server_list(url)
+    try:
+        # nats-py tries the list without end when no server answers at the first connect.
+        return await asyncio.wait_for(_connect(servers, name), CONNECT_WAIT_S)
+    except TimeoutError:
+        raise NatsUnreachable(
+            f"JETBATCH_NATS_URL={url}: no NATS server answered within {CONNECT_WAIT_S:.0f} s"
+            f" (tried {', '.join(servers)})"
+        ) from None
 
+
+async def _connect(servers: list[str], name: str) -> NATS:
     async def on_error(e: Exception) -> None:
         log.warning("nats: %s", e)
 
@@ -108,7 +128,7 @@ async def connect(url: str, name: str) -> NATS:
         log.info("nats: reconnected")
 
     return await nats.connect(
-        servers=server_list(url),
+        servers=servers,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -137,6 +157,10 @@ async def wait_for_jetstream(url: str) -> None:
         await nc.close()
 
 
+class NatsUnreachable(ConfigError):
+    """No server of JETBATCH_NATS_URL answered at start."""
+
+
 class ReplicasUnavailable(ConfigError):
     """More replicas were asked for than the NATS deployment has servers."""
 
@@ -155,24 +179,49 @@ async def ensure_streams(
 
 # JetStream answers these while a cluster elects a leader (a node was lost, or the cluster is
 # new and several services create streams at once): asked again, it succeeds.
-_TRANSIENT = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
+TRANSIENT_ERRORS = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    # What `js.publish` raises for no responders: a stream without a leader yet.
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
 TRANSIENT_RETRY_S = 60.0
 
 
-async def through_elections(call: Callable[[], Awaitable[T]]) -> T:
+# JetStream's codes for "no room": the servers' store is full (10047 storage, 10028 memory,
+# 10023 insufficient resources) or an operator's byte limit on a stream with discard-new is
+# reached (10077 "maximum bytes exceeded", sent with status 503 like an election).
+STORE_FULL_CODES = frozenset({10023, 10028, 10047, 10077})
+
+
+def store_full(e: BaseException) -> bool:
+    return isinstance(e, APIError) and (
+        e.err_code in STORE_FULL_CODES or "maximum bytes" in str(e.description or "")
+    )
+
+
+async def through_elections(
+    call: Callable[[], Awaitable[T]], *, within_s: float | None = None
+) -> T:
     """`call()`, asked again with the one backoff while JetStream is between leaders, for at
-    most TRANSIENT_RETRY_S."""
+    most `within_s` (default TRANSIENT_RETRY_S)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + TRANSIENT_RETRY_S
+    deadline = loop.time() + (TRANSIENT_RETRY_S if within_s is None else within_s)
     failures = 0
     while True:
         try:
             return await call()
-        except _TRANSIENT as e:
+        except TRANSIENT_ERRORS as e:
+            if store_full(e):
+                raise  # no election ends this; space has to be freed
             failures += 1
-            delay = BACKOFF.delay_s(failures)
-            if loop.time() + delay > deadline:
+            # The last wait is cut to the deadline, not skipped: with 1, 2, 4, 8 s a 15 s
+            # window would otherwise end at 7 s, before a typical election does (4-8 s).
+            left = deadline - loop.time()
+            if left <= 0:
                 raise
+            delay = min(BACKOFF.delay_s(failures), left)
             log.warning("JetStream not answering (%r); asking again in %.0f s", e, delay)
             await asyncio.sleep(delay)
 
@@ -189,7 +238,7 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, *, retry: bo
             if e.err_code == _STREAM_NAME_IN_USE and retry:  # another service created it first
                 await ensure_stream(js, wanted, retry=False)
                 return
-            raise _replicas_error(e, name, replicas) from e
+            raise replicas_error(e, name, replicas) from e
         if replicas > 1:
             log.info("stream %s created with %d replicas", name, replicas)
         return
@@ -214,7 +263,7 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, *, retry: bo
         try:
             await js.update_stream(dataclasses.replace(current, **changes))
         except APIError as e:
-            raise _replicas_error(e, name, replicas) from e
+            raise replicas_error(e, name, replicas) from e
 
 
 def merged_subjects(current: list[str], wanted: list[str]) -> list[str]:
@@ -229,7 +278,7 @@ _STREAM_NAME_IN_USE = 10058
 _NO_SUCH_REPLICAS = {10074, 10023}  # replicas > 1 non-clustered; insufficient resources
 
 
-def _replicas_error(e: APIError, name: str, replicas: int) -> Exception:
+def replicas_error(e: APIError, name: str, replicas: int) -> Exception:
     text = str(e.description or e)
     if replicas > 1 and (e.err_code in _NO_SUCH_REPLICAS or "replica" in text.lower()):
         return ReplicasUnavailable(
@@ -258,7 +307,7 @@ async def _bucket(js: JetStreamContext, bucket: str, ttl_s: float, replicas: int
                 KeyValueConfig(bucket=bucket, history=1, ttl=ttl_s, replicas=replicas)
             )
         except APIError as e:
-            raise _replicas_error(e, f"KV_{bucket}", replicas) from e
+            raise replicas_error(e, f"KV_{bucket}", replicas) from e
     info = await js.stream_info(f"KV_{bucket}")
     await ensure_stream(js, dataclasses.replace(info.config, num_replicas=replicas))
     return kv

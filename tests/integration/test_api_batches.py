@@ -26,7 +26,6 @@ from services.api.service import running
 from shared import bus, config
 from shared.db import connect_pool
 from shared.embedded import free_port
-from shared.storage import FileStorage
 from tests.helpers import API_KEY, CHAT, CHAT_MODEL, EMBED_MODEL, chat_line, wait_until
 from tests.openai_schema import validate
 
@@ -149,7 +148,7 @@ async def deps(api_env: dict[str, str], database_url: str, nats_url: str) -> Asy
         nc=nc,
         js=js,
         workers=await bus.workers_kv(js),
-        storage=FileStorage(settings.files_dir),
+        storage=await bus.files_bucket(js),
         started_at=0,
     )
     await pool.close()

@@ -3,6 +3,7 @@ the api served by uvicorn on a free port, with a real PostgreSQL and nats-server
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections.abc import AsyncIterator
@@ -14,9 +15,9 @@ import openai
 import pytest
 
 from services.api.service import running
-from shared import config
+from shared import bus, config
 from shared.embedded import free_port
-from tests.helpers import API_KEY, CHAT_MODEL, chat_line
+from tests.helpers import API_KEY, CHAT_MODEL, chat_line, stored_keys, stored_messages
 
 
 @pytest.fixture
@@ -42,8 +43,9 @@ def client(api: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=api, api_key=API_KEY, max_retries=0)
 
 
-def files_dir(api_env: dict[str, str]) -> Path:
-    return config.load(api_env).files_dir
+async def objects(api_env: dict[str, str]) -> set[str]:
+    """The files bucket's objects."""
+    return await stored_keys(api_env["JETBATCH_NATS_URL"])
 
 
 async def test_a_batch_file_round_trips_through_the_sdk(
@@ -76,7 +78,7 @@ async def test_a_batch_file_round_trips_through_the_sdk(
 
     deleted = await client.files.delete(uploaded.id)
     assert (deleted.id, deleted.deleted, deleted.object) == (uploaded.id, True, "file")
-    assert not (files_dir(api_env) / uploaded.id).exists()
+    assert uploaded.id not in await objects(api_env)
     with pytest.raises(openai.NotFoundError) as missing:
         await client.files.retrieve(uploaded.id)
     assert f"No such File object: {uploaded.id}" in missing.value.message
@@ -158,7 +160,8 @@ async def test_a_bad_purpose_is_refused(
         await client.files.create(file=("in.jsonl", chat_line("a")), purpose=purpose)  # type: ignore[arg-type]
     assert needle in bad.value.message
     assert bad.value.param == "purpose"  # type: ignore[attr-defined]
-    assert not any(files_dir(api_env).iterdir())  # nothing stored, not even a temp file
+    # Nothing stored, not even a chunk of the refused file.
+    assert await stored_messages(api_env["JETBATCH_NATS_URL"]) == 0
 
 
 async def test_a_form_without_a_file_or_purpose_is_refused(api: str) -> None:
@@ -188,7 +191,8 @@ async def test_an_oversize_upload_is_413_and_leaves_nothing_behind(
         assert too_big.value.body["type"] == "invalid_request_error"  # type: ignore[index]
         ok = await client.files.create(file=("small.jsonl", b"x" * 1000), purpose="batch")
     assert ok.bytes == 1000
-    assert [p.name for p in files_dir(env).iterdir()] == [ok.id]
+    assert await objects(env) == {ok.id}
+    assert await stored_messages(env["JETBATCH_NATS_URL"]) == 2  # its one chunk and its meta
     conn = await asyncpg.connect(database_url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM files") == 1
@@ -242,3 +246,25 @@ async def test_an_unexpected_failure_is_a_500_in_openai_shape(api: str, database
     assert response.json() == {
         "error": {"message": "internal error", "type": "server_error", "param": None, "code": None}
     }
+
+
+async def test_a_full_store_answers_503_with_a_stable_code_and_keeps_nothing(
+    client: openai.AsyncOpenAI, api_env: dict[str, str]
+) -> None:
+    nc = await bus.connect(api_env["JETBATCH_NATS_URL"], "test")
+    try:
+        js = nc.jetstream()
+        files = await bus.files_bucket(js)
+        config_ = (await js.stream_info(files.stream)).config
+        await js.update_stream(dataclasses.replace(config_, max_bytes=300_000))  # an operator's cap
+        with pytest.raises(openai.InternalServerError) as full:
+            await client.files.create(file=("big.jsonl", b"x" * 600_000), purpose="batch")
+        assert full.value.status_code == 503
+        assert full.value.response.headers["retry-after"] == "5"
+        assert full.value.body["code"] == "jetstream_storage_full"  # type: ignore[index]
+        assert await stored_messages(api_env["JETBATCH_NATS_URL"]) == 0
+        await js.update_stream(dataclasses.replace(config_, max_bytes=-1))
+        ok = await client.files.create(file=("big.jsonl", b"x" * 600_000), purpose="batch")
+        assert (await client.files.content(ok.id)).read() == b"x" * 600_000
+    finally:
+        await nc.close()

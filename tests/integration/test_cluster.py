@@ -1,6 +1,7 @@
 """Streams and buckets on a real 3-node NATS cluster on loopback (and on a single server): the
-replica count comes from one setting, is never lowered, limits an operator changed are kept, and
-work goes on when the node that leads REQUESTS is SIGKILLed."""
+replica count comes from one setting, is never lowered, limits an operator changed are kept,
+work goes on when the node that leads REQUESTS is SIGKILLed, and without a quorum uploads answer
+503 (retryable) until it is back."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
+import openai
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StreamConfig
 
-from shared import bus
+from services.api.service import running
+from shared import bus, config
+from shared.bus import objects
 from shared.bus.streams import ReplicasUnavailable
-from shared.embedded import EmbeddedNats, EmbeddedNatsCluster
-from tests.helpers import wait_until
+from shared.embedded import EmbeddedNats, EmbeddedNatsCluster, free_port
+from tests.helpers import API_KEY, chat_line, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -59,14 +63,17 @@ async def test_every_stream_and_bucket_gets_three_replicas_and_a_restart_never_l
     await bus.ensure_streams(js, replicas=3)
     await bus.workers_kv(js, 3)
     await bus.cancelled_kv(js, 3)
+    await bus.files_bucket(js, 3)
     names = [s.name for s in bus.STREAMS] + [
         f"KV_{bus.WORKERS_BUCKET}",
         f"KV_{bus.CANCELLED_BUCKET}",
+        f"OBJ_{objects.FILES_BUCKET}",
     ]
     assert [await replicas(js, n) for n in names] == [3] * len(names)
     # A service started with the default (1) finds them replicated and leaves them so.
     await bus.ensure_streams(js)
     await bus.workers_kv(js)
+    await bus.files_bucket(js)
     assert [await replicas(js, n) for n in names] == [3] * len(names)
 
 
@@ -158,3 +165,44 @@ async def test_an_operators_limits_are_kept_and_a_declared_subject_replaces_the_
         assert msgspec.json.encode(sorted(config.subjects or []))  # a plain list of strings
     finally:
         await nc.close()
+
+
+async def test_without_a_quorum_uploads_answer_503_and_succeed_once_it_is_back(
+    cluster: EmbeddedNatsCluster,
+    database_url: str,
+    scratch_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(objects, "ELECTION_WAIT_S", 3.0)  # the in-process api's wait, shortened
+    await bus.wait_for_jetstream(cluster.url)
+    env = {
+        "JETBATCH_DATA_DIR": tempfile.mkdtemp(prefix="api-", dir=scratch_dir),
+        "JETBATCH_DATABASE_URL": database_url,
+        "JETBATCH_NATS_URL": cluster.url,
+        "JETBATCH_NATS_REPLICAS": "3",
+        "JETBATCH_API_KEY": API_KEY,
+        "JETBATCH_API_PORT": str(free_port()),
+    }
+    content = b"".join(chat_line(f"r{i}") for i in range(200))
+    async with running(config.load(env)) as base_url:
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0)
+        kept = await client.files.create(file=("a.jsonl", content), purpose="batch")
+        cluster.node("n1").kill()
+        cluster.node("n2").kill()  # one node of three left: no quorum
+        with pytest.raises(openai.InternalServerError) as down:
+            await client.files.create(file=("b.jsonl", content), purpose="batch")
+        assert down.value.status_code == 503
+        assert down.value.body["code"] == "jetstream_unavailable"  # type: ignore[index]
+        assert down.value.response.headers["retry-after"] == "5"
+        cluster.node("n1").start()
+        cluster.node("n2").start()
+
+        async def uploaded() -> bool:
+            try:
+                await client.files.create(file=("b.jsonl", content), purpose="batch")
+            except openai.InternalServerError:
+                return False
+            return True
+
+        await wait_until(uploaded, "an upload once the quorum is back", timeout_s=60)
+        assert (await client.files.content(kept.id)).read() == content

@@ -17,8 +17,7 @@ from services.api import ingest, publishing, store
 from services.api.deps import Deps
 from shared import bus, config
 from shared.db import connect_pool
-from shared.storage import FileStorage
-from tests.helpers import CHAT, CHAT_MODEL, chat_jsonl, wait_until
+from tests.helpers import CHAT, CHAT_MODEL, as_chunks, chat_jsonl, wait_until
 from tests.lifecycle_helpers import check_exactly_once, fetchrow, lifecycle_env, running_system
 
 
@@ -75,8 +74,8 @@ async def test_cancel_stops_a_running_batch_within_seconds_and_keeps_finished_re
     counts = batch.request_counts
     assert counts.total == 40 and counts.completed + counts.failed == 40
     assert 4 <= counts.completed < 40
-    output = system.lines(batch.output_file_id)
-    errors = system.lines(batch.error_file_id)
+    output = await system.lines(batch.output_file_id)
+    errors = await system.lines(batch.error_file_id)
     assert len(output) == counts.completed and len(errors) == counts.failed
     assert all(x.response is not None and x.response.status_code == 200 for x in output)
     assert {x.error.code for x in errors if x.error} == {"batch_cancelled"}
@@ -114,7 +113,7 @@ async def test_a_batch_cancelled_while_validating_ends_cancelled_with_every_line
     assert batch.in_progress_at is None
     assert batch.request_counts.total == 7 and batch.request_counts.failed == 7
     assert batch.output_file_id is None
-    errors = system.lines(batch.error_file_id)
+    errors = await system.lines(batch.error_file_id)
     check_exactly_once([x.custom_id for x in errors], {f"req-{i}" for i in range(7)})
     assert {x.error.code for x in errors if x.error} == {"batch_cancelled"}
 
@@ -123,13 +122,13 @@ async def test_cancelled_batch_stops_being_published(
     env: dict[str, str], database_url: str, nats_url: str
 ) -> None:
     settings = config.load({**env, "JETBATCH_MAX_BATCH_LINES": "50000"})
-    storage = FileStorage(settings.files_dir)
     content = chat_jsonl(5_000)
-    storage.path("file-big").write_bytes(content)
     pool = await connect_pool(database_url)
     nc = await bus.connect(nats_url, "test")
     js = nc.jetstream()
     await bus.ensure_streams(js)
+    storage = await bus.files_bucket(js)
+    await storage.put("file-big", as_chunks(content))
     try:
         await pool.execute(
             "INSERT INTO files (id, bytes, created_at, filename, purpose, storage_key)"
@@ -154,7 +153,9 @@ async def test_cancelled_batch_stops_being_published(
         )
         row = await store.get_batch(pool, "batch_big")
         assert row is not None
-        await ingest._publish(deps, row)  # as if the cancel came while it was publishing
+        async with ingest.input_copy(deps, row) as path:
+            assert path is not None
+            await ingest._publish(deps, row, path)  # as if cancelled while it was publishing
         info = await js.stream_info(bus.REQUESTS.name)
         assert info.state.messages == publishing.CHECK_CANCEL_EVERY  # stopped at the first check
         raw = await js.get_msg(bus.REQUESTS.name, 1)
@@ -181,8 +182,8 @@ async def test_an_expired_batch_returns_finished_work_and_expires_the_rest(
     counts = batch.request_counts
     assert counts.total == 30 and counts.completed + counts.failed == 30
     assert 0 < counts.completed < 30
-    output = system.lines(batch.output_file_id)
-    errors = system.lines(batch.error_file_id)
+    output = await system.lines(batch.output_file_id)
+    errors = await system.lines(batch.error_file_id)
     assert len(output) == counts.completed
     assert {x.error.code for x in errors if x.error} == {"batch_expired"}
     check_exactly_once([x.custom_id for x in output + errors], {f"req-{i}" for i in range(30)})

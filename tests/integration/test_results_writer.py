@@ -25,10 +25,10 @@ from schemas.messages import BatchEvent, ResultMessage
 from schemas.openai import OutputLine
 from services.results_writer import service
 from shared import bus, db
+from shared.bus.objects import FILES_BUCKET
 from shared.config import Settings
 from shared.ids import stable_id
-from shared.storage import FileStorage
-from tests.helpers import wait_until
+from tests.helpers import stored_bytes, wait_until
 
 TIMEOUT_S = 30
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +54,7 @@ async def js(nats_url: str) -> AsyncIterator[JetStreamContext]:
     nc = await nats.connect(nats_url)
     ctx = nc.jetstream()
     await bus.ensure_streams(ctx)
+    await bus.files_bucket(ctx)
     yield ctx
     await nc.drain()
 
@@ -193,9 +194,16 @@ async def batch_events(js: JetStreamContext) -> list[tuple[str, BatchEvent, str 
     return out
 
 
-def read_lines(settings: Settings, file_id: str) -> list[OutputLine]:
-    data = FileStorage(settings.files_dir).path(file_id).read_bytes()
-    assert data.endswith(b"\n")
+async def usage_requests(conn: asyncpg.Connection) -> dict[str, int]:
+    """Lines per batch in usage_minutes: a finished batch's rows end up there."""
+    rows = await conn.fetch("SELECT batch_id, sum(requests) FROM usage_minutes GROUP BY batch_id")
+    return {batch_id: int(n) for batch_id, n in rows}
+
+
+async def read_lines(settings: Settings, file_id: str) -> list[OutputLine]:
+    assert settings.nats_url is not None
+    data = await stored_bytes(settings.nats_url, file_id)
+    assert data is not None and data.endswith(b"\n")
     return [msgspec.json.decode(line, type=OutputLine) for line in data.splitlines()]
 
 
@@ -224,8 +232,8 @@ async def test_batch_is_written_finalized_and_announced(
     assert row["output_file_id"] == stable_id("file-", batch_id, "output")
     assert row["error_file_id"] == stable_id("file-", batch_id, "error")
 
-    output = read_lines(settings, row["output_file_id"])
-    errors = read_lines(settings, row["error_file_id"])
+    output = await read_lines(settings, row["output_file_id"])
+    errors = await read_lines(settings, row["error_file_id"])
     assert [x.custom_id for x in output] == [r.custom_id for r in sorted(ok, key=lambda r: r.line)]
     custom_ids = [x.custom_id for x in output + errors]
     assert sorted(custom_ids) == sorted(r.custom_id for r in results)  # each exactly once
@@ -257,7 +265,7 @@ async def test_batch_is_written_finalized_and_announced(
     for f in (out_file, err_file):
         assert f["purpose"] == "batch_output"
         assert f["storage_key"] == f["id"]
-        assert f["bytes"] == FileStorage(settings.files_dir).path(f["id"]).stat().st_size
+        assert f["bytes"] == len(await stored_bytes(settings.nats_url, f["id"]) or b"")
         assert f["expires_at"] == f["created_at"] + 3600
 
     events = await batch_events(js)
@@ -301,8 +309,11 @@ async def test_redelivered_results_are_not_counted_twice(
     assert row["failed"] == sum(not r.ok for r in results)
     assert row["input_tokens"] == sum(r.input_tokens for r in results)
     assert row["cached_tokens"] == sum(r.cached_tokens for r in results)
-    assert await conn.fetchval("SELECT count(*) FROM request_results") == n
-    lines = read_lines(settings, row["output_file_id"]) + read_lines(settings, row["error_file_id"])
+    # One row per line was written, then folded into usage once the batch was final.
+    assert await usage_requests(conn) == {batch_id: n}
+    lines = await read_lines(settings, row["output_file_id"]) + await read_lines(
+        settings, row["error_file_id"]
+    )
     assert sorted(x.custom_id for x in lines) == sorted(r.custom_id for r in results)
 
 
@@ -319,10 +330,8 @@ async def test_results_for_unknown_or_closed_batches_are_acked_and_skipped(
         await wait_status(conn, "batch_known", "completed")
         await wait_all_acked(js)
 
-    per_batch = dict(
-        await conn.fetch("SELECT batch_id, count(*) FROM request_results GROUP BY batch_id")
-    )
-    assert per_batch == {"batch_known": 5}
+    assert await usage_requests(conn) == {"batch_known": 5}
+    assert await conn.fetchval("SELECT count(*) FROM request_results") == 0
     done = await conn.fetchrow("SELECT * FROM batches WHERE id = 'batch_done'")
     assert (done["completed"], done["failed"], done["input_tokens"]) == (2, 0, 0)
     assert [e.batch_id for _, e, _ in await batch_events(js)] == ["batch_known"]
@@ -361,17 +370,17 @@ async def test_batch_left_unfinished_by_a_crash_is_finished_by_the_sweep(
 ) -> None:
     batch_id, n = "batch_crashed", 30
     results = await insert_results_directly(conn, batch_id, n, status)
-    # The crashed writer's truncated temp file lies where the output was going.
-    storage = FileStorage(settings.files_dir)
-    storage.temp_path(stable_id("file-", batch_id, "output")).write_bytes(b'{"id": "trunc')
+    # The crashed writer's chunks of the output file, without the meta that would make it exist.
+    await js.publish(f"$O.{FILES_BUCKET}.C.crashednuid", b'{"id": "trunc')
 
     async with running_writer(settings):
         row = await wait_status(conn, batch_id, "completed")
 
     assert row["finalizing_at"] is not None
-    lines = read_lines(settings, row["output_file_id"]) + read_lines(settings, row["error_file_id"])
+    lines = await read_lines(settings, row["output_file_id"]) + await read_lines(
+        settings, row["error_file_id"]
+    )
     assert sorted(x.custom_id for x in lines) == sorted(r.custom_id for r in results)
-    assert not storage.temp_path(row["output_file_id"]).exists()
     assert [(s, e.type) for s, e, _ in await batch_events(js)] == [
         ("jetbatch.events.batch.completed", "batch.completed")
     ]
@@ -386,7 +395,8 @@ async def test_concurrent_finalizations_of_one_batch_let_one_writer_do_it(
     assert settings.database_url is not None
     pools = [await db.connect_pool(settings.database_url, max_size=2) for _ in range(2)]
     try:
-        writers = [service.ResultsWriter(p, js, FileStorage(settings.files_dir)) for p in pools]
+        files = await bus.files_bucket(js)
+        writers = [service.ResultsWriter(p, js, files) for p in pools]
         outcomes = await asyncio.gather(*(w.finalize(batch_id) for w in writers))
     finally:
         for p in pools:
@@ -395,7 +405,9 @@ async def test_concurrent_finalizations_of_one_batch_let_one_writer_do_it(
     assert sorted(outcomes) == [False, True]
     row = await conn.fetchrow("SELECT * FROM batches WHERE id = $1", batch_id)
     assert row["status"] == "completed"
-    lines = read_lines(settings, row["output_file_id"]) + read_lines(settings, row["error_file_id"])
+    lines = await read_lines(settings, row["output_file_id"]) + await read_lines(
+        settings, row["error_file_id"]
+    )
     assert sorted(x.custom_id for x in lines) == sorted(r.custom_id for r in results)
     assert len(await batch_events(js)) == 1
 
@@ -469,8 +481,8 @@ async def test_fully_accounted_cancelling_batch_is_cancelled(
 
     assert row["cancelled_at"] is not None and row["completed_at"] is None
     assert (row["completed"], row["failed"]) == (3, 7)
-    output = read_lines(settings, row["output_file_id"])
-    errors = read_lines(settings, row["error_file_id"])
+    output = await read_lines(settings, row["output_file_id"])
+    errors = await read_lines(settings, row["error_file_id"])
     assert [x.custom_id for x in output] == ["req-0", "req-1", "req-2"]
     assert {x.error.code for x in errors if x.error} == {"batch_cancelled"}
     assert len(errors) == 7
@@ -489,7 +501,7 @@ async def test_batch_with_only_failures_has_no_output_file(
         await publish(js, [result(batch_id, i, "batch_expired") for i in range(4)])
         row = await wait_status(conn, batch_id, "completed")
     assert row["output_file_id"] is None
-    assert len(read_lines(settings, row["error_file_id"])) == 4
+    assert len(await read_lines(settings, row["error_file_id"])) == 4
     assert await conn.fetchval("SELECT count(*) FROM files") == 1
 
 
@@ -524,7 +536,7 @@ async def test_unwritable_result_is_rejected_and_the_rest_of_its_fetch_is_writte
         await wait_all_acked(js)
 
     assert (row["completed"], row["failed"]) == (n, 0)
-    assert await conn.fetchval("SELECT count(*) FROM request_results") == n
+    assert await usage_requests(conn) == {batch_id: n}
 
 
 async def test_fetch_of_only_unwritable_results_is_retried_before_being_rejected(
@@ -574,8 +586,8 @@ async def test_two_writers_share_the_work_and_finalize_once(
 
     for row in rows:
         assert row["completed"] + row["failed"] == batches[row["id"]]
-        lines = read_lines(settings, row["output_file_id"])
-        lines += read_lines(settings, row["error_file_id"])
+        lines = await read_lines(settings, row["output_file_id"])
+        lines += await read_lines(settings, row["error_file_id"])
         assert sorted(x.custom_id for x in lines) == sorted(
             f"req-{i}" for i in range(batches[row["id"]])
         )
@@ -606,7 +618,7 @@ async def test_twenty_thousand_results_are_written_and_finalized(
 
     for row in rows:
         assert row["completed"] + row["failed"] == per_batch
-        lines = read_lines(settings, row["output_file_id"])
-        lines += read_lines(settings, row["error_file_id"])
+        lines = await read_lines(settings, row["output_file_id"])
+        lines += await read_lines(settings, row["error_file_id"])
         assert len({x.custom_id for x in lines}) == len(lines) == per_batch
     assert len(await batch_events(js)) == len(batches)

@@ -89,6 +89,7 @@ SECRET = "whsec_" + base64.b64encode(b"k" * 24).decode()
 # meaning what it meant.
 VARIABLES: dict[str, tuple[str, str, object]] = {
     "JETBATCH_DATA_DIR": ("data_dir", "/srv/jb", Path("/srv/jb")),
+    "JETBATCH_SCRATCH_DIR": ("scratch_dir", "/var/tmp/jb", Path("/var/tmp/jb")),
     "JETBATCH_MODELS_DIR": ("models_cache_dir", "/srv/models", Path("/srv/models")),
     "JETBATCH_API_HOST": ("api_host", "0.0.0.0", "0.0.0.0"),
     "JETBATCH_API_PORT": ("api_port", "9000", 9000),
@@ -102,6 +103,7 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
         "e5=/m/e5@embed",
         (config.ModelSpec(name="e5", path="/m/e5", task="embed"),),
     ),
+    "JETBATCH_MODELS_FILE": ("models_file", "/etc/jb/models.toml", Path("/etc/jb/models.toml")),
     "JETBATCH_MAX_FILE_BYTES": ("max_file_bytes", "1000", 1000),
     "JETBATCH_MAX_BATCH_LINES": ("max_batch_lines", "7", 7),
     "JETBATCH_LOG_LEVEL": ("log_level", "debug", "DEBUG"),

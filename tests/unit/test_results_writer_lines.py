@@ -161,7 +161,18 @@ def test_result_record_marks_ok_and_keeps_body_text() -> None:
     record = result_record(msgspec.json.decode(raw, type=ResultMessage))
     assert record[:6] == (BATCH, "c", 7, True, 200, "r")
     assert json.loads(record[6] or "") == json.loads(CHAT_BODY)
-    assert record[9:] == (3, 1, 2)
+    assert record[9:12] == (3, 1, 2)
+    assert record[12] is None  # no finished_at_ms: the row gets the time it is written
+
+    finished = ResultMessage(
+        batch_id=BATCH,
+        custom_id="c",
+        line=7,
+        request_id="r",
+        status_code=200,
+        finished_at_ms=1_700_000_123_456,
+    )
+    assert result_record(finished)[12] == 1_700_000_123
 
     failed = ResultMessage(
         batch_id=BATCH,

@@ -8,6 +8,7 @@ import pytest
 
 from shared.backoff import Backoff
 from shared.bus import streams
+from shared.config import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +49,13 @@ async def test_other_errors_are_not_retried() -> None:
     with pytest.raises(ValueError):
         await streams.through_elections(broken)
     assert calls == 1
+
+
+async def test_a_nats_url_where_no_server_answers_stops_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(streams, "CONNECT_WAIT_S", 1.0)
+    url = "nats://127.0.0.1:1,nats://127.0.0.1:2"
+    with pytest.raises(streams.NatsUnreachable, match="JETBATCH_NATS_URL=nats://127.0.0.1:1,"):
+        await streams.connect(url, "test")
+    assert issubclass(streams.NatsUnreachable, ConfigError)  # exit 2, as for any bad setting
