@@ -31,6 +31,11 @@ class WorkerStatus(msgspec.Struct, kw_only=True):
     gpu_memory_total_mb: int | None = None
     gpu_temperature_c: int | None = None
     gpu_utilization_pct: int | None = None
+    # What the engine allocated (vLLM): capacity is sized from them.
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    kv_cache_blocks: int | None = None
+    kv_cache_tokens: int | None = None
     object: Literal["worker"] = "worker"
 
 

@@ -107,6 +107,10 @@ async def list_workers(deps: DepsParam) -> WorkerList:
                 gpu_memory_total_mb=b.gpu_memory_total_mb,
                 gpu_temperature_c=b.gpu_temperature_c,
                 gpu_utilization_pct=b.gpu_utilization_pct,
+                max_num_seqs=b.max_num_seqs,
+                max_model_len=b.max_model_len,
+                kv_cache_blocks=b.kv_cache_blocks,
+                kv_cache_tokens=b.kv_cache_tokens,
             )
             for b in beats
         ]

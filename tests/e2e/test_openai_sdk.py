@@ -218,3 +218,13 @@ def test_bad_inputs_get_openai_errors(client: openai.OpenAI, system) -> None:
     assert done.status == "failed"
     assert done.failed_at is not None
     assert done.errors is not None and done.errors.data[0].line == 2
+
+
+def test_workers_report_what_the_engine_allocated(client: openai.OpenAI) -> None:
+    workers = client.get("/workers", cast_to=object)["data"]  # type: ignore[index]
+    chat = [w for w in workers if w["model"] == CHAT_MODEL]
+    assert chat, workers
+    for w in chat:
+        assert w["kv_cache_blocks"] > 0 and w["kv_cache_tokens"] > 0
+        assert w["max_num_seqs"] >= 1 and w["max_model_len"] >= 1
+        assert w["capacity"] >= 1
