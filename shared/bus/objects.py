@@ -59,13 +59,14 @@ log = logging.getLogger(__name__)
 FILES_BUCKET = "jetbatch_files"
 CHUNK_BYTES = OBJ_DEFAULT_CHUNK_SIZE
 # Chunks of a put that never got its meta are purged once the newest is this old: far longer
-# than any upload in progress goes without a chunk.
-ORPHAN_AGE_S = 3_600.0
+# than any upload in progress goes without a chunk (a stalled HTTP body times out first).
+ORPHAN_AGE_S = 900.0
 # A chunk a follower does not have yet: asked of the leader, then again for this long.
 MISSING_CHUNK_WAIT_S = 5.0
 # How long a write waits out a leader election (one node of three lost) before it gives up: a
 # request is waiting on it (an upload answers 503 then, and the client tries again).
 ELECTION_WAIT_S = 15.0
+ELECTION_POLL_S = 1.0  # asked again at least this often meanwhile
 MSG_ID = "Nats-Msg-Id"
 
 
@@ -260,6 +261,7 @@ class ObjectWriter:
         await through_elections(
             lambda: self._files.js.publish(self._subject, chunk, headers={MSG_ID: msg_id}),
             within_s=ELECTION_WAIT_S,
+            max_delay_s=ELECTION_POLL_S,
         )
         self._digest.update(chunk)
         self.size += len(chunk)
@@ -305,6 +307,7 @@ class ObjectWriter:
                 files.meta_subject(self.key), meta, headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT}
             ),
             within_s=ELECTION_WAIT_S,
+            max_delay_s=ELECTION_POLL_S,
         )
         if previous is not None and previous.nuid != self._nuid:
             await files.purge_subject(

@@ -202,10 +202,14 @@ def store_full(e: BaseException) -> bool:
 
 
 async def through_elections(
-    call: Callable[[], Awaitable[T]], *, within_s: float | None = None
+    call: Callable[[], Awaitable[T]],
+    *,
+    within_s: float | None = None,
+    max_delay_s: float | None = None,
 ) -> T:
     """`call()`, asked again with the one backoff while JetStream is between leaders, for at
-    most `within_s` (default TRANSIENT_RETRY_S)."""
+    most `within_s` (default TRANSIENT_RETRY_S), waiting at most `max_delay_s` between tries
+    (a request waiting on the call: it goes on as soon as the new leader is there)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + (TRANSIENT_RETRY_S if within_s is None else within_s)
     failures = 0
@@ -221,7 +225,7 @@ async def through_elections(
             left = deadline - loop.time()
             if left <= 0:
                 raise
-            delay = min(BACKOFF.delay_s(failures), left)
+            delay = min(BACKOFF.delay_s(failures), left, max_delay_s or left)
             log.warning("JetStream not answering (%r); asking again in %.0f s", e, delay)
             await asyncio.sleep(delay)
 
