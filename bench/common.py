@@ -334,8 +334,10 @@ def start_system(
 
 
 def nats_url(system: System) -> str:
-    """The NATS server the services use (`jetbatch up` hands it to them in their environment)."""
-    for proc in system.processes().values():
+    """The NATS server the services use (`jetbatch up` hands it to them in their environment),
+    with the api's credentials (each service is its own NATS user; the api reads the buckets)."""
+    procs = system.processes()
+    for proc in sorted(procs.values(), key=lambda p: p is not procs.get("api")):
         with contextlib.suppress(psutil.Error):
             url = proc.environ().get("JETBATCH_NATS_URL")
             if url:

@@ -12,6 +12,8 @@ from typing import ClassVar, Literal
 
 import msgspec
 
+from schemas.projects import DEFAULT_PROJECT_ID
+
 Priority = Literal["interactive", "batch"]
 
 
@@ -65,10 +67,16 @@ def subject_matches(filter_subject: str, subject: str) -> bool:
 
 
 class RequestMessage(BusMessage, kw_only=True, frozen=True):
-    """One request for the engine. Published to REQUESTS on `jetbatch.requests.<model>.<priority>`
-    with `Nats-Msg-Id: <batch_id>:<line>`."""
+    """One request for the engine. Published to REQUESTS on
+    `jetbatch.requests.<model>.<project>.<priority>` with `Nats-Msg-Id: <batch_id>:<line>`.
+    The project is a token of its own so that NATS permissions (a publisher may publish under
+    its own project only), per-project queue depth and fair share are expressed on subjects. A
+    worker trusts the subject's project token: a message whose `project` field disagrees with it
+    is rejected. Messages published before projects (`legacy_subject`) are still consumed."""
 
-    subject: ClassVar[str] = "jetbatch.requests.{model}.{priority}"
+    subject: ClassVar[str] = "jetbatch.requests.{model}.{project}.{priority}"
+    # Before projects (default project): consumer filters and stream subjects still cover it.
+    legacy_subject: ClassVar[str] = "jetbatch.requests.{model}.{priority}"
 
     batch_id: str
     line: int  # 0-based line number in the input file
@@ -76,10 +84,19 @@ class RequestMessage(BusMessage, kw_only=True, frozen=True):
     endpoint: str  # /v1/chat/completions | /v1/completions | /v1/embeddings
     model: str
     body: msgspec.Raw  # the request body, exactly as the client wrote it
+    project: str = DEFAULT_PROJECT_ID
 
     @staticmethod
-    def subject_for(model: str, priority: Priority = "batch") -> str:
-        return RequestMessage.subject_with(model=model, priority=priority)
+    def subject_for(
+        model: str, priority: Priority = "batch", *, project: str = DEFAULT_PROJECT_ID
+    ) -> str:
+        return RequestMessage.subject_with(model=model, project=project, priority=priority)
+
+    @staticmethod
+    def project_in(subject: str) -> str:
+        """The project token of a request's subject (a legacy subject: the default project)."""
+        tokens = subject.split(".")
+        return tokens[3] if len(tokens) >= 5 else DEFAULT_PROJECT_ID
 
     @property
     def msg_id(self) -> str:
@@ -87,10 +104,13 @@ class RequestMessage(BusMessage, kw_only=True, frozen=True):
 
 
 class ResultMessage(BusMessage, kw_only=True, frozen=True):
-    """The outcome of one request. Published to RESULTS on `jetbatch.results.<batch_id>` with
-    `Nats-Msg-Id: <batch_id>:<line>:r`. Exactly one of `response_body` / `error_*` is set."""
+    """The outcome of one request. Published to RESULTS on `jetbatch.results.<project>.<batch_id>`
+    (the request's project) with `Nats-Msg-Id: <batch_id>:<line>:r`. Exactly one of
+    `response_body` / `error_*` is set."""
 
-    subject: ClassVar[str] = "jetbatch.results.{batch_id}"
+    subject: ClassVar[str] = "jetbatch.results.{project}.{batch_id}"
+    # Before projects (default project): the results writer's filter still covers it.
+    legacy_subject: ClassVar[str] = "jetbatch.results.{batch_id}"
 
     batch_id: str
     line: int
@@ -107,11 +127,25 @@ class ResultMessage(BusMessage, kw_only=True, frozen=True):
     cached_tokens: int = 0
     worker_id: str = ""
     finished_at_ms: int = 0
+    project: str = DEFAULT_PROJECT_ID
 
     @staticmethod
-    def subject_for(batch_id: str) -> str:
+    def subject_for(batch_id: str, project: str = DEFAULT_PROJECT_ID) -> str:
         # Not subject_with(): this one is on every result's path.
-        return ResultMessage.subject.format(batch_id=subject_token(batch_id))
+        return ResultMessage.subject.format(
+            project=subject_token(project), batch_id=subject_token(batch_id)
+        )
+
+    @property
+    def published_on(self) -> str:
+        """The subject this result is published on."""
+        return ResultMessage.subject_for(self.batch_id, self.project)
+
+    @staticmethod
+    def batch_subjects(batch_id: str) -> tuple[str, str]:
+        """Every subject a batch's results may be on, whatever their project, legacy included."""
+        token = subject_token(batch_id)
+        return f"jetbatch.results.*.{token}", ResultMessage.legacy_subject.format(batch_id=token)
 
     @property
     def msg_id(self) -> str:
@@ -133,10 +167,12 @@ class ResultMessage(BusMessage, kw_only=True, frozen=True):
         code: str,
         message: str,
         worker_id: str,
+        project: str = DEFAULT_PROJECT_ID,
     ) -> ResultMessage:
         """An error line that no engine answer produced (no response body): a cancelled or
         expired request, an engine failure on the last delivery, a dead-lettered request."""
         return cls(
+            project=project,
             batch_id=batch_id,
             line=line,
             custom_id=custom_id,
@@ -294,6 +330,7 @@ class LineKey(msgspec.Struct, kw_only=True, frozen=True):
     batch_id: str | None = None
     line: int | None = None
     custom_id: str | None = None
+    project: str = DEFAULT_PROJECT_ID
 
 
 class MaxDeliveriesAdvisory(BusMessage, kw_only=True, frozen=True):

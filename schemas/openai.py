@@ -34,9 +34,11 @@ FilePurpose = Literal[
     "batch", "batch_output", "assistants", "fine-tune", "vision", "user_data", "evals"
 ]
 
-# A batch's metadata, as OpenAI bounds it: at most 16 pairs, keys <= 64 and values <= 512 characters.
-MetadataKey = Annotated[str, Meta(max_length=64)]
-MetadataValue = Annotated[str, Meta(max_length=512)]
+# A batch's metadata, as OpenAI bounds it: at most 16 pairs, keys <= 64 and values <= 512 characters;
+# no NUL (PostgreSQL cannot store it).
+NO_NUL = "^[^\x00]*$"
+MetadataKey = Annotated[str, Meta(max_length=64, pattern=NO_NUL)]
+MetadataValue = Annotated[str, Meta(max_length=512, pattern=NO_NUL)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)]
 
 

@@ -36,6 +36,10 @@ USAGE = """jetbatch COMMAND [ARGS]
   webhooks add|list|remove|deliveries|dead|show|resend
                       manage webhook endpoints and dead letters through the api
                       (`jetbatch webhooks --help`)
+  keys [create|list|revoke]
+                      admin API keys in the database, for a server that is not running
+                      (`jetbatch keys --help`); projects and their keys: the openai SDK's
+                      admin client (README: Projects and keys)
   setup               prepare the default models offline (done by infra/install.sh)
 
 Configuration comes from JETBATCH_* environment variables: see README.md."""
@@ -82,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             from services.api.admin_cli import main as admin_main
 
             return admin_main(command, rest)
+        if command == "keys":
+            from services.api.keys_cli import main as keys_main
+
+            return keys_main(rest)
         if command == "webhooks":
             from services.webhook_notifier.cli import main as webhooks_main
 

@@ -19,8 +19,9 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from services.migrate import migrate
-from shared import bus, config, process
-from shared.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres
+from shared import bus, config, nats_auth, process
+from shared.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, private_dir
+from shared.nats_auth import write_private
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ RESTART_BACKOFF_MAX_S = 30.0
 class Child:
     name: str
     argv: list[str]
+    role: str = ""  # its NATS user (shared.nats_auth)
+    env: dict[str, str] = field(default_factory=dict)  # its own, over the shared environment
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -38,7 +41,7 @@ class Child:
     next_start: float = field(default=0.0)
 
     def start(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(self.argv, env={**env, **self.env}, start_new_session=True)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 
@@ -51,8 +54,7 @@ def ensure_api_key(settings: config.Settings) -> str:
     if path.exists() and path.read_text().strip():
         return path.read_text().strip()
     key = "sk-jetbatch-" + secrets.token_urlsafe(24)
-    path.write_text(key + "\n")
-    path.chmod(0o600)
+    write_private(path, key + "\n")
     return key
 
 
@@ -65,24 +67,32 @@ def ensure_webhook_secret(settings: config.Settings) -> str:
     if path.exists() and path.read_text().strip():
         return config.check_webhook_secret(str(path), path.read_text().strip())
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    path.write_text(secret + "\n")
-    path.chmod(0o600)
+    write_private(path, secret + "\n")
     return secret
 
 
 def service_children(settings: config.Settings) -> list[Child]:
     py = [sys.executable, "-m"]
     children = [
-        Child("api", [*py, "services.api"]),
-        Child("results-writer", [*py, "services.results_writer"]),
-        Child("webhook-notifier", [*py, "services.webhook_notifier"]),
-        Child("watchdog", [*py, "services.watchdog"]),
+        Child("api", [*py, "services.api"], nats_auth.API),
+        Child("results-writer", [*py, "services.results_writer"], nats_auth.RESULTS_WRITER),
+        Child("webhook-notifier", [*py, "services.webhook_notifier"], nats_auth.WEBHOOK_NOTIFIER),
+        Child("watchdog", [*py, "services.watchdog"], nats_auth.WATCHDOG),
     ]
     for spec in settings.models:
-        children.append(
-            Child(f"inference[{spec.name}]", [*py, "services.inference", "--model", spec.name])
-        )
+        argv = [*py, "services.inference", "--model", spec.name]
+        children.append(Child(f"inference[{spec.name}]", argv, nats_auth.INFERENCE))
     return children
+
+
+def own_identities(
+    children: list[Child], nats_server: EmbeddedNats | EmbeddedNatsCluster | None
+) -> None:
+    """On the embedded NATS, each service connects as its own role (its credentials in its
+    JETBATCH_NATS_URL); on a NATS given by JETBATCH_NATS_URL, as that URL says."""
+    if nats_server is not None:
+        for child in children:
+            child.env["JETBATCH_NATS_URL"] = nats_server.url_for(child.role)
 
 
 def wait_healthy(url: str, timeout_s: float, children: list[Child]) -> bool:
@@ -120,12 +130,18 @@ def service_env(
     return env
 
 
-def announce_when_healthy(settings: config.Settings, api_key: str, children: list[Child]) -> None:
+def announce_when_healthy(
+    settings: config.Settings, api_key: str, children: list[Child], admin_key: str | None = None
+) -> None:
     host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
     base = f"http://{host}:{settings.api_port}"
     if wait_healthy(f"{base}/healthz", 120, children):
         print(f"jetbatch is up: base URL {base}/v1", flush=True)
         print(f"API key: {api_key} (saved in {settings.data_dir / 'api-key'})", flush=True)
+        if admin_key:  # the first admin key: projects and their keys (README: Projects and keys)
+            print(
+                f"admin key: {admin_key} (saved in {settings.data_dir / 'admin-key'})", flush=True
+            )
         if not settings.webhooks.secret:
             print(f"webhook secret: in {settings.data_dir / 'webhook-secret'}", flush=True)
     else:
@@ -172,16 +188,17 @@ def start_nats(settings: config.Settings, cluster: bool) -> EmbeddedNats | Embed
     leader (the services create their streams with JETBATCH_NATS_REPLICAS replicas)."""
     if not cluster:
         server = EmbeddedNats(settings.data_dir / "nats").start()
-        log.info("embedded nats-server at %s", server.url)
+        log.info("embedded nats-server at %s", server.anonymous_url)
         return server
     nodes = EmbeddedNatsCluster(settings.data_dir / "nats-cluster").start()
     asyncio.run(bus.wait_for_jetstream(nodes.url))
-    log.info("embedded 3-node NATS cluster at %s", nodes.url)
+    log.info("embedded 3-node NATS cluster at %s", ",".join(n.anonymous_url for n in nodes.nodes))
     return nodes
 
 
 def up(settings: config.Settings, *, cluster: bool = False) -> int:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
+    settings.data_dir.chmod(0o700)  # one made by an older version (its secrets are 0600 already)
     stopping = False
 
     def on_signal(_sig: int) -> None:
@@ -213,9 +230,13 @@ def up(settings: config.Settings, *, cluster: bool = False) -> int:
             settings, nats_url, database_url, api_key, ensure_webhook_secret(settings)
         )
         children = service_children(settings)
+        own_identities(children, nats_server)
         for child in children:
             child.start(env)
-        announce_when_healthy(settings, api_key, children)
+        from services.api.keys_cli import first_admin_key
+
+        admin_key = asyncio.run(first_admin_key(database_url, settings.data_dir))
+        announce_when_healthy(settings, api_key, children, admin_key)
         while not stopping:
             restart_exited(children, env)
             time.sleep(0.2)

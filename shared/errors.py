@@ -7,6 +7,7 @@ from __future__ import annotations
 class ApiError(Exception):
     status_code = 400
     type = "invalid_request_error"
+    headers: dict[str, str] | None = None  # extra response headers (retry-after, ...)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -36,9 +37,25 @@ class PayloadTooLarge(ApiError):
     status_code = 413
 
 
+class RequestTimeout(ApiError):
+    status_code = 408
+
+
 class RateLimited(ApiError):
     status_code = 429
     type = "rate_limit_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        if retry_after_s is not None:
+            self.headers = {"retry-after": str(retry_after_s)}
 
 
 class Unavailable(ApiError):
@@ -49,3 +66,13 @@ class Unavailable(ApiError):
 class UpstreamTimeout(ApiError):
     status_code = 504
     type = "timeout"
+
+
+# Text a caller sent, echoed into an error message or a stored list, is cut to this many
+# characters: an 8 MB model name must not become an 8 MB error (README: Hostile input).
+ECHO_CHARS = 128
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` cut to `limit` characters, the cut marked."""
+    return text if len(text) <= limit else text[:limit] + f"…(+{len(text) - limit} chars)"

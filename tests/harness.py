@@ -37,6 +37,11 @@ COMMANDS = {
 }
 
 
+def role_for(name: str) -> str:
+    """The NATS user a service connects as (shared.nats_auth): each only what its role may."""
+    return "inference" if name.startswith("worker") else name
+
+
 def command_for(name: str) -> list[str]:
     """`worker-<n>` is an inference worker for the chat model with that worker id."""
     if name.startswith("worker"):
@@ -107,10 +112,12 @@ class Harness:
         if name in self.procs and self.procs[name].poll() is None:
             raise RuntimeError(f"{name} is already running")
         log_file = open(self.root / "logs" / f"{name}.log", "ab")  # noqa: SIM115
+        assert self.nats is not None
+        own = {"JETBATCH_NATS_URL": self.nats.url_for(role_for(name))}
         proc = subprocess.Popen(
             [sys.executable, "-m", *command_for(name)],
             cwd=REPO,
-            env={**self.env(), **extra_env},
+            env={**self.env(), **own, **extra_env},
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -1,4 +1,5 @@
-"""jetbatch's own routes, beyond OpenAI's (README: Operations, Dead letters):
+"""jetbatch's own routes, beyond OpenAI's (README: Operations, Dead letters); operator routes,
+for admin keys only (a project key gets a 403):
 
 - `GET /v1/workers`: every worker's last heartbeat, flagged `stale` past JETBATCH_WORKER_STALE_S.
 - `GET /v1/dead_letters` (`?limit=&after=&batch_id=`), `GET /v1/dead_letters/{id}`: messages set
@@ -22,6 +23,7 @@ from litestar.params import Parameter
 from schemas.admin import DeadLetter, DeadLetterList, WorkerList, WorkerStatus
 from schemas.messages import WorkerHeartbeat
 from services.api import store
+from services.api.auth import ADMIN
 from services.api.deps import DepsParam
 from shared import bus
 from shared.errors import InvalidRequest, NotFound, Unavailable
@@ -79,7 +81,7 @@ async def require_healthy_worker(deps: DepsParam, models: list[str]) -> None:
             )
 
 
-@get("/workers")
+@get("/workers", opt=ADMIN)
 async def list_workers(deps: DepsParam) -> WorkerList:
     now = time.time()
     stale_after_s = deps.settings.health.worker_stale_s
@@ -144,7 +146,7 @@ def dead_letter_not_found(dead_letter_id: int) -> NotFound:
     return NotFound(f"No such dead letter: {dead_letter_id}", param="dead_letter_id")
 
 
-@get("/dead_letters")
+@get("/dead_letters", opt=ADMIN)
 async def list_dead_letters(
     deps: DepsParam,
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
@@ -163,7 +165,7 @@ async def list_dead_letters(
     )
 
 
-@get("/dead_letters/{dead_letter_id:int}")
+@get("/dead_letters/{dead_letter_id:int}", opt=ADMIN)
 async def retrieve_dead_letter(dead_letter_id: int, deps: DepsParam) -> DeadLetter:
     row = await store.get_dead_letter(deps.pool, dead_letter_id)
     if row is None:
@@ -171,7 +173,7 @@ async def retrieve_dead_letter(dead_letter_id: int, deps: DepsParam) -> DeadLett
     return dead_letter_from_row(row, with_payload=True)
 
 
-@post("/dead_letters/{dead_letter_id:int}/replay", status_code=200)
+@post("/dead_letters/{dead_letter_id:int}/replay", status_code=200, opt=ADMIN)
 async def replay_dead_letter(dead_letter_id: int, deps: DepsParam) -> DeadLetter:
     row = await store.get_dead_letter(deps.pool, dead_letter_id)
     if row is None:

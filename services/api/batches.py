@@ -14,6 +14,7 @@ from schemas.messages import BatchStop
 from schemas.openai import Batch, BatchList, CreateBatchRequest
 from services.api import store
 from services.api.admin import require_healthy_worker
+from services.api.auth import CallerParam
 from services.api.deps import DepsParam
 from services.api.files import not_found as file_not_found
 from services.api.ingest import run_process_batch
@@ -56,23 +57,23 @@ def check_models(settings: Settings, endpoint: str, models: list[str] | None) ->
 
 
 def check_limits(limits: LimitSettings, active: int, queued: int, adding: int) -> None:
-    """429 when the deployment is full (README: Limits)."""
+    """429 when the project is full (README: Limits): the limits count per project."""
     if active >= limits.max_active_batches:
         raise RateLimited(
-            f"{active} batches are already validating or in progress, the most this deployment "
-            f"runs at once ({limits.max_active_batches}); retry when one has finished",
+            f"{active} batches of this project are already validating or in progress, the most a "
+            f"project runs at once ({limits.max_active_batches}); retry when one has finished",
             code="too_many_active_batches",
         )
     if queued + adding > limits.max_queued_requests:
         raise RateLimited(
-            f"{queued} requests are queued and this batch adds {adding}; this deployment queues "
-            f"at most {limits.max_queued_requests}. Retry when the queue is shorter",
+            f"{queued} requests of this project are queued and this batch adds {adding}; a project "
+            f"queues at most {limits.max_queued_requests}. Retry when the queue is shorter",
             code="queue_full",
         )
 
 
 @post("/batches", status_code=200)
-async def create_batch(data: CreateBatchRequest, deps: DepsParam) -> Batch:
+async def create_batch(data: CreateBatchRequest, deps: DepsParam, caller: CallerParam) -> Batch:
     # The endpoint and metadata were checked as the body decoded (their types: schemas/openai.py).
     settings = deps.settings
     if data.completion_window != COMPLETION_WINDOW:
@@ -80,7 +81,7 @@ async def create_batch(data: CreateBatchRequest, deps: DepsParam) -> Batch:
             f'completion_window must be "{COMPLETION_WINDOW}"; got {data.completion_window!r}',
             param="completion_window",
         )
-    file_row = await store.get_file(deps.pool, data.input_file_id)
+    file_row = await store.get_file(deps.pool, data.input_file_id, caller.scope)
     if file_row is None:
         raise file_not_found(data.input_file_id, param="input_file_id")
     if file_row["purpose"] != "batch":
@@ -99,11 +100,14 @@ async def create_batch(data: CreateBatchRequest, deps: DepsParam) -> Batch:
         )
     if settings.health.require_healthy_worker:
         await require_healthy_worker(deps, list(file_row["models"] or ()))
-    # Limits are checked and the batch inserted in one transaction, under a lock all api
-    # replicas share: two creates cannot both take the last slot, and a refusal leaves nothing.
+    # The batch runs in its file's project (an admin's batch too). Its limits are checked and
+    # the batch inserted in one transaction, under the project's lock all api replicas share:
+    # two creates cannot both take the last slot, and a refusal leaves nothing.
+    project_id = file_row["project_id"]
     async with deps.pool.acquire() as conn, conn.transaction():
-        await store.lock_admission(conn)
-        check_limits(settings.limits, *await store.open_load(conn), file_row["line_count"] or 0)
+        await store.lock_admission(conn, project_id)
+        load = await store.open_load(conn, project_id)
+        check_limits(settings.limits, *load, file_row["line_count"] or 0)
         created_at = store.now_s()
         row = await store.insert_batch(
             conn,
@@ -117,6 +121,7 @@ async def create_batch(data: CreateBatchRequest, deps: DepsParam) -> Batch:
             output_expires_after=(
                 data.output_expires_after.seconds if data.output_expires_after else None
             ),
+            project_id=project_id,
         )
     batch = store.batch_from_row(row)
     log.info(
@@ -127,8 +132,8 @@ async def create_batch(data: CreateBatchRequest, deps: DepsParam) -> Batch:
 
 
 @get("/batches/{batch_id:str}")
-async def retrieve_batch(batch_id: str, deps: DepsParam) -> Batch:
-    row = await store.get_batch(deps.pool, batch_id)
+async def retrieve_batch(batch_id: str, deps: DepsParam, caller: CallerParam) -> Batch:
+    row = await store.get_batch(deps.pool, batch_id, caller.scope)
     if row is None:
         raise not_found(batch_id)
     return store.batch_from_row(row)
@@ -137,16 +142,19 @@ async def retrieve_batch(batch_id: str, deps: DepsParam) -> Batch:
 @get("/batches")
 async def list_batches(
     deps: DepsParam,
+    caller: CallerParam,
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> BatchList:
     cursor = None
     if after:
-        created_at = await store.batch_cursor(deps.pool, after)
+        created_at = await store.batch_cursor(deps.pool, after, caller.scope)
         if created_at is None:
             raise NotFound(f"No such Batch object: {after}", param="after")
         cursor = (created_at, after)
-    rows, has_more = await store.list_batches(deps.pool, limit=limit, after=cursor)
+    rows, has_more = await store.list_batches(
+        deps.pool, limit=limit, after=cursor, project=caller.scope
+    )
     data = [store.batch_from_row(r) for r in rows]
     return BatchList(
         data=data,
@@ -157,10 +165,10 @@ async def list_batches(
 
 
 @post("/batches/{batch_id:str}/cancel", status_code=200)
-async def cancel_batch(batch_id: str, deps: DepsParam) -> Batch:
-    row = await store.cancel_batch(deps.pool, batch_id)
+async def cancel_batch(batch_id: str, deps: DepsParam, caller: CallerParam) -> Batch:
+    row = await store.cancel_batch(deps.pool, batch_id, caller.scope)
     if row is None:
-        row = await store.get_batch(deps.pool, batch_id)
+        row = await store.get_batch(deps.pool, batch_id, caller.scope)
         if row is None:
             raise not_found(batch_id)
         if row["status"] == "cancelling":

@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from services.api.children import SpareChild
+from services.api.concurrency import SyncSlots
 from shared.bus import FileObjects
 from shared.config import Settings
 
@@ -47,6 +48,15 @@ class Deps:
     # Background work (batch validation + publishing): referenced here so it is not garbage
     # collected mid-flight, and so shutdown can wait for it.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Synchronous requests running now, in all and per caller (services/api/concurrency.py).
+    sync_slots: SyncSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        limits = self.settings.limits
+        self.sync_slots = SyncSlots(limits.max_sync_requests, limits.max_sync_requests_per_key)
+
+    # Whether an API key was ever created (services/api/auth.py): asked until it is so.
+    keys_exist: bool = False
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)

@@ -10,6 +10,7 @@ import logging
 import re
 from typing import Any
 
+import asyncpg
 import msgspec.inspect as mi
 import nats.errors
 import nats.js.errors
@@ -19,7 +20,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from schemas.openai import ErrorDetail, ErrorResponse
 from shared.bus.streams import store_full
-from shared.errors import ApiError
+from shared.errors import ApiError, clip
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ _INDEX = re.compile(r"\[[^\]]*\]")
 _TYPES = {401: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 # The SDKs retry 409 (and 5xx) by default; a wrong-state 409 or an oversize body never heals.
 _NO_RETRY = {409, 413}
+# Every message is cut to this length, whatever it echoes (README: Hostile input).
+MAX_MESSAGE_CHARS = 1024
 
 
 class BadGateway(ApiError):
@@ -59,7 +62,10 @@ def error_response(
         headers["x-should-retry"] = "false"
     body = ErrorResponse(
         error=ErrorDetail(
-            message=message, type=type_ or error_type(status_code), param=param, code=code
+            message=clip(message, MAX_MESSAGE_CHARS),
+            type=type_ or error_type(status_code),
+            param=clip(param) if param else param,
+            code=code,
         )
     )
     return Response(body, status_code=status_code, headers=headers)
@@ -67,8 +73,32 @@ def error_response(
 
 def on_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[ErrorResponse]:
     return error_response(
-        exc.status_code, exc.message, type_=exc.type, param=exc.param, code=exc.code
+        exc.status_code,
+        exc.message,
+        type_=exc.type,
+        param=exc.param,
+        code=exc.code,
+        headers=exc.headers,
     )
+
+
+def on_too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorResponse]:
+    """A JSON body nested deeper than the decoder goes (msgspec raises RecursionError)."""
+    return error_response(400, "the JSON body is nested too deeply", code="invalid_json")
+
+
+# Text PostgreSQL refuses: a NUL character (in text or as \u0000 in JSONB) or an invalid byte
+# sequence. Whatever route it came through, it is the caller's input: 400, never a 500.
+_BAD_TEXT = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
+
+
+def on_database_error(
+    request: Request[Any, Any, Any], exc: asyncpg.PostgresError
+) -> Response[ErrorResponse]:
+    if isinstance(exc, _BAD_TEXT):
+        message = "the request holds text that cannot be stored (a NUL character or invalid text)"
+        return error_response(400, message, code="invalid_text")
+    return on_unexpected(request, exc)
 
 
 def on_validation_error(
@@ -222,5 +252,7 @@ EXCEPTION_HANDLERS = {
     ValidationException: on_validation_error,
     HTTPException: on_http_exception,
     nats.errors.Error: on_bus_error,
+    RecursionError: on_too_deep,
+    asyncpg.PostgresError: on_database_error,
     Exception: on_unexpected,
 }

@@ -11,6 +11,7 @@ from litestar.response import Stream
 
 from schemas.openai import DeletedFile, FileList, FilePurpose, OpenAIFile
 from services.api import store, uploads
+from services.api.auth import CallerParam
 from services.api.deps import DepsParam
 from shared.domain import retention
 from shared.errors import InvalidRequest, NotFound
@@ -70,7 +71,9 @@ def _expires_at(fields: dict[str, str], created_at: int, purpose: str) -> int | 
 
 
 @post("/files", status_code=200, request_max_body_size=None)
-async def create_file(request: Request[Any, Any, Any], deps: DepsParam) -> OpenAIFile:
+async def create_file(
+    request: Request[Any, Any, Any], deps: DepsParam, caller: CallerParam
+) -> OpenAIFile:
     """Multipart `file` + `purpose` (+ optional `expires_after`). The body limit is ours, not
     Litestar's: the file part is counted as it streams and refused past max_file_bytes (413)."""
     file_id = new_id("file-")
@@ -101,6 +104,7 @@ async def create_file(request: Request[Any, Any, Any], deps: DepsParam) -> OpenA
             storage_key=file_id,
             line_count=upload.line_count if is_batch else None,
             models=upload.models if is_batch else None,
+            project_id=caller.project_id,
         )
     except BaseException:
         await deps.storage.delete(file_id)
@@ -113,16 +117,16 @@ async def create_file(request: Request[Any, Any, Any], deps: DepsParam) -> OpenA
 
 
 @get("/files/{file_id:str}")
-async def retrieve_file(file_id: str, deps: DepsParam) -> OpenAIFile:
-    row = await store.get_file(deps.pool, file_id)
+async def retrieve_file(file_id: str, deps: DepsParam, caller: CallerParam) -> OpenAIFile:
+    row = await store.get_file(deps.pool, file_id, caller.scope)
     if row is None:
         raise not_found(file_id)
     return store.file_from_row(row)
 
 
 @get("/files/{file_id:str}/content")
-async def file_content(file_id: str, deps: DepsParam) -> Stream:
-    row = await store.get_file(deps.pool, file_id)
+async def file_content(file_id: str, deps: DepsParam, caller: CallerParam) -> Stream:
+    row = await store.get_file(deps.pool, file_id, caller.scope)
     if row is None:
         raise not_found(file_id)
     size = await deps.storage.size(row["storage_key"])
@@ -144,6 +148,7 @@ async def file_content(file_id: str, deps: DepsParam) -> Stream:
 @get("/files")
 async def list_files(
     deps: DepsParam,
+    caller: CallerParam,
     purpose: str | None = None,
     limit: Annotated[int, Parameter(ge=1, le=10_000)] = 10_000,
     order: Literal["asc", "desc"] = "desc",
@@ -151,12 +156,17 @@ async def list_files(
 ) -> FileList:
     cursor = None
     if after:
-        created_at = await store.file_cursor(deps.pool, after)
+        created_at = await store.file_cursor(deps.pool, after, caller.scope)
         if created_at is None:
             raise not_found(after, param="after")
         cursor = (created_at, after)
     rows, has_more = await store.list_files(
-        deps.pool, purpose=purpose or None, limit=limit, order=order, after=cursor
+        deps.pool,
+        purpose=purpose or None,
+        limit=limit,
+        order=order,
+        after=cursor,
+        project=caller.scope,
     )
     data = [store.file_from_row(r) for r in rows]
     return FileList(
@@ -168,9 +178,11 @@ async def list_files(
 
 
 @delete("/files/{file_id:str}", status_code=200)
-async def delete_file(file_id: str, deps: DepsParam) -> DeletedFile:
+async def delete_file(file_id: str, deps: DepsParam, caller: CallerParam) -> DeletedFile:
     """The file and every copy of its content (README: Retention); refused while an open batch
     still needs it."""
+    if caller.scope is not None and await store.get_file(deps.pool, file_id, caller.scope) is None:
+        raise not_found(file_id)  # another project's (files never change project)
     try:
         deleted = await retention.delete_file(deps.pool, deps.js, deps.storage, file_id)
     except retention.FileInUse as e:

@@ -71,6 +71,26 @@ async def run_process_batch(deps: DepsParam, batch_id: str) -> None:
         log.exception("batch %s: processing failed; re-running process_batch resumes it", batch_id)
 
 
+async def redrive(deps: DepsParam, batch_id: str) -> None:
+    """The watchdog's re-drive: process_batch again, unless the batch has been validating for
+    longer than JETBATCH_VALIDATION_TIMEOUT_S. Then it fails (`validation_timeout`): a file whose
+    validation crashes or hangs every time is not re-driven forever. Checked before the claim, so
+    a validation hung in another process does not keep the batch open either."""
+    row = await store.get_batch(deps.pool, batch_id)
+    timeout_s = deps.settings.health.validation_timeout_s
+    if row is not None and row["status"] == "validating":
+        if store.now_s() - row["created_at"] >= timeout_s:
+            error = BatchError(
+                code="validation_timeout",
+                message=f"the input file could not be validated within {timeout_s:g} s of the "
+                "batch's creation; create the batch again",
+                param="input_file_id",
+            )
+            await _fail(deps, batch_id, [error])
+            return
+    await process_batch(deps, batch_id)
+
+
 async def process_batch(deps: DepsParam, batch_id: str) -> None:
     """Validate batch `batch_id`'s input file and publish its requests; see the module docstring."""
     assert deps.settings.database_url is not None
@@ -153,13 +173,7 @@ async def _validate(deps: DepsParam, row: store.Row, path: Path | None) -> store
     batch_id = row["id"]
     errors, model, total = await check_input(deps, row, path)
     if errors:
-        failed = await store.fail_batch(deps.pool, batch_id, errors)
-        if failed is not None:
-            log.info(
-                "batch %s failed validation: %d error(s), first: line %s %s: %s",
-                batch_id, len(errors), errors[0].line, errors[0].code, errors[0].message,
-            )  # fmt: skip
-            await _emit_failed(deps, failed)
+        await _fail(deps, batch_id, errors)
         return None
     assert model is not None  # a file without errors has at least one line, hence a model
     started = await store.start_batch(deps.pool, batch_id, model=model, total=total)
@@ -171,6 +185,17 @@ async def _validate(deps: DepsParam, row: store.Row, path: Path | None) -> store
         return None
     log.info("batch %s valid: %d requests for model %s", batch_id, total, model)
     return started
+
+
+async def _fail(deps: DepsParam, batch_id: str, errors: list[BatchError]) -> None:
+    """validating -> failed with `errors`, and its batch.failed event."""
+    failed = await store.fail_batch(deps.pool, batch_id, errors)
+    if failed is not None:
+        log.info(
+            "batch %s failed validation: %d error(s), first: line %s %s: %s",
+            batch_id, len(errors), errors[0].line, errors[0].code, errors[0].message,
+        )  # fmt: skip
+        await _emit_failed(deps, failed)
 
 
 async def _publish(deps: DepsParam, row: store.Row, path: Path) -> None:
@@ -191,6 +216,7 @@ async def _publish(deps: DepsParam, row: store.Row, path: Path) -> None:
             endpoint=row["endpoint"],
             max_line_bytes=max_line_bytes(deps),
             headers=inject_headers({}) or None,
+            project=row["project_id"],  # the batch's project: a token of its requests' subject
         )
         try:
             if deps.publishers is not None:

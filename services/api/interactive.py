@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -16,10 +18,19 @@ from litestar import Request, Response, get, post
 from schemas.messages import InteractiveRequest, ResultMessage
 from schemas.openai import ErrorDetail, ErrorResponse, Model, ModelList
 from services.api.admin import read_heartbeats
+from services.api.concurrency import caller_of
 from services.api.deps import DepsParam
 from services.api.exceptions import BadGateway, error_type
 from shared.config import ModelSpec
-from shared.errors import InvalidRequest, NotFound, PayloadTooLarge, Unavailable, UpstreamTimeout
+from shared.errors import (
+    ApiError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+    UpstreamTimeout,
+    clip,
+)
 from shared.ids import new_id
 
 log = logging.getLogger(__name__)
@@ -33,6 +44,12 @@ class _SyncBody(msgspec.Struct):
 
     model: str
     stream: Any = None
+
+
+class ClientClosed(ApiError):
+    """The client went away before its answer came (nginx's 499): nobody reads this response."""
+
+    status_code = 499
 
 
 _sync_decoder = msgspec.json.Decoder(_SyncBody)
@@ -67,7 +84,7 @@ async def retrieve_model(model_id: str, deps: DepsParam) -> Model:
     spec = deps.settings.model(name)
     if spec is None:
         raise NotFound(
-            f"The model {name!r} does not exist or is not served here", param="model",
+            f"The model {clip(name)!r} does not exist or is not served here", param="model",
             code="model_not_found",
         )  # fmt: skip
     counts = await live_workers(deps)
@@ -90,6 +107,36 @@ async def _infer(
     request: Request[Any, Any, Any], deps: DepsParam, endpoint: str
 ) -> Response[bytes]:
     deps.sync_seen = time.monotonic()
+    with deps.sync_slots.take(caller_of(request)):
+        return await _infer_in_slot(request, deps, endpoint)
+
+
+async def _client_gone(request: Request[Any, Any, Any]) -> None:
+    """Returns when the client disconnects (the body is read: `receive` waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _ask(request: Request[Any, Any, Any], nc: Any, subject: str, payload: bytes,
+               timeout_s: float) -> Any:  # fmt: skip
+    """`nc.request`, abandoned as soon as the client goes away."""
+    asked = asyncio.ensure_future(nc.request(subject, payload, timeout=timeout_s))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait((asked, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (asked, gone):
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await gone
+    if not asked.done() or asked.cancelled():
+        raise ClientClosed("the client closed the connection before the answer came")
+    return asked.result()
+
+
+async def _infer_in_slot(
+    request: Request[Any, Any, Any], deps: DepsParam, endpoint: str
+) -> Response[bytes]:
     raw = await request.body()
     try:
         probe = _sync_decoder.decode(raw)
@@ -101,13 +148,14 @@ async def _infer(
     if spec is None:
         served = ", ".join(m.name for m in deps.settings.models) or "none"
         raise NotFound(
-            f"The model {probe.model!r} does not exist or is not served here (served: {served})",
+            f"The model {clip(probe.model)!r} does not exist or is not served here (served: "
+            f"{served})",
             param="model",
             code="model_not_found",
         )
     if endpoint not in spec.endpoints:
         raise InvalidRequest(
-            f"model {probe.model!r} does not serve {endpoint} (it serves "
+            f"model {clip(probe.model)!r} does not serve {endpoint} (it serves "
             f"{', '.join(spec.endpoints)})",
             param="model",
         )
@@ -125,7 +173,7 @@ async def _infer(
     subject = InteractiveRequest.subject_for(probe.model)
     nc = deps.nc_sync or deps.nc
     try:
-        reply = await nc.request(subject, payload, timeout=deps.settings.sync_timeout_s)
+        reply = await _ask(request, nc, subject, payload, deps.settings.sync_timeout_s)
     except nats.errors.NoRespondersError:
         raise Unavailable(f"no live worker for model {probe.model}") from None
     except (TimeoutError, nats.errors.TimeoutError):

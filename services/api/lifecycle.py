@@ -4,7 +4,8 @@ Consumes: CONSUMER below, stream CONTROL as durable `api` (shared by every api r
 BatchCommand on `jetbatch.control.batch.<action>`, four at a time, each kept alive while it runs,
 max_deliver 20. A command that does not decode is a dead letter (table `dead_letters`).
 
-- `redrive`: ingest.process_batch, idempotent, for a batch a crashed api left in `validating`
+- `redrive`: ingest.redrive (process_batch, idempotent; a batch validating for longer than
+  JETBATCH_VALIDATION_TIMEOUT_S fails instead), for a batch a crashed api left in `validating`
   (or in progress and not fully published).
 - `close_out`: a cancelled or expired batch whose grace period is over. Every line of its input
   file without a result gets a `batch_cancelled` / `batch_expired` error line (written straight
@@ -29,7 +30,7 @@ from pathlib import Path
 import anyio.to_thread
 
 from schemas.messages import BatchCommand, BatchStop, StopReason
-from schemas.openai import RequestLine
+from schemas.openai import BatchError, RequestLine
 from services.api import ingest, store
 from services.api.deps import DepsParam
 from services.api.validation import iter_requests
@@ -85,7 +86,20 @@ async def _close_out_claimed(deps: DepsParam, batch_id: str) -> None:
     async with ingest.input_copy(deps, row) as path:
         if row["total"] == 0:
             # Cancelled before its validation finished (or the api died validating it): count it.
-            errors, model, total = await ingest.check_input(deps, row, path)
+            try:
+                errors, model, total = await ingest.check_input(deps, row, path)
+            except (RuntimeError, ValueError, MemoryError) as e:
+                # The validation itself failed (its child crashed): the cancel still ends the
+                # batch, with no lines to account for, rather than being retried forever.
+                log.error("batch %s: cancelled, and its file cannot be validated: %s", batch_id, e)
+                errors = [
+                    BatchError(
+                        code="validation_failed",
+                        message="the input file could not be validated",
+                        param="input_file_id",
+                    )
+                ]
+                model, total = None, 0
             if errors or model is None:
                 await store.record_unrunnable(deps.pool, batch_id, errors)
                 log.info("batch %s: cancelled before it had any valid request", batch_id)
@@ -139,7 +153,7 @@ async def handle(deps: DepsParam, command: BatchCommand, _: Delivery[BatchComman
     """Run one command; Retry while the batch is claimed by another process."""
     if command.action == "redrive":
         log.info("batch %s: re-driven by the watchdog", command.batch_id)
-        await ingest.process_batch(deps, command.batch_id)
+        await ingest.redrive(deps, command.batch_id)
     elif not await close_out(deps, command.batch_id):
         raise Retry(f"batch {command.batch_id} is claimed elsewhere", delay_s=RETRY_DELAY_S)
 

@@ -1,5 +1,5 @@
 """Pass 2 of a batch's ingestion: one RequestMessage per line of a file pass 1 found valid, to
-REQUESTS `jetbatch.requests.<model>.batch`, msg id `<batch_id>:<line>`, pipelined
+REQUESTS `jetbatch.requests.<model>.<project>.batch`, msg id `<batch_id>:<line>`, pipelined
 (shared.bus.Publisher).
 
 The api runs it in a child process (`publish_in_child`, `python -m services.api.publishing`)
@@ -29,6 +29,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from schemas.messages import RequestMessage
+from schemas.projects import DEFAULT_PROJECT_ID
 from services.api.children import Child, killed_on_error, output_of, serve_one_job, spawn
 from services.api.validation import iter_requests
 from shared import bus, process
@@ -61,10 +62,11 @@ class PublishJob(msgspec.Struct, frozen=True, kw_only=True):
     endpoint: str
     max_line_bytes: int
     headers: dict[str, str] | None = None  # trace context, on every message
+    project: str = DEFAULT_PROJECT_ID  # the batch's: a token of the subject, a field of each
 
     @property
     def subject(self) -> str:
-        return RequestMessage.subject_for(self.model, "batch")
+        return RequestMessage.subject_for(self.model, "batch", project=self.project)
 
     async def run(
         self,
@@ -89,6 +91,7 @@ class PublishJob(msgspec.Struct, frozen=True, kw_only=True):
                         endpoint=self.endpoint,
                         model=self.model,
                         body=request.body,
+                        project=self.project,
                     )
                     await publisher.publish(
                         subject, _encoder.encode(message), message.msg_id, self.headers

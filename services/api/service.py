@@ -1,17 +1,18 @@
 """api: OpenAI-compatible Files, Batches, Models and synchronous inference (Litestar).
 
 Reads: PostgreSQL (files, batches), file bytes under the data dir, KV bucket `jetbatch_workers`
-(heartbeats). Emits: REQUESTS `jetbatch.requests.<model>.batch` (one RequestMessage per input
-line, msg id `<batch_id>:<line>`), EVENTS `jetbatch.events.batch.failed` (invalid input file),
-and core requests on `jetbatch.interactive.<model>` (synchronous calls). Routes live in files.py,
-batches.py (+ ingest.py, the background validation and publishing) and interactive.py.
+(heartbeats). Emits: REQUESTS `jetbatch.requests.<model>.<project>.batch` (one RequestMessage
+per input line, msg id `<batch_id>:<line>`), EVENTS `jetbatch.events.batch.failed` (invalid input
+file), and core requests on `jetbatch.interactive.<model>` (synchronous calls). Routes live in
+files.py, batches.py (+ ingest.py, the background validation and publishing) and interactive.py;
+tenants (OpenAI's admin API) in organization.py and project_members.py. Every /v1 request is
+authenticated once by auth.py, which injects its `Caller` (project, admin or not).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import signal
 import sys
@@ -19,24 +20,23 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import FrameType
-from typing import Any
 
 import msgspec
 import uvicorn
 from litestar import Litestar, Router, get
-from litestar.connection import ASGIConnection
 from litestar.di import Provide
-from litestar.handlers import BaseRouteHandler
-from litestar.types import Guard
 from nats.aio.client import Client as NATS
 
 from schemas.messages import BatchEvent, InteractiveRequest, RequestMessage
 from services.api import (
     admin,
+    auth,
     batches,
     files,
     interactive,
     lifecycle,
+    organization,
+    project_members,
     publishing,
     validation,
     webhooks,
@@ -44,10 +44,12 @@ from services.api import (
 from services.api.children import SpareChild
 from services.api.deps import Deps, DepsParam, get_deps
 from services.api.exceptions import EXCEPTION_HANDLERS
+from services.api.http_limits import GuardedHttpTools, limits_middleware
+from services.api.tenants import any_keys
 from shared import bus, process, telemetry
 from shared.config import ConfigError, Settings
 from shared.db import connect_pool
-from shared.errors import Unauthorized, Unavailable
+from shared.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +78,6 @@ async def healthz(deps: DepsParam) -> Health:
     if not deps.nc.is_connected:
         raise Unavailable("NATS unreachable")
     return Health(status="ok")
-
-
-def api_key_guard(api_key: str) -> Guard:
-    expected = f"Bearer {api_key}".encode()
-
-    def require_api_key(
-        connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
-    ) -> None:
-        given = connection.headers.get("authorization")
-        if not given:
-            raise Unauthorized(
-                "You didn't provide an API key: send it as 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
-        if not hmac.compare_digest(given.encode(), expected):
-            raise Unauthorized("Incorrect API key provided", code="invalid_api_key")
-
-    return require_api_key
 
 
 async def _stop_task(task: asyncio.Task[None], stop: asyncio.Event) -> None:
@@ -157,8 +141,11 @@ def create_app(settings: Settings) -> Litestar:
             control = asyncio.create_task(lifecycle.consume(deps, control_stop), name="control")
             stack.push_async_callback(_stop_task, control, control_stop)
             app.state.deps = deps
-            if settings.api_key is None:
-                log.warning("JETBATCH_API_KEY is not set: the api accepts every request")
+            if settings.api_key is None and not await any_keys(pool):
+                log.warning(
+                    "JETBATCH_API_KEY is not set and no API key exists: the api accepts every"
+                    " request until one is created"
+                )
             log.info("api ready on %s:%d", settings.api_host, settings.api_port)
             yield
 
@@ -170,8 +157,12 @@ def create_app(settings: Settings) -> Litestar:
             *interactive.ROUTES,
             *webhooks.ROUTES,
             *admin.ROUTES,
+            *organization.ROUTES,
+            *project_members.ROUTES,
         ],
-        guards=[api_key_guard(settings.api_key)] if settings.api_key else [],
+        # Every /v1 request: who is calling (services/api/auth.py), injected as `caller`.
+        guards=[auth.authenticate],
+        dependencies={"caller": Provide(auth.get_caller, sync_to_thread=False)},
     )
     return Litestar(
         route_handlers=[healthz, v1],
@@ -179,6 +170,7 @@ def create_app(settings: Settings) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=[lifespan],
         request_max_body_size=MAX_JSON_BODY_BYTES,
+        middleware=[limits_middleware],  # slow bodies, NUL in URLs (README: Hostile input)
         openapi_config=None,
         logging_config=None,  # telemetry.setup owns logging
     )
@@ -218,6 +210,7 @@ def server_config(settings: Settings, app: Litestar) -> uvicorn.Config:
         log_config=None,  # keep telemetry's logging
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        http=GuardedHttpTools,  # slow or endless request heads (README: Hostile input)
     )
 
 

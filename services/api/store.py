@@ -64,24 +64,36 @@ async def insert_file(
     storage_key: str,
     line_count: int | None,
     models: list[str] | None,
+    project_id: str,
 ) -> Row:
     row = await pool.fetchrow(
         "INSERT INTO files (id, bytes, created_at, expires_at, filename, purpose, status,"
-        " storage_key, line_count, models)"
-        " VALUES ($1, $2, $3, $4, $5, $6, 'processed', $7, $8, $9) RETURNING *",
+        " storage_key, line_count, models, project_id)"
+        " VALUES ($1, $2, $3, $4, $5, $6, 'processed', $7, $8, $9, $10) RETURNING *",
         file_id, size, created_at, expires_at, filename, purpose, storage_key, line_count, models,
+        project_id,
     )  # fmt: skip
     assert row is not None
     return row
 
 
-async def get_file(pool: asyncpg.Pool, file_id: str) -> Row | None:
-    return await pool.fetchrow("SELECT * FROM files WHERE id = $1 AND deleted_at IS NULL", file_id)
+# `project`: the caller's scope (services/api/auth.py Caller.scope); None = every project.
+# Another project's row is not found, exactly as an unknown id is not.
+_IN_PROJECT = "($2::text IS NULL OR project_id = $2)"
 
 
-async def file_cursor(pool: asyncpg.Pool, file_id: str) -> int | None:
+async def get_file(pool: asyncpg.Pool, file_id: str, project: str | None = None) -> Row | None:
+    return await pool.fetchrow(
+        f"SELECT * FROM files WHERE id = $1 AND deleted_at IS NULL AND {_IN_PROJECT}",
+        file_id, project,
+    )  # fmt: skip
+
+
+async def file_cursor(pool: asyncpg.Pool, file_id: str, project: str | None) -> int | None:
     """created_at of a pagination cursor; a deleted file still works as one."""
-    value: int | None = await pool.fetchval("SELECT created_at FROM files WHERE id = $1", file_id)
+    value: int | None = await pool.fetchval(
+        f"SELECT created_at FROM files WHERE id = $1 AND {_IN_PROJECT}", file_id, project
+    )
     return value
 
 
@@ -92,6 +104,7 @@ async def list_files(
     limit: int,
     order: Order,
     after: tuple[int, str] | None,
+    project: str | None,
 ) -> tuple[list[Row], bool]:
     """One page, keyset-paginated on (created_at, id). Returns (rows, has_more)."""
     cmp, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
@@ -100,8 +113,9 @@ async def list_files(
         "SELECT * FROM files WHERE deleted_at IS NULL"
         " AND ($1::text IS NULL OR purpose = $1)"
         f" AND ($2::bigint IS NULL OR (created_at, id) {cmp} ($2::bigint, $3::text))"
+        " AND ($5::text IS NULL OR project_id = $5)"
         f" ORDER BY created_at {direction}, id {direction} LIMIT $4",
-        purpose, after_at, after_id, limit + 1,
+        purpose, after_at, after_id, limit + 1, project,
     )  # fmt: skip
     return rows[:limit], len(rows) > limit
 
@@ -171,45 +185,50 @@ async def insert_batch(
     expires_at: int,
     metadata: dict[str, str] | None,
     output_expires_after: int | None,
+    project_id: str,
 ) -> Row:
     # Only while the input file exists, whose row is locked (FOR SHARE) until the caller commits:
     # a concurrent delete of the file waits, then sees this batch and refuses
     # (shared/domain/retention.py); one that won the race leaves no row to insert from.
     row = await pool.fetchrow(
         "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, created_at,"
-        " expires_at, metadata, output_expires_after, updated_at)"
+        " expires_at, metadata, output_expires_after, updated_at, project_id)"
         " SELECT $1, $2, $3, $4, 'validating', $5::bigint, $6::bigint, $7::jsonb, $8::integer,"
-        " $5::bigint FROM files WHERE id = $3 AND deleted_at IS NULL FOR SHARE RETURNING *",
+        " $5::bigint, $9 FROM files WHERE id = $3 AND deleted_at IS NULL AND project_id = $9"
+        " FOR SHARE RETURNING *",
         batch_id, endpoint, input_file_id, completion_window, created_at, expires_at,
         msgspec.json.encode(metadata).decode() if metadata is not None else None,
-        output_expires_after,
+        output_expires_after, project_id,
     )  # fmt: skip
     if row is None:
         raise NotFound(f"No such File object: {input_file_id}", param="input_file_id")
     return row
 
 
-async def get_batch(pool: asyncpg.Pool, batch_id: str) -> Row | None:
-    return await pool.fetchrow("SELECT * FROM batches WHERE id = $1", batch_id)
+async def get_batch(pool: asyncpg.Pool, batch_id: str, project: str | None = None) -> Row | None:
+    return await pool.fetchrow(
+        f"SELECT * FROM batches WHERE id = $1 AND {_IN_PROJECT}", batch_id, project
+    )
 
 
-async def batch_cursor(pool: asyncpg.Pool, batch_id: str) -> int | None:
+async def batch_cursor(pool: asyncpg.Pool, batch_id: str, project: str | None) -> int | None:
     value: int | None = await pool.fetchval(
-        "SELECT created_at FROM batches WHERE id = $1", batch_id
+        f"SELECT created_at FROM batches WHERE id = $1 AND {_IN_PROJECT}", batch_id, project
     )
     return value
 
 
 async def list_batches(
-    pool: asyncpg.Pool, *, limit: int, after: tuple[int, str] | None
+    pool: asyncpg.Pool, *, limit: int, after: tuple[int, str] | None, project: str | None
 ) -> tuple[list[Row], bool]:
     """Newest first, keyset-paginated on (created_at, id). Returns (rows, has_more)."""
     after_at, after_id = after if after is not None else (None, None)
     rows = await pool.fetch(
         "SELECT * FROM batches"
         " WHERE ($1::bigint IS NULL OR (created_at, id) < ($1::bigint, $2::text))"
+        " AND ($4::text IS NULL OR project_id = $4)"
         " ORDER BY created_at DESC, id DESC LIMIT $3",
-        after_at, after_id, limit + 1,
+        after_at, after_id, limit + 1, project,
     )  # fmt: skip
     return rows[:limit], len(rows) > limit
 
@@ -243,32 +262,35 @@ async def mark_published(pool: asyncpg.Pool, batch_id: str) -> None:
     )  # fmt: skip
 
 
-async def cancel_batch(pool: asyncpg.Pool, batch_id: str) -> Row | None:
+async def cancel_batch(pool: asyncpg.Pool, batch_id: str, project: str | None) -> Row | None:
     """validating|in_progress -> cancelling; None when the batch is in another state (or absent)."""
     now = now_s()
     return await pool.fetchrow(
-        "UPDATE batches SET status = 'cancelling', cancelling_at = $2, updated_at = $2"
-        " WHERE id = $1 AND status IN ('validating', 'in_progress') RETURNING *",
-        batch_id, now,
+        "UPDATE batches SET status = 'cancelling', cancelling_at = $3, updated_at = $3"
+        f" WHERE id = $1 AND {_IN_PROJECT} AND status IN ('validating', 'in_progress')"
+        " RETURNING *",
+        batch_id, project, now,
     )  # fmt: skip
 
 
 # Admission (README: Limits) ------------------------------------------------------------------
 
-# Serialises batch creation across api replicas while the limits are checked, so two creates
-# cannot both take the last slot.
+# Serialises a project's batch creations across api replicas while its limits are checked, so
+# two creates cannot both take the last slot.
 _ADMISSION_LOCK = 0x6A626164  # "jbad"
 ACTIVE_STATUSES = ("validating", "in_progress")
 
 
-async def lock_admission(conn: asyncpg.Connection) -> None:
+async def lock_admission(conn: asyncpg.Connection, project_id: str) -> None:
     """Held until the end of the caller's transaction."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", _ADMISSION_LOCK)
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))", _ADMISSION_LOCK, project_id
+    )
 
 
-async def open_load(conn: asyncpg.Connection) -> tuple[int, int]:
-    """(batches validating or in progress, their requests without a result yet). A batch still
-    validating counts its file's line count (scanned at upload)."""
+async def open_load(conn: asyncpg.Connection, project_id: str) -> tuple[int, int]:
+    """The project's (batches validating or in progress, their requests without a result yet).
+    A batch still validating counts its file's line count (scanned at upload)."""
     row = await conn.fetchrow(
         """
         SELECT count(*) AS active,
@@ -276,9 +298,10 @@ async def open_load(conn: asyncpg.Connection) -> tuple[int, int]:
                                  THEN greatest(b.total - b.completed - b.failed, 0)
                                  ELSE coalesce(f.line_count, 0) END), 0) AS queued
         FROM batches b LEFT JOIN files f ON f.id = b.input_file_id
-        WHERE b.status = ANY($1::text[]) AND b.ending IS NULL
+        WHERE b.status = ANY($1::text[]) AND b.ending IS NULL AND b.project_id = $2
         """,
         ACTIVE_STATUSES,
+        project_id,
     )
     assert row is not None
     return int(row["active"]), int(row["queued"])

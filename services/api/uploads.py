@@ -31,11 +31,24 @@ FILE_FIELD = "file"
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FILENAME_CHARS = 255
 MAX_PARTS = 16
+# A part's header (name and value): Content-Disposition with a long file name fits easily.
+MAX_PART_HEADER_BYTES = 8 * 1024
 # Hand file bytes to the writer thread in slices of about this size: few thread hops, little RAM.
 WRITE_BATCH_BYTES = 1024 * 1024
 # Multipart framing (boundaries, part headers, the small fields) on top of the file's own bytes:
 # a body announced larger than max_file_bytes plus this is refused before reading it.
 FORM_OVERHEAD_BYTES = 1024 * 1024
+
+
+def text(raw: bytes, what: str) -> str:
+    """A form's text as a str: invalid UTF-8 or a NUL is the caller's error (400)."""
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{what} is not valid UTF-8", code="invalid_text") from None
+    if "\x00" in value:
+        raise InvalidRequest(f"{what} holds a NUL character", code="invalid_text")
+    return value
 
 
 @dataclass
@@ -94,9 +107,18 @@ class _Form:
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
+        self._check_header()
 
     def _header_val(self, data: bytes, start: int, end: int) -> None:
         self._header_value += data[start:end]
+        self._check_header()
+
+    def _check_header(self) -> None:
+        if len(self._header_name) + len(self._header_value) > MAX_PART_HEADER_BYTES:
+            raise InvalidRequest(
+                f"a form part's header is longer than {MAX_PART_HEADER_BYTES} bytes",
+                param=FILE_FIELD,
+            )
 
     def _header_end(self) -> None:
         if bytes(self._header_name).lower() == b"content-disposition":
@@ -109,13 +131,13 @@ class _Form:
         name = options.get(b"name")
         if name is None:
             raise InvalidRequest("a form part has no name")
-        self._name = name.decode("utf-8", "replace")
+        self._name = text(name, "a form part's name")
         if self._name == FILE_FIELD:
             if self.filename is not None:
                 raise InvalidRequest("the form has more than one file", param=FILE_FIELD)
             raw = options.get(b"filename") or b"upload"
             # Only the base name: a client-side path means nothing here.
-            base = raw.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
+            base = text(raw, "the file name").replace("\\", "/").rsplit("/", 1)[-1]
             self.filename = base[:MAX_FILENAME_CHARS] or "upload"
             self._in_file = True
 
@@ -136,7 +158,7 @@ class _Form:
 
     def _part_end(self) -> None:
         if not self._in_file and self._name is not None:
-            value = self._value.decode("utf-8", "replace")
+            value = text(bytes(self._value), f"form field {self._name!r}")
             # Checked now, so a bad `purpose` sent before the file fails before any byte is stored.
             self.check_field(self._name, value)
             self.fields[self._name] = value
@@ -177,7 +199,15 @@ async def receive(
         await anyio.to_thread.run_sync(scanner.feed, data)
         await writer.write(data)
 
+    # Every byte counts, not only the file's: preamble, part headers and epilogue too.
+    received, most = 0, max_file_bytes + FORM_OVERHEAD_BYTES
     async for chunk in request.stream():
+        received += len(chunk)
+        if received > most:
+            raise PayloadTooLarge(
+                f"the request is larger than the largest file accepted ({max_file_bytes} bytes)",
+                param=FILE_FIELD,
+            )
         if chunk:
             try:
                 parser.write(chunk)

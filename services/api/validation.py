@@ -18,9 +18,13 @@ import msgspec
 
 from schemas.openai import BatchError, RequestLine
 from services.api.children import Child, killed_on_error, output_of, serve_one_job, spawn
+from shared.errors import clip
 
 MAX_ERRORS = 100
 MAX_SCANNED_MODELS = 16
+# A model name noted by the upload scan is cut to this length: the file's model list stays small
+# whatever the file names (no served model's name is longer).
+MAX_MODEL_NAME_CHARS = 256
 # A request line travels as one NATS message: what the message adds around the line (batch id,
 # line number, endpoint, model, field names, the Nats-Msg-Id and trace headers) stays under this.
 MESSAGE_OVERHEAD_BYTES = 4096
@@ -111,10 +115,10 @@ class UploadScanner:
     def _note_model(self, line: bytes) -> None:
         try:
             scanned = _scan_decoder.decode(line)
-        except msgspec.DecodeError:  # also covers ValidationError
+        except (msgspec.DecodeError, RecursionError):  # DecodeError covers ValidationError
             return
         if scanned.body is not None and scanned.body.model:
-            self.models[scanned.body.model] = None
+            self.models[scanned.body.model[:MAX_MODEL_NAME_CHARS]] = None
 
 
 def iter_lines(f: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
@@ -181,7 +185,10 @@ class LineValidator:
             return self._check(number, line)
         except _Invalid as e:
             self._add(BatchError(code=e.code, message=e.message, param=e.param, line=number))
-            return None
+        except RecursionError:  # msgspec's limit on nesting, for the line or its body
+            message = "the line is not valid JSON: it is nested too deeply"
+            self._add(BatchError(code="invalid_json_line", message=message, line=number))
+        return None
 
     def finish(self) -> list[BatchError]:
         if self.count == 0 and not self.errors:
@@ -225,19 +232,19 @@ class LineValidator:
         if request.custom_id in self._custom_ids:
             raise _Invalid(
                 "duplicate_custom_id",
-                f"custom_id {request.custom_id!r} is used by an earlier line; each line needs "
+                f"custom_id {clip(request.custom_id)!r} is used by an earlier line; each line needs "
                 "its own",
                 "custom_id",
             )
         self._custom_ids.add(request.custom_id)
         if request.method != "POST":
             raise _Invalid(
-                "invalid_method", f'method must be "POST", got {request.method!r}', "method"
+                "invalid_method", f'method must be "POST", got {clip(request.method)!r}', "method"
             )
         if request.url != self.endpoint:
             raise _Invalid(
                 "mismatched_url",
-                f"url {request.url!r} does not match the batch's endpoint {self.endpoint!r}",
+                f"url {clip(request.url)!r} does not match the batch's endpoint {self.endpoint!r}",
                 "url",
             )
         try:
@@ -254,7 +261,7 @@ class LineValidator:
         elif body.model != self.model:
             raise _Invalid(
                 "mixed_models",
-                f"body.model {body.model!r} differs from {self.model!r} on line "
+                f"body.model {clip(body.model)!r} differs from {clip(self.model)!r} on line "
                 f"{self._model_line}: a batch runs a single model",
                 "body.model",
             )
@@ -268,13 +275,14 @@ class LineValidator:
             names = ", ".join(self.models) or "none"
             raise _Invalid(
                 "model_not_found",
-                f"model {model!r} is not served by this deployment (served: {names})",
+                f"model {clip(model)!r} is not served by this deployment (served: {names})",
                 "body.model",
             )
         if self.endpoint not in served:
             raise _Invalid(
                 "unsupported_endpoint",
-                f"model {model!r} does not serve {self.endpoint} (it serves {', '.join(served)})",
+                f"model {clip(model)!r} does not serve {self.endpoint} (it serves "
+                f"{', '.join(served)})",
                 "body.model",
             )
 

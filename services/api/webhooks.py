@@ -1,4 +1,7 @@
-"""Webhook administration (README: Webhooks), behind the same API key as the rest of `/v1`.
+"""Webhook administration (README: Webhooks), behind the same keys as the rest of `/v1`.
+
+Endpoints and deliveries belong to a project: a project key sees and changes only its own
+project's, an endpoint is told only of its project's batches (services/webhook_notifier).
 
 `/v1/webhook_endpoints`: OpenAI's own webhook-endpoint API (create, list, retrieve, update,
 delete, rotate_secret), so the official SDK's `client.webhooks.create(url=..., event_types=[...],
@@ -35,6 +38,7 @@ from schemas.webhooks import (
     WebhookEndpointList,
     WebhookEndpointWithSecret,
 )
+from services.api.auth import CallerParam
 from services.api.deps import DepsParam
 from services.api.store import now_s
 from shared.config import ConfigError, check_webhook_secret
@@ -45,6 +49,8 @@ from shared.ids import new_id
 log = logging.getLogger(__name__)
 
 OLD_SECRET_GRACE_S = 24 * 3600
+# Every row belongs to a project; $2 is the caller's scope (None: an admin sees every project's).
+_IN_PROJECT = "($2::text IS NULL OR project_id = $2)"
 DeliveryFilter = Literal["pending", "delivered", "dead", "cancelled"]
 
 
@@ -159,7 +165,7 @@ def delivery_from_row(
 
 @post("/webhook_endpoints", status_code=200)
 async def create_endpoint(
-    data: CreateWebhookEndpointRequest, deps: DepsParam
+    data: CreateWebhookEndpointRequest, deps: DepsParam, caller: CallerParam
 ) -> WebhookEndpointWithSecret:
     url = await check_destination(data.url, deps.settings.webhooks.allowed_networks)
     event_types = check_event_types(data.event_types)
@@ -173,8 +179,8 @@ async def create_endpoint(
     now = now_s()
     row = await deps.pool.fetchrow(
         "INSERT INTO webhook_endpoints (id, name, url, secret, event_types, created_at,"
-        " updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING *",
-        new_id("we_"), data.name, url, secret, event_types, now,
+        " updated_at, project_id) VALUES ($1, $2, $3, $4, $5, $6, $6, $7) RETURNING *",
+        new_id("we_"), data.name, url, secret, event_types, now, caller.project_id,
     )  # fmt: skip
     assert row is not None
     log.info("webhook endpoint %s registered: %s for %s", row["id"], url, ", ".join(event_types))
@@ -184,18 +190,23 @@ async def create_endpoint(
 @get("/webhook_endpoints")
 async def list_endpoints(
     deps: DepsParam,
+    caller: CallerParam,
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> WebhookEndpointList:
     cursor: int | None = None
     if after:
-        cursor = await deps.pool.fetchval("SELECT seq FROM webhook_endpoints WHERE id = $1", after)
+        cursor = await deps.pool.fetchval(
+            f"SELECT seq FROM webhook_endpoints WHERE id = $1 AND {_IN_PROJECT}",
+            after, caller.scope,
+        )  # fmt: skip
         if cursor is None:
             raise NotFound(f"No such webhook endpoint: {after}", param="after")
     rows = await deps.pool.fetch(
         "SELECT * FROM webhook_endpoints WHERE deleted_at IS NULL"
-        " AND ($1::bigint IS NULL OR seq < $1) ORDER BY seq DESC LIMIT $2",
-        cursor, limit + 1,
+        " AND ($1::bigint IS NULL OR seq < $1) AND ($3::text IS NULL OR project_id = $3)"
+        " ORDER BY seq DESC LIMIT $2",
+        cursor, limit + 1, caller.scope,
     )  # fmt: skip
     data = [endpoint_from_row(r) for r in rows[:limit]]
     return WebhookEndpointList(
@@ -206,25 +217,31 @@ async def list_endpoints(
     )
 
 
-async def _live_endpoint(deps: DepsParam, endpoint_id: str) -> asyncpg.Record:
+async def _live_endpoint(deps: DepsParam, endpoint_id: str, scope: str | None) -> asyncpg.Record:
     row = await deps.pool.fetchrow(
-        "SELECT * FROM webhook_endpoints WHERE id = $1 AND deleted_at IS NULL", endpoint_id
-    )
+        f"SELECT * FROM webhook_endpoints WHERE id = $1 AND deleted_at IS NULL AND {_IN_PROJECT}",
+        endpoint_id, scope,
+    )  # fmt: skip
     if row is None:
         raise endpoint_not_found(endpoint_id)
     return row
 
 
 @get("/webhook_endpoints/{webhook_endpoint_id:str}")
-async def retrieve_endpoint(webhook_endpoint_id: str, deps: DepsParam) -> WebhookEndpoint:
-    return endpoint_from_row(await _live_endpoint(deps, webhook_endpoint_id))
+async def retrieve_endpoint(
+    webhook_endpoint_id: str, deps: DepsParam, caller: CallerParam
+) -> WebhookEndpoint:
+    return endpoint_from_row(await _live_endpoint(deps, webhook_endpoint_id, caller.scope))
 
 
 @post("/webhook_endpoints/{webhook_endpoint_id:str}", status_code=200)
 async def update_endpoint(
-    webhook_endpoint_id: str, data: UpdateWebhookEndpointRequest, deps: DepsParam
+    webhook_endpoint_id: str,
+    data: UpdateWebhookEndpointRequest,
+    deps: DepsParam,
+    caller: CallerParam,
 ) -> WebhookEndpoint:
-    current = await _live_endpoint(deps, webhook_endpoint_id)
+    current = await _live_endpoint(deps, webhook_endpoint_id, caller.scope)
     url = current["url"]
     if data.url is not None and data.url != url:
         url = await check_destination(data.url, deps.settings.webhooks.allowed_networks)
@@ -260,16 +277,19 @@ async def update_endpoint(
 
 @post("/webhook_endpoints/{webhook_endpoint_id:str}/rotate_secret", status_code=200)
 async def rotate_secret(
-    webhook_endpoint_id: str, deps: DepsParam, data: RotateSecretRequest | None = None
+    webhook_endpoint_id: str,
+    deps: DepsParam,
+    caller: CallerParam,
+    data: RotateSecretRequest | None = None,
 ) -> WebhookEndpointWithSecret:
     keep_old = data.keep_old_secret_active_for_24_hours if data is not None else False
     now = now_s()
     row = await deps.pool.fetchrow(
-        "UPDATE webhook_endpoints SET secret = $2,"
-        " previous_secret = CASE WHEN $3 THEN secret END,"
-        " previous_secret_until = CASE WHEN $3 THEN $4::bigint END, updated_at = $5"
-        " WHERE id = $1 AND deleted_at IS NULL RETURNING *",
-        webhook_endpoint_id, new_secret(), keep_old, now + OLD_SECRET_GRACE_S, now,
+        "UPDATE webhook_endpoints SET secret = $3,"
+        " previous_secret = CASE WHEN $4 THEN secret END,"
+        " previous_secret_until = CASE WHEN $4 THEN $5::bigint END, updated_at = $6"
+        f" WHERE id = $1 AND deleted_at IS NULL AND {_IN_PROJECT} RETURNING *",
+        webhook_endpoint_id, caller.scope, new_secret(), keep_old, now + OLD_SECRET_GRACE_S, now,
     )  # fmt: skip
     if row is None:
         raise endpoint_not_found(webhook_endpoint_id)
@@ -278,13 +298,15 @@ async def rotate_secret(
 
 
 @delete("/webhook_endpoints/{webhook_endpoint_id:str}", status_code=200)
-async def delete_endpoint(webhook_endpoint_id: str, deps: DepsParam) -> DeletedWebhookEndpoint:
+async def delete_endpoint(
+    webhook_endpoint_id: str, deps: DepsParam, caller: CallerParam
+) -> DeletedWebhookEndpoint:
     now = now_s()
     async with deps.pool.acquire() as conn, conn.transaction():
         deleted = await conn.fetchval(
-            "UPDATE webhook_endpoints SET deleted_at = $2, updated_at = $2"
-            " WHERE id = $1 AND deleted_at IS NULL RETURNING id",
-            webhook_endpoint_id, now,
+            "UPDATE webhook_endpoints SET deleted_at = $3, updated_at = $3"
+            f" WHERE id = $1 AND deleted_at IS NULL AND {_IN_PROJECT} RETURNING id",
+            webhook_endpoint_id, caller.scope, now,
         )  # fmt: skip
         if deleted is None:
             raise endpoint_not_found(webhook_endpoint_id)
@@ -310,6 +332,7 @@ async def delete_endpoint(webhook_endpoint_id: str, deps: DepsParam) -> DeletedW
 @get("/webhook_deliveries")
 async def list_deliveries(
     deps: DepsParam,
+    caller: CallerParam,
     status: DeliveryFilter | None = None,
     batch_id: str | None = None,
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
@@ -318,14 +341,18 @@ async def list_deliveries(
     """Newest first; `status=dead` lists the dead letters."""
     cursor: int | None = None
     if after:
-        cursor = await deps.pool.fetchval("SELECT seq FROM webhook_deliveries WHERE id = $1", after)
+        cursor = await deps.pool.fetchval(
+            f"SELECT seq FROM webhook_deliveries WHERE id = $1 AND {_IN_PROJECT}",
+            after, caller.scope,
+        )  # fmt: skip
         if cursor is None:
             raise NotFound(f"No such webhook delivery: {after}", param="after")
     rows = await deps.pool.fetch(
         f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries"
         " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR batch_id = $2)"
-        " AND ($3::bigint IS NULL OR seq < $3) ORDER BY seq DESC LIMIT $4",
-        status, batch_id, cursor, limit + 1,
+        " AND ($3::bigint IS NULL OR seq < $3) AND ($5::text IS NULL OR project_id = $5)"
+        " ORDER BY seq DESC LIMIT $4",
+        status, batch_id, cursor, limit + 1, caller.scope,
     )  # fmt: skip
     data = [delivery_from_row(r) for r in rows[:limit]]
     return WebhookDeliveryList(
@@ -337,11 +364,12 @@ async def list_deliveries(
 
 
 async def _delivery_with_attempts(
-    conn: asyncpg.Connection | asyncpg.Pool, delivery_id: str
+    conn: asyncpg.Connection | asyncpg.Pool, delivery_id: str, scope: str | None
 ) -> WebhookDelivery:
     row = await conn.fetchrow(
-        f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1", delivery_id
-    )
+        f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1 AND {_IN_PROJECT}",
+        delivery_id, scope,
+    )  # fmt: skip
     if row is None:
         raise delivery_not_found(delivery_id)
     attempts = await conn.fetch(
@@ -353,27 +381,32 @@ async def _delivery_with_attempts(
 
 
 @get("/webhook_deliveries/{delivery_id:str}")
-async def retrieve_delivery(delivery_id: str, deps: DepsParam) -> WebhookDelivery:
+async def retrieve_delivery(
+    delivery_id: str, deps: DepsParam, caller: CallerParam
+) -> WebhookDelivery:
     """The delivery with every attempt (`attempt_log`)."""
-    return await _delivery_with_attempts(deps.pool, delivery_id)
+    return await _delivery_with_attempts(deps.pool, delivery_id, caller.scope)
 
 
 @post("/webhook_deliveries/{delivery_id:str}/resend", status_code=200)
-async def resend_delivery(delivery_id: str, deps: DepsParam) -> WebhookDelivery:
+async def resend_delivery(
+    delivery_id: str, deps: DepsParam, caller: CallerParam
+) -> WebhookDelivery:
     """A new round of attempts (the full retry policy again) for a delivery that is not pending:
     a dead letter, typically. The body and webhook-id are the same as before."""
     async with deps.pool.acquire() as conn, conn.transaction():
         batch_id = await conn.fetchval(
             "UPDATE webhook_deliveries SET status = 'pending', cycle_attempts = 0,"
             " cycle_started_at = clock_timestamp(), next_attempt_at = clock_timestamp(),"
-            " delivered_at = NULL, dead_at = NULL, updated_at = $2"
-            " WHERE id = $1 AND status <> 'pending' RETURNING batch_id",
-            delivery_id, now_s(),
+            " delivered_at = NULL, dead_at = NULL, updated_at = $3"
+            f" WHERE id = $1 AND {_IN_PROJECT} AND status <> 'pending' RETURNING batch_id",
+            delivery_id, caller.scope, now_s(),
         )  # fmt: skip
         if batch_id is None:
             status = await conn.fetchval(
-                "SELECT status FROM webhook_deliveries WHERE id = $1", delivery_id
-            )
+                f"SELECT status FROM webhook_deliveries WHERE id = $1 AND {_IN_PROJECT}",
+                delivery_id, caller.scope,
+            )  # fmt: skip
             if status is None:
                 raise delivery_not_found(delivery_id)
             raise Conflict(
@@ -381,7 +414,7 @@ async def resend_delivery(delivery_id: str, deps: DepsParam) -> WebhookDelivery:
                 param="delivery_id",
             )
         await conn.execute("SELECT jetbatch_refresh_batch_webhooks($1::text[])", [batch_id])
-        delivery = await _delivery_with_attempts(conn, delivery_id)
+        delivery = await _delivery_with_attempts(conn, delivery_id, caller.scope)
     log.info("batch %s: webhook delivery %s re-sent", batch_id, delivery_id)
     return delivery
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
-from schemas.messages import RequestMessage, ResultMessage
+from schemas.messages import RequestMessage, ResultMessage, subject_token
 from shared import bus
 from shared.consumer import Delivery, Runner
 from shared.ids import new_id, stable_id
@@ -102,6 +102,12 @@ class Intake:
         ready: Ready = []
         for d in deliveries:
             req = d.value
+            if subject_token(req.project) != RequestMessage.project_in(d.subject):
+                # NATS let its publisher publish under the subject's project only: a body
+                # naming another is a forgery (its result would land in that project's batch).
+                self.running -= 1
+                self._spawn(self.runner.reject(d, "project differs from the subject's"))
+                continue
             now = self.worker.answer_now(
                 req, stable_id("req_", req.batch_id, req.custom_id), d.number
             )
@@ -123,8 +129,7 @@ class Intake:
                 retry.append(d)
             else:
                 items.append((
-                    ResultMessage.subject_for(result.batch_id), self.worker.encode(result),
-                    result.msg_id, d.msg,
+                    result.published_on, self.worker.encode(result), result.msg_id, d.msg,
                 ))  # fmt: skip
         try:
             for d in retry:
@@ -160,9 +165,8 @@ class Intake:
             # trip to the server.
             assert self.results is not None
             await self.results.publish_then_ack(
-                ResultMessage.subject_for(result.batch_id), self.worker.encode(result),
-                result.msg_id, d.msg,
-            )  # fmt: skip
+                result.published_on, self.worker.encode(result), result.msg_id, d.msg
+            )
             self.completed += 1
         except asyncio.CancelledError:
             raise

@@ -7,6 +7,7 @@ import time
 import msgspec
 
 from schemas.messages import BatchStop, RequestMessage, ResultMessage
+from schemas.projects import DEFAULT_PROJECT_ID
 from services.inference.engine import EngineResult
 
 _encoder = msgspec.json.Encoder()
@@ -20,6 +21,7 @@ def result_for(
     line: int = 0,
     custom_id: str = "",
     worker_id: str = "",
+    project: str = DEFAULT_PROJECT_ID,
 ) -> ResultMessage:
     body = outcome.body
     if body is None and outcome.status_code >= 400:
@@ -35,6 +37,7 @@ def result_for(
             }
         )
     return ResultMessage(
+        project=project,
         batch_id=batch_id,
         line=line,
         custom_id=custom_id,
@@ -64,6 +67,7 @@ def error_result(
         code=code,
         message=message,
         worker_id=worker_id,
+        project=req.project,
     )
 
 

@@ -9,8 +9,8 @@ Serves: core NATS `jetbatch.interactive.<model>` (queue group `inference-<model>
 Watches: KV `jetbatch_cancelled` (cancellations.py): a request of a cancelled or expired batch
   is answered with a `batch_cancelled` / `batch_expired` error result without running the
   engine, and one running when its batch stops is aborted in the engine.
-Emits: ResultMessage on RESULTS `jetbatch.results.<batch_id>` (acked by the stream before the
-  request is acked); WorkerHeartbeat into KV `jetbatch_workers` every few seconds
+Emits: ResultMessage on RESULTS `jetbatch.results.<project>.<batch_id>` (the request's project;
+  acked by the stream before the request is acked); WorkerHeartbeat into KV `jetbatch_workers` every few seconds
   (heartbeats.py); a request that does not decode as a DeadLetterMessage on DEADLETTERS (then
   termed).
 Health: while its GPU is over a threshold (JETBATCH_GPU_MAX_*, gpu.GpuGate) the worker pulls no
@@ -206,6 +206,7 @@ class Worker:
             line=req.line,
             custom_id=req.custom_id,
             worker_id=self.worker_id,
+            project=req.project,
         )
 
     # -- what the intake and the heartbeat show (and tests read) ---------------------------------

@@ -129,7 +129,7 @@ class Finalizer:
                 file_ids[kind] = None  # as OpenAI: no file rather than an empty one
                 continue
             await store.upsert_output_file(
-                conn, sink.key, f"{batch.id}_{kind}.jsonl", sink.size, now, expires_at
+                conn, sink.key, f"{batch.id}_{kind}.jsonl", sink.size, now, expires_at, batch.id
             )
             file_ids[kind] = sink.key
 

@@ -25,6 +25,7 @@ def unstorable(result: ResultMessage, reason: str) -> ResultMessage:
         message=f"the result of this request could not be stored ({reason[:200]}); it was kept "
         "as a dead letter",
         worker_id=result.worker_id,
+        project=result.project,
     )
 
 
@@ -48,6 +49,7 @@ def result_record(result: ResultMessage) -> store.ResultRecord:
         result.cached_tokens,
         result.output_tokens,
         result.finished_at_ms // 1000 if result.finished_at_ms > 0 else None,
+        result.project,
     )
 
 

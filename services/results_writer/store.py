@@ -32,9 +32,23 @@ RESULT_COLUMNS = (
     "output_tokens",
     "finished_at",
 )
-# One request_results row, in RESULT_COLUMNS order. finished_at (unix seconds) None: the write's.
+# One request_results row, in RESULT_COLUMNS order, then the project the result claims (checked
+# against its batch's, not stored). finished_at (unix seconds) None: the write's.
 ResultRecord = tuple[
-    str, str, int, bool, int, str, str | None, str | None, str | None, int, int, int, int | None
+    str,
+    str,
+    int,
+    bool,
+    int,
+    str,
+    str | None,
+    str | None,
+    str | None,
+    int,
+    int,
+    int,
+    int | None,
+    str,
 ]
 
 # Two-key advisory locks: this namespace + hashtext(batch_id). A hash collision only makes a
@@ -49,9 +63,9 @@ _INCOMING = """
 incoming_results AS MATERIALIZED (
     SELECT * FROM unnest(
         $3::text[], $4::text[], $5::int[], $6::bool[], $7::int[], $8::text[], $9::text[],
-        $10::text[], $11::text[], $12::int[], $13::int[], $14::int[], $15::bigint[]
+        $10::text[], $11::text[], $12::int[], $13::int[], $14::int[], $15::bigint[], $16::text[]
     ) AS i(batch_id, custom_id, line, ok, status_code, request_id, response_body, error_code,
-           error_message, input_tokens, cached_tokens, output_tokens, finished_at)
+           error_message, input_tokens, cached_tokens, output_tokens, finished_at, project)
 )
 """
 
@@ -66,7 +80,7 @@ _APPLY_RESULTS = (
     "WITH"
     + _INCOMING
     + """, touched AS MATERIALIZED (
-    SELECT id, status, total, completed, failed
+    SELECT id, status, total, completed, failed, project_id
     FROM batches
     WHERE id IN (SELECT DISTINCT batch_id FROM incoming_results)
       AND status = ANY($1::text[])
@@ -79,7 +93,8 @@ _APPLY_RESULTS = (
     SELECT i.batch_id, i.custom_id, i.line, i.ok, i.status_code, i.request_id, i.response_body,
            i.error_code, i.error_message, i.input_tokens, i.cached_tokens, i.output_tokens,
            coalesce(i.finished_at, $2)
-    FROM incoming_results i JOIN touched t ON t.id = i.batch_id
+    -- A result claiming another project than its batch's is not that batch's: skipped.
+    FROM incoming_results i JOIN touched t ON t.id = i.batch_id AND t.project_id = i.project
     ORDER BY i.batch_id, i.custom_id
     ON CONFLICT (batch_id, custom_id) DO NOTHING
     RETURNING batch_id, ok, input_tokens, cached_tokens, output_tokens
@@ -131,7 +146,7 @@ async def write_results(
     conn: asyncpg.Connection, records: Sequence[ResultRecord], now: int
 ) -> list[Touched]:
     """Write results in one transaction; returns the writable batches they belong to."""
-    columns = list(zip(*records, strict=True)) if records else [()] * len(RESULT_COLUMNS)
+    columns = list(zip(*records, strict=True)) if records else [()] * (len(RESULT_COLUMNS) + 1)
     async with conn.transaction():
         rows = await conn.fetch(_APPLY_RESULTS, WRITABLE_STATUSES, now, *columns)
     return [Touched(r["id"], r["status"], r["total"], r["done"], r["inserted"]) for r in rows]
@@ -229,14 +244,17 @@ async def upsert_output_file(
     size: int,
     now: int,
     expires_at: int | None,
+    batch_id: str,
 ) -> None:
     # A re-finalization after a crash rewrites the same bytes under the same id: keep the
     # first row's created_at, refresh the size in case the first write never got this far.
+    # The file belongs to the batch's project.
     await conn.execute(
         """
         INSERT INTO files (id, bytes, created_at, expires_at, filename, purpose, status,
-                           storage_key)
-        VALUES ($1, $2, $3, $4, $5, 'batch_output', 'processed', $1)
+                           storage_key, project_id)
+        SELECT $1, $2, $3, $4, $5, 'batch_output', 'processed', $1, b.project_id
+        FROM batches b WHERE b.id = $6
         ON CONFLICT (id) DO UPDATE SET bytes = EXCLUDED.bytes
         """,
         file_id,
@@ -244,6 +262,7 @@ async def upsert_output_file(
         now,
         expires_at,
         filename,
+        batch_id,
     )
 
 

@@ -58,8 +58,10 @@ from schemas.messages import (
     DeadLetterMessage,
     LineKey,
     MaxDeliveriesAdvisory,
+    RequestMessage,
     ResultMessage,
     WorkerHeartbeat,
+    subject_token,
 )
 from services.watchdog import store
 from shared import bus, config, db, process
@@ -124,7 +126,9 @@ class Recorder:
             deliveries=value.deliveries,
         )
         if value.stream == bus.REQUESTS.name:
-            await self._error_line(value.payload, dead_letter_id, value.error)
+            await self._error_line(
+                value.payload, value.original_subject, dead_letter_id, value.error
+            )
 
     async def _max_delivered(self, advisory: MaxDeliveriesAdvisory) -> None:
         try:
@@ -153,15 +157,24 @@ class Recorder:
             deliveries=advisory.deliveries,
         )
         if advisory.stream == bus.REQUESTS.name:
-            await self._error_line(payload, dead_letter_id, "the request failed on every delivery")
+            await self._error_line(
+                payload, original.subject or "", dead_letter_id,
+                "the request failed on every delivery",
+            )  # fmt: skip
         # Recorded (and answered): it no longer needs to sit in the work queue.
         with contextlib.suppress(NotFoundError):
             await self.js.delete_msg(advisory.stream, advisory.stream_seq)
 
-    async def _error_line(self, payload: bytes, dead_letter_id: int, reason: str) -> None:
+    async def _error_line(
+        self, payload: bytes, subject: str, dead_letter_id: int, reason: str
+    ) -> None:
         key = deadletters.line_key(payload)
         if key.batch_id is None or key.custom_id is None or key.line is None:
             log.warning("dead letter %d names no batch line: no error line", dead_letter_id)
+            return
+        if subject_token(key.project) != RequestMessage.project_in(subject):
+            # Its publisher was allowed the subject's project only: no line in another's batch.
+            log.warning("dead letter %d names another project: no error line", dead_letter_id)
             return
         result = dead_lettered_result(key, dead_letter_id, reason)
         publisher = bus.Publisher(self.js)
@@ -169,7 +182,7 @@ class Recorder:
         # must not have its real result dropped as a duplicate of this one. The results writer
         # keeps whichever result of the line it writes first.
         await publisher.publish(
-            ResultMessage.subject_for(result.batch_id),
+            result.published_on,
             _encoder.encode(result),
             f"{result.msg_id}:dead_letter",
         )
@@ -189,6 +202,7 @@ def dead_lettered_result(key: LineKey, dead_letter_id: int, reason: str) -> Resu
         message=f"{reason}; the request was set aside as dead letter {dead_letter_id} "
         "(GET /v1/dead_letters)",
         worker_id=SERVICE,
+        project=key.project,
     )
 
 

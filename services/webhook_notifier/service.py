@@ -6,7 +6,9 @@ is data that must reach the database). Each fetch becomes one transaction that i
 per destination (idempotent on (event_id, destination)) and is acked after its commit. An event
 that does not decode, or that PostgreSQL cannot store, is a dead letter (table `dead_letters`).
 Emits: HTTP POSTs of `schemas.webhooks.WebhookEvent` to the registered endpoints whose event types
-match, and to the batch's own `metadata.webhook_url` (signed with JETBATCH_WEBHOOK_SECRET).
+match, among the batch's project's endpoints only, and to the batch's own `metadata.webhook_url`
+(signed with its project's secret; the default project's is JETBATCH_WEBHOOK_SECRET until it is
+rotated through `/v1/organization/projects/{id}/webhook_secret/rotate`).
 
 The delivery loop (Deliverer), in the same process, claims due deliveries (`FOR UPDATE SKIP
 LOCKED`, then a lease: services/webhook_notifier/store.py) and attempts each: any non-2xx answer
@@ -33,6 +35,7 @@ import asyncpg
 import msgspec
 
 from schemas.messages import BatchEvent
+from schemas.projects import DEFAULT_PROJECT_ID
 from schemas.webhooks import WebhookEvent, WebhookEventData
 from services.webhook_notifier import sender, store
 from shared import bus, config, db, process, telemetry
@@ -77,6 +80,8 @@ CANDIDATES_PER_SLOT = 2
 _DATA_ERRORS: tuple[type[Exception], ...] = (asyncpg.DataError, UnicodeError)
 _encoder = msgspec.json.Encoder()
 _metadata_decoder = msgspec.json.Decoder(dict[str, str] | None)
+# A batch without a row (an event published by hand): the default project's.
+_DEFAULT_BATCH = store.BatchInfo()
 
 
 def delivery_id(event_id: str, destination: str) -> str:
@@ -132,15 +137,15 @@ class Scheduler:
         now = int(time.time())
         async with self._pool.acquire() as conn, conn.transaction():
             endpoints = await store.live_endpoints(conn)
-            missing = [e.batch_id for e in events if e.metadata is None]
-            stored = await store.batch_metadata(conn, missing) if missing else {}
+            batches = await store.batch_info(conn, sorted({e.batch_id for e in events}))
             rows: list[store.NewDelivery] = []
             for event in events:
+                info = batches.get(event.batch_id, _DEFAULT_BATCH)
                 metadata = event.metadata
-                if metadata is None and event.batch_id in stored:
+                if metadata is None and info.metadata_json is not None:
                     with contextlib.suppress(msgspec.DecodeError):
-                        metadata = _metadata_decoder.decode(stored[event.batch_id])
-                rows.extend(self._rows(event, metadata, endpoints, now))
+                        metadata = _metadata_decoder.decode(info.metadata_json)
+                rows.extend(self._rows(event, metadata, endpoints, now, info))
             inserted = await store.insert_deliveries(conn, rows)
             await store.refresh_batches(conn, sorted(set(inserted)))
         return len(inserted)
@@ -151,6 +156,7 @@ class Scheduler:
         metadata: dict[str, str] | None,
         endpoints: Sequence[store.EndpointRow],
         now: int,
+        batch: store.BatchInfo = _DEFAULT_BATCH,
     ) -> list[store.NewDelivery]:
         body = payload(event, metadata)
         too_big = (
@@ -166,6 +172,7 @@ class Scheduler:
                 delivery_id(event.id, destination), event.id, event.type, event.batch_id,
                 destination, endpoint_id, url, host_key(url), text,
                 "dead" if refused else "pending", now, now if refused else None, refused,
+                batch.project_id,
             ))  # fmt: skip
             if refused:
                 log.warning(
@@ -173,7 +180,7 @@ class Scheduler:
                 )
 
         for endpoint in endpoints:
-            if event.type in endpoint.event_types:
+            if event.type in endpoint.event_types and endpoint.project_id == batch.project_id:
                 add(endpoint.id, endpoint.id, endpoint.url, too_big)
         url = (metadata or {}).get(BATCH_URL_KEY)
         if url:
@@ -182,13 +189,24 @@ class Scheduler:
                 parse_url(url)
             except UnsafeUrl as e:
                 refused = refused or str(e)
-            if self._policy.secret is None:
+            if self._project_secret(batch.project_id, batch.project_secret) is None:
                 refused = refused or (
                     "JETBATCH_WEBHOOK_SECRET is not set: nothing to sign metadata.webhook_url "
                     "deliveries with"
                 )
             add(BATCH_URL_DESTINATION, None, url, refused)
         return rows
+
+    def _project_secret(self, project_id: str, own: str | None) -> str | None:
+        return project_secret(self._policy, project_id, own)
+
+
+def project_secret(policy: WebhookSettings, project_id: str, own: str | None) -> str | None:
+    """What signs a project's metadata.webhook_url deliveries: its own secret; the default
+    project's is the deployment's until it is rotated."""
+    if own is not None:
+        return own
+    return policy.secret if project_id == DEFAULT_PROJECT_ID else None
 
 
 # Delivery: due rows -> signed POSTs ---------------------------------------------------------
@@ -306,7 +324,9 @@ class Deliverer:
         if delivery.endpoint_deleted:
             return sender.Outcome(ok=False, error="endpoint removed", permanent=True)
         if delivery.endpoint_id is None:
-            secrets: tuple[str, ...] = (self._policy.secret,) if self._policy.secret else ()
+            own = delivery.secrets[0] if delivery.secrets else None
+            secret = project_secret(self._policy, delivery.project_id, own)
+            secrets: tuple[str, ...] = (secret,) if secret else ()
         else:
             secrets = delivery.secrets
         return await sender.send(

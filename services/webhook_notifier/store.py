@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from schemas.projects import DEFAULT_PROJECT_ID
+
 # The webhook_deliveries columns a new delivery is inserted with, in order.
 NewDelivery = tuple[
     str,  # id
@@ -29,6 +31,7 @@ NewDelivery = tuple[
     int,  # created_at
     int | None,  # dead_at
     str | None,  # last_error
+    str,  # project_id: the batch's
 ]
 
 
@@ -37,6 +40,18 @@ class EndpointRow:
     id: str
     url: str
     event_types: tuple[str, ...]
+    project_id: str = DEFAULT_PROJECT_ID  # told only of its own project's batches
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What scheduling an event needs to know of its batch."""
+
+    project_id: str = DEFAULT_PROJECT_ID
+    metadata_json: str | None = None
+    # what signs its metadata.webhook_url deliveries; None on the default project until its
+    # secret is rotated: the deployment's JETBATCH_WEBHOOK_SECRET then
+    project_secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,25 +68,26 @@ class Claimed:
     attempt: int  # this attempt's number (the lease token)
     cycle_attempt: int  # its number within the retry policy's cycle
     cycle_age_s: float  # seconds since the cycle started
-    secrets: tuple[str, ...]  # empty for a batch-URL delivery: the deployment's secret signs it
+    secrets: tuple[str, ...]  # a batch-URL delivery: its project's secret, if it has its own
     endpoint_deleted: bool
+    project_id: str = DEFAULT_PROJECT_ID
 
 
 async def live_endpoints(conn: asyncpg.Connection) -> list[EndpointRow]:
     rows = await conn.fetch(
-        "SELECT id, url, event_types FROM webhook_endpoints WHERE deleted_at IS NULL"
+        "SELECT id, url, event_types, project_id FROM webhook_endpoints WHERE deleted_at IS NULL"
     )
-    return [EndpointRow(r["id"], r["url"], tuple(r["event_types"])) for r in rows]
+    return [EndpointRow(r["id"], r["url"], tuple(r["event_types"]), r["project_id"]) for r in rows]
 
 
-async def batch_metadata(conn: asyncpg.Connection, batch_ids: Sequence[str]) -> dict[str, str]:
-    """batch id -> its metadata JSON, for events published without it."""
+async def batch_info(conn: asyncpg.Connection, batch_ids: Sequence[str]) -> dict[str, BatchInfo]:
+    """batch id -> its project, metadata JSON and project's webhook secret."""
     rows = await conn.fetch(
-        "SELECT id, metadata::text AS metadata FROM batches"
-        " WHERE id = ANY($1::text[]) AND metadata IS NOT NULL",
+        "SELECT b.id, b.project_id, b.metadata::text AS metadata, p.webhook_secret"
+        " FROM batches b JOIN projects p ON p.id = b.project_id WHERE b.id = ANY($1::text[])",
         list(batch_ids),
     )
-    return {r["id"]: r["metadata"] for r in rows}
+    return {r["id"]: BatchInfo(r["project_id"], r["metadata"], r["webhook_secret"]) for r in rows}
 
 
 async def insert_deliveries(conn: asyncpg.Connection, rows: Sequence[NewDelivery]) -> list[str]:
@@ -83,14 +99,15 @@ async def insert_deliveries(conn: asyncpg.Connection, rows: Sequence[NewDelivery
     inserted = await conn.fetch(
         "INSERT INTO webhook_deliveries (id, event_id, event_type, batch_id, destination,"
         " endpoint_id, url, host, payload, status, created_at, updated_at, dead_at, last_error,"
-        " cycle_started_at, next_attempt_at)"
+        " project_id, cycle_started_at, next_attempt_at)"
         " SELECT id, event_id, event_type, batch_id, destination, endpoint_id, url, host, payload,"
-        " status, created_at, created_at, dead_at, last_error, clock_timestamp(), clock_timestamp()"
+        " status, created_at, created_at, dead_at, last_error, project_id, clock_timestamp(),"
+        " clock_timestamp()"
         " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
         " $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[], $12::bigint[],"
-        " $13::text[])"
+        " $13::text[], $14::text[])"
         " AS t(id, event_id, event_type, batch_id, destination, endpoint_id, url, host, payload,"
-        " status, created_at, dead_at, last_error)"
+        " status, created_at, dead_at, last_error, project_id)"
         " ON CONFLICT (event_id, destination) DO NOTHING RETURNING batch_id",
         *[list(c) for c in columns],
     )
@@ -113,8 +130,10 @@ async def due_candidates(
         " extract(epoch FROM clock_timestamp() - d.cycle_started_at)::float8 AS cycle_age_s,"
         " e.secret, e.deleted_at AS endpoint_deleted_at,"
         " CASE WHEN e.previous_secret_until > extract(epoch FROM now())"
-        "      THEN e.previous_secret END AS previous_secret"
+        "      THEN e.previous_secret END AS previous_secret,"
+        " d.project_id, p.webhook_secret AS project_secret"
         " FROM webhook_deliveries d LEFT JOIN webhook_endpoints e ON e.id = d.endpoint_id"
+        " JOIN projects p ON p.id = d.project_id"
         " WHERE d.status = 'pending' AND d.next_attempt_at <= clock_timestamp()"
         " AND NOT (d.host = ANY($1::text[]))"
         " ORDER BY d.next_attempt_at LIMIT $2"
@@ -155,7 +174,8 @@ async def start_attempts(
     await refresh_batches(conn, sorted({r["batch_id"] for r in rows}))
     claimed = []
     for r in rows:
-        secrets = [s for s in (r["secret"], r["previous_secret"]) if s]
+        own = (r["secret"], r["previous_secret"]) if r["endpoint_id"] else (r["project_secret"],)
+        secrets = [s for s in own if s]
         claimed.append(
             Claimed(
                 id=r["id"],
@@ -170,6 +190,7 @@ async def start_attempts(
                 cycle_age_s=r["cycle_age_s"],
                 secrets=tuple(secrets),
                 endpoint_deleted=r["endpoint_deleted_at"] is not None,
+                project_id=r["project_id"],
             )
         )
     return claimed

@@ -40,6 +40,7 @@ from schemas.messages import (
 )
 from shared.backoff import BACKOFF
 from shared.config import ConfigError
+from shared.nats_auth import inbox_prefix, redacted, url_user
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +106,28 @@ CONNECT_WAIT_S = 10.0
 async def connect(url: str, name: str) -> NATS:
     """A connection to `url`, one server or a comma-separated list of a cluster's. Once
     connected the client reconnects across them without end; when none answers at first,
-    NatsUnreachable (a ConfigError: the process stops naming the setting)."""
+    NatsUnreachable (a ConfigError: the process stops naming the setting). The URL carries the
+    role's credentials (`nats://user:password@host:4222`, shared.nats_auth); a connection as
+    `user` takes its replies under `_INBOX_<user>`, the only inbox its role may read."""
     servers = server_list(url)
+    errors: list[Exception] = []
     try:
         # nats-py tries the list without end when no server answers at the first connect.
-        return await asyncio.wait_for(_connect(servers, name), CONNECT_WAIT_S)
+        return await asyncio.wait_for(_connect(servers, name, errors), CONNECT_WAIT_S)
     except TimeoutError:
+        shown = [redacted(s) for s in servers]
+        why = "no NATS server answered"
+        if any("authorization violation" in str(e).lower() for e in errors):
+            why = "the NATS servers refused its credentials (user and password in the URL)"
         raise NatsUnreachable(
-            f"JETBATCH_NATS_URL={url}: no NATS server answered within {CONNECT_WAIT_S:.0f} s"
-            f" (tried {', '.join(servers)})"
+            f"JETBATCH_NATS_URL={','.join(shown)}: {why} within {CONNECT_WAIT_S:.0f} s"
+            f" (tried {', '.join(shown)})"
         ) from None
 
 
-async def _connect(servers: list[str], name: str) -> NATS:
+async def _connect(servers: list[str], name: str, errors: list[Exception]) -> NATS:
     async def on_error(e: Exception) -> None:
+        errors[:] = [e]
         log.warning("nats: %s", e)
 
     async def on_disconnect() -> None:
@@ -127,9 +136,11 @@ async def _connect(servers: list[str], name: str) -> NATS:
     async def on_reconnect() -> None:
         log.info("nats: reconnected")
 
+    user = url_user(servers[0])
     return await nats.connect(
         servers=servers,
         name=name,
+        inbox_prefix=inbox_prefix(user) if user else "_INBOX",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,

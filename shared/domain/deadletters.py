@@ -57,8 +57,10 @@ async def record(
     row = await conn.fetchrow(
         """
         INSERT INTO dead_letters (created_at, source, stream_seq, consumer, subject, headers,
-                                  payload, error, deliveries, batch_id, custom_id, line)
-        VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12)
+                                  payload, error, deliveries, batch_id, custom_id, line,
+                                  project_id)
+        VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12,
+                coalesce((SELECT project_id FROM batches WHERE id = $10), 'proj_default'))
         ON CONFLICT (source, stream_seq) WHERE stream_seq IS NOT NULL
         DO UPDATE SET deliveries = greatest(dead_letters.deliveries, EXCLUDED.deliveries)
         RETURNING id, (xmax = 0) AS inserted

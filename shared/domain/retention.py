@@ -128,7 +128,8 @@ async def purge_copies(js: JetStreamContext, batches: Iterable[EndedBatch]) -> N
     leftover: dict[str, set[str]] = {}  # model -> batch ids
     for batch in batches:
         if not batch.is_input:
-            await js.purge_stream(RESULTS.name, subject=ResultMessage.subject_for(batch.batch_id))
+            for subject in ResultMessage.batch_subjects(batch.batch_id):
+                await js.purge_stream(RESULTS.name, subject=subject)
         elif batch.status in STOPPED_STATUSES and batch.model:
             leftover.setdefault(batch.model, set()).add(batch.batch_id)
     for model, batch_ids in leftover.items():
@@ -175,7 +176,7 @@ async def purge_requests(
 # row written before finished_at existed counts in the minute its batch ended.
 _PRUNE = """
 WITH b AS MATERIALIZED (
-    SELECT id, coalesce(model, '') AS model,
+    SELECT id, project_id, coalesce(model, '') AS model,
            coalesce(completed_at, cancelled_at, expired_at, failed_at, updated_at) AS ended_at
     FROM batches
     WHERE id = ANY($1::text[]) AND status <> ALL($2::text[]) AND results_pruned_at IS NULL
@@ -187,12 +188,12 @@ WITH b AS MATERIALIZED (
     RETURNING r.batch_id, r.ok, r.input_tokens, r.cached_tokens, r.output_tokens, r.finished_at
 ), folded AS (
     INSERT INTO usage_minutes AS u (batch_id, model, minute, requests, failed, input_tokens,
-                                    cached_tokens, output_tokens)
+                                    cached_tokens, output_tokens, project_id)
     SELECT g.batch_id, b.model, coalesce(g.finished_at, b.ended_at) / 60 * 60,
            count(*), count(*) FILTER (WHERE NOT g.ok),
-           sum(g.input_tokens), sum(g.cached_tokens), sum(g.output_tokens)
+           sum(g.input_tokens), sum(g.cached_tokens), sum(g.output_tokens), b.project_id
     FROM gone g JOIN b ON b.id = g.batch_id
-    GROUP BY 1, 2, 3
+    GROUP BY 1, 2, 3, b.project_id
     ON CONFLICT (batch_id, model, minute) DO UPDATE SET
         requests = u.requests + EXCLUDED.requests,
         failed = u.failed + EXCLUDED.failed,

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from shared import bus
+from shared.nats_auth import NatsAuth
 from tests.e2e.conftest import run_batch, start_system, stop_system
 from tests.helpers import chat_jsonl
 
@@ -44,7 +45,10 @@ def test_up_with_a_cluster_replicates_every_stream_and_runs_a_batch(scratch_dir:
         assert batch.request_counts is not None and batch.request_counts.completed == 20
         url = re.search(r"3-node NATS cluster at (\S+)", system.log_path.read_text())
         assert url is not None, system.log_tail()
-        assert set(asyncio.run(stream_replicas(url.group(1))).values()) == {3}
+        # The services' credentials, generated on first start and kept in the data dir.
+        auth = NatsAuth.load_or_create(data_dir / "nats-cluster" / "nats-auth.json")
+        admin = auth.url(url.group(1), "admin")
+        assert set(asyncio.run(stream_replicas(admin)).values()) == {3}
     finally:
         code = stop_system(system)
     assert code == 0, system.log_tail()

@@ -3,13 +3,18 @@ started on SIGTERM. Runs on the instant engine: this is about processes, not the
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import stat
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import nats
 import openai
 import psutil
 import pytest
 
+from shared.nats_auth import url_user
 from tests.e2e.conftest import run_batch, start_system, stop_system
 from tests.helpers import chat_line, wait_until_sync
 
@@ -46,11 +51,39 @@ def test_up_restarts_a_killed_service_and_stops_cleanly(scratch_dir: Path) -> No
 
         everything = psutil.Process(system.proc.pid).children(recursive=True)
         assert len(everything) >= 8  # 6 services + nats-server + postgres (+ its workers)
+        check_locked_doors(system.proc.pid, system.data_dir)
     finally:
         code = stop_system(system)
     assert code == 0, system.log_tail()
     leftovers = [p for p in everything if alive(p)]
     assert leftovers == [], [p.pid for p in leftovers]
+
+
+ROLES = {
+    "services.api": "api",
+    "services.results_writer": "results_writer",
+    "services.webhook_notifier": "webhook_notifier",
+    "services.watchdog": "watchdog",
+    "services.inference": "inference",
+}
+
+
+def check_locked_doors(pid: int, data_dir: Path) -> None:
+    """Each service is its own NATS user, the embedded NATS refuses anyone else (and none of the
+    services was refused anything), the data dir is private and every secret in it 0600."""
+    for module, role in ROLES.items():
+        for proc in children_named(pid, module):
+            assert url_user(proc.environ()["JETBATCH_NATS_URL"]) == role
+    log = (data_dir / "nats" / "nats-server.log").read_text()
+    assert "Violation" not in log, log[-3000:]  # "Publish Violation", "Subscription Violation"
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        port = urlsplit(children_named(pid, "services.api")[0].environ()["JETBATCH_NATS_URL"]).port
+        asyncio.run(nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False))
+    assert stat.S_IMODE(data_dir.stat().st_mode) & 0o077 in (0, 0o001)  # o+x for PostgreSQL
+    for secret in ("api-key", "webhook-secret", "postgres-password", "nats/nats-auth.json"):
+        path = data_dir / secret
+        if path.exists():  # the api key and webhook secret came from the environment
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, secret
 
 
 def alive(p: psutil.Process) -> bool:

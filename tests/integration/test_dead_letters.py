@@ -161,7 +161,9 @@ async def test_a_result_the_writer_cannot_use_is_a_dead_letter(
         await js.publish(ResultMessage.subject_for("batch_x"), b"not a result")
         [letter] = await wait_until(lambda: dead_letters(system), "the dead letter")
         detail = await system.client.get(f"/dead_letters/{letter['id']}", cast_to=object)
-    assert letter["source"] == "RESULTS" and letter["subject"] == "jetbatch.results.batch_x"
+    assert letter["source"] == "RESULTS" and letter["subject"] == ResultMessage.subject_for(
+        "batch_x"
+    )
     assert "undecodable" in letter["error"]
     assert detail["payload"] == "not a result"  # type: ignore[index]
 
@@ -186,7 +188,7 @@ async def test_dlq_cli_lists_shows_and_replays(env: dict[str, str], js: JetStrea
         shown = await jetbatch("dlq", "show", str(letter["id"]))
         assert "{broken" in shown
         replayed = await jetbatch("dlq", "replay", str(letter["id"]))
-        assert "jetbatch.results.batch_cli" in replayed
+        assert ResultMessage.subject_for("batch_cli") in replayed
         # Replayed as it was, so rejected again: the same stored message is a new dead letter
         # only because replay published a new message.
         await wait_until(lambda: _at_least(dead_letters(system), 2), "the replay's dead letter")

@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from schemas.messages import RequestMessage, ResultMessage
+from schemas.projects import DEFAULT_PROJECT_ID
 from services.api import store
 from services.api.service import running
 from services.watchdog import service as watchdog
@@ -391,6 +392,7 @@ async def test_a_batch_created_while_its_file_is_deleted_never_loses_its_input(
             expires_at=int(time.time()) + DAY_S,
             metadata=None,
             output_expires_after=None,
+            project_id=DEFAULT_PROJECT_ID,
         )
         deleting = asyncio.create_task(
             retention.delete_file(parts.pool, parts.js, parts.files, "file-raced")
@@ -417,5 +419,6 @@ async def test_a_batch_created_while_its_file_is_deleted_never_loses_its_input(
             expires_at=int(time.time()) + DAY_S,
             metadata=None,
             output_expires_after=None,
+            project_id=DEFAULT_PROJECT_ID,
         )
     assert await retention.delete_file(parts.pool, parts.js, parts.files, "file-gone") is None

@@ -6,16 +6,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import msgspec
 import nats
 import pytest
+from nats.js.api import ConsumerConfig
 from nats.js.errors import KeyNotFoundError
 
-from schemas.messages import InteractiveRequest, RequestMessage, ResultMessage, WorkerHeartbeat
+from schemas.messages import (
+    DeadLetterMessage,
+    InteractiveRequest,
+    RequestMessage,
+    ResultMessage,
+    WorkerHeartbeat,
+)
+from schemas.projects import DEFAULT_PROJECT_ID
 from services.inference import service as inference
 from shared import bus, config
+from shared.embedded import EmbeddedNats
 from shared.lane import Lane
+from shared.nats_auth import NatsAuth, publisher_user
+
+CHAT = "SmolLM2-135M-Instruct"
+PROJECT = "proj_orders"
 
 
 def settings_for(nats_url: str, **extra: str) -> config.Settings:
@@ -40,8 +56,16 @@ async def running_worker(settings: config.Settings, model: str):
         await asyncio.wait_for(task, 30)
 
 
-async def read_results(js, batch_id: str, n: int, timeout_s: float = 20) -> list[ResultMessage]:
-    sub = await js.subscribe(ResultMessage.subject_for(batch_id), ordered_consumer=True)
+async def read_results(
+    js, batch_id: str, n: int, timeout_s: float = 20, project: str = DEFAULT_PROJECT_ID
+) -> list[ResultMessage]:
+    sub = await js.subscribe(
+        ResultMessage.subject_for(batch_id, project),
+        ordered_consumer=True,
+        # Named, so the filter travels in the create subject: a publisher's role allows only
+        # its own project's results there.
+        config=ConsumerConfig(name=f"results-{batch_id}"),
+    )
     decoder = msgspec.json.Decoder(ResultMessage)
     results = []
     try:
@@ -53,47 +77,86 @@ async def read_results(js, batch_id: str, n: int, timeout_s: float = 20) -> list
     return results
 
 
-async def test_request_published_to_jetstream_comes_back_as_a_result(nats_url: str) -> None:
-    settings = settings_for(nats_url)
-    nc = await nats.connect(nats_url)
+@pytest.fixture
+def server(scratch_dir: Path) -> Iterator[EmbeddedNats]:
+    """A nats-server that admits jetbatch's roles and an external publisher of PROJECT."""
+    store = Path(tempfile.mkdtemp(prefix="nats-", dir=scratch_dir))
+    server = EmbeddedNats(store, auth=NatsAuth.generate((PROJECT,))).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def chat_request(i: int, **fields: str) -> RequestMessage:
+    body = {"model": CHAT, "messages": [{"role": "user", "content": f"hi {i}"}]}
+    return RequestMessage(
+        batch_id="ext-orders-1",
+        line=i,
+        custom_id=f"order-{i}",
+        endpoint="/v1/chat/completions",
+        model=CHAT,
+        body=msgspec.Raw(msgspec.json.encode(body)),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def test_request_published_to_jetstream_comes_back_as_a_result(
+    server: EmbeddedNats,
+) -> None:
+    """README's recipe, as an external publisher of its own project, the worker as `inference`."""
+    settings = settings_for(server.url_for("inference"))
+    setup = await nats.connect(server.url)
+    await bus.ensure_streams(setup.jetstream())
+    nc = await bus.connect(server.url_for(publisher_user(PROJECT)), "orders")
     js = nc.jetstream()
-    await bus.ensure_streams(js)
-    async with running_worker(settings, "SmolLM2-135M-Instruct"):
-        requests = [
-            RequestMessage(
-                batch_id="ext-orders-1",
-                line=i,
-                custom_id=f"order-{i}",
-                endpoint="/v1/chat/completions",
-                model="SmolLM2-135M-Instruct",
-                body=msgspec.Raw(
-                    msgspec.json.encode(
-                        {
-                            "model": "SmolLM2-135M-Instruct",
-                            "messages": [{"role": "user", "content": f"hi {i}"}],
-                        }
-                    )
-                ),
-            )
-            for i in range(5)
-        ]
+    async with running_worker(settings, CHAT):
+        requests = [chat_request(i, project=PROJECT) for i in range(5)]
         for req in requests:
             await js.publish(
-                RequestMessage.subject_for(req.model),
+                RequestMessage.subject_for(req.model, project=req.project),
                 msgspec.json.encode(req),
                 headers={"Nats-Msg-Id": req.msg_id},
             )
-        results = await read_results(js, "ext-orders-1", 5)
+        results = await read_results(js, "ext-orders-1", 5, project=PROJECT)
     assert sorted(r.custom_id for r in results) == [f"order-{i}" for i in range(5)]
     for r in results:
-        assert r.ok and r.status_code == 200
+        assert r.ok and r.status_code == 200 and r.project == PROJECT
         body = msgspec.json.decode(r.response_body)
         assert body["object"] == "chat.completion"
         assert body["choices"][0]["message"]["role"] == "assistant"
     # The work queue is empty: every request was acked after its result was stored.
-    info = await js.stream_info("REQUESTS")
+    info = await setup.jetstream().stream_info("REQUESTS")
     assert info.state.messages == 0
     await nc.close()
+    await setup.close()
+
+
+async def test_a_request_naming_another_project_than_its_subject_is_rejected(
+    server: EmbeddedNats,
+) -> None:
+    """A publisher may publish under its own project token only; a body that names another
+    project would put its result in that project's batch: the worker dead-letters it."""
+    settings = settings_for(server.url_for("inference"))
+    admin = await nats.connect(server.url)
+    await bus.ensure_streams(admin.jetstream())
+    nc = await bus.connect(server.url_for(publisher_user(PROJECT)), "orders")
+    async with running_worker(settings, CHAT):
+        forged = chat_request(0, project="proj_victim")
+        await nc.jetstream().publish(
+            RequestMessage.subject_for(CHAT, project=PROJECT), msgspec.json.encode(forged)
+        )
+        ajs = admin.jetstream()
+        for _ in range(200):
+            if (await ajs.stream_info("DEADLETTERS")).state.messages:
+                break
+            await asyncio.sleep(0.1)
+        stored = await ajs.get_msg("DEADLETTERS", 1)
+        letter = msgspec.json.decode(stored.data or b"", type=DeadLetterMessage)
+    assert "project" in letter.error
+    assert (await admin.jetstream().stream_info("RESULTS")).state.messages == 0
+    await nc.close()
+    await admin.close()
 
 
 async def test_request_the_engine_rejects_comes_back_as_an_error_result(nats_url: str) -> None:

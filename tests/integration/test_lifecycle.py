@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from schemas.messages import BatchEvent, BatchStop, RequestMessage
+from schemas.projects import DEFAULT_PROJECT_ID
 from services.api import ingest, publishing, store
 from services.api.deps import Deps
 from shared import bus, config
@@ -104,6 +105,7 @@ async def test_a_batch_cancelled_while_validating_ends_cancelled_with_every_line
                 expires_at=now + 86_400,
                 metadata=None,
                 output_expires_after=None,
+                project_id=DEFAULT_PROJECT_ID,
             )
         finally:
             await pool.close()

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from schemas.messages import RequestMessage, ResultMessage, WorkerHeartbeat
+from schemas.projects import DEFAULT_PROJECT_ID
 from services.api import store
 from services.inference import service as inference
 from services.inference.gpu import GpuMonitor, GpuReading
@@ -180,6 +181,7 @@ async def test_a_batch_left_validating_by_a_crashed_api_is_re_driven(
                 expires_at=int(time.time()) + 86_400,
                 metadata=None,
                 output_expires_after=None,
+                project_id=DEFAULT_PROJECT_ID,
             )
         finally:
             await pool.close()

@@ -24,6 +24,7 @@ from nats.js.errors import NotFoundError
 from schemas.messages import BatchEvent, ResultMessage
 from schemas.openai import OutputLine
 from services.results_writer import service
+from services.results_writer.store import RESULT_COLUMNS
 from shared import bus, db
 from shared.bus.objects import FILES_BUCKET
 from shared.config import Settings
@@ -324,6 +325,12 @@ async def test_results_for_unknown_or_closed_batches_are_acked_and_skipped(
     await insert_batch(conn, "batch_done", 2, status="completed", completed=2)
     await publish(js, [result("batch_someone_elses", i) for i in range(7)])
     await publish(js, [result("batch_done", i) for i in range(2, 5)])
+    # Another project's results for this batch (a forged project): not this batch's.
+    await publish(
+        js,
+        [msgspec.structs.replace(result("batch_known", i), project="proj_other") for i in range(5)],
+        "-forged",
+    )
     await publish(js, [result("batch_known", i) for i in range(5)])
 
     async with running_writer(settings):
@@ -331,6 +338,8 @@ async def test_results_for_unknown_or_closed_batches_are_acked_and_skipped(
         await wait_all_acked(js)
 
     assert await usage_requests(conn) == {"batch_known": 5}
+    known = await conn.fetchrow("SELECT * FROM batches WHERE id = 'batch_known'")
+    assert (known["completed"], known["failed"]) == (5, 0)
     assert await conn.fetchval("SELECT count(*) FROM request_results") == 0
     done = await conn.fetchrow("SELECT * FROM batches WHERE id = 'batch_done'")
     assert (done["completed"], done["failed"], done["input_tokens"]) == (2, 0, 0)
@@ -351,7 +360,9 @@ async def insert_results_directly(
         failed=sum(not r.ok for r in results),
     )
     await conn.copy_records_to_table(
-        "request_results", records=[service.result_record(r) for r in results]
+        "request_results",
+        records=[service.result_record(r)[: len(RESULT_COLUMNS)] for r in results],
+        columns=RESULT_COLUMNS,
     )
     return results
 

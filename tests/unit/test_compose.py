@@ -2,6 +2,10 @@
 a `jetbatch` command that exists, with variables the code reads and the settings its service
 cannot start without; three NATS nodes route to each other and every service lists them all; no
 volume is shared; the api replicas sit behind one port; each inference container owns its GPUs.
+NATS is closed (issue 13): every node's config includes the generated authorization.conf and
+authenticates its routes, nats-server accepts it with exactly the variables the node is given,
+and every service and unit connects as the NATS user the code runs it as, with that user's
+password and no other.
 
 A "dry start" runs the real `jetbatch` command line (services/cli.py) in this process with a
 container's environment only, up to where the service would connect: argument parsing, settings,
@@ -12,16 +16,18 @@ from __future__ import annotations
 
 import ast
 import base64
+import hashlib
 import inspect
 import os
 import re
 import shlex
+import subprocess
 import sys
 import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,22 +35,38 @@ import asyncpg
 import pytest
 import yaml
 
-from services import cli
+from services import cli, supervisor
 from services.api import service as api_service
-from shared import config, db, process, settings_env, telemetry
+from shared import config, db, nats_auth, process, settings_env, telemetry
+from shared.embedded import EmbeddedNats, nats_server_binary
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "infra" / "Dockerfile"
 SYSTEMD = REPO / "infra" / "systemd"
-NATS_CONFS = sorted((REPO / "infra" / "nats").glob("cluster-*.conf"))
+NATS_DIR = REPO / "infra" / "nats"
+NATS_CONFS = sorted(NATS_DIR.glob("cluster-*.conf"))
+SINGLE_CONF = NATS_DIR / "single.conf"
+AUTHORIZATION = NATS_DIR / "authorization.conf"  # generated (tests/unit/test_nats_auth.py)
 BINARY = "/opt/jetbatch/.venv/bin/jetbatch"  # where infra/install.sh puts it, under /opt/jetbatch
 
 SETTINGS = {var.name for var in settings_env.variables(config.Settings)}
+# Every NATS user the shipped authorization admits, and the routes' user.
+NATS_USERS = (
+    *re.findall(r'"user":\s*"(\w+)"', AUTHORIZATION.read_text()),
+    nats_auth.ROUTE_USER,
+)
+NATS_PASSWORDS = {user: nats_auth.password_variable(user) for user in NATS_USERS}
 # What an operator supplies through compose's ${...} or in place of an example file's <...>.
+# Every NATS password differs from the others (so one given in place of another shows) and is
+# letters and digits from a letter (nats-server reads it as a config value, URLs carry it).
 OPERATOR_ENV = {
     config.variable("api_key"): "sk-jetbatch-test",
     config.variable("webhooks.secret"): "whsec_" + base64.b64encode(bytes(32)).decode(),
     "POSTGRES_PASSWORD": "pg-password",
+    **{
+        variable: "n" + hashlib.sha256(user.encode()).hexdigest()[:24]
+        for user, variable in NATS_PASSWORDS.items()
+    },
 }
 SECRETS = (config.variable("api_key"), config.variable("webhooks.secret"))
 DATABASE_URL = config.variable("database_url")
@@ -119,36 +141,136 @@ def container_env(name: str) -> dict[str, str]:
     return {**image_env(), **environment(SERVICES[name])}
 
 
-def nats_conf(path: Path) -> dict[str, Any]:
-    text = path.read_text()
+def conf_text(path: Path) -> str:
+    """A NATS config without its comments."""
+    return re.sub(r"#.*", "", path.read_text())
 
-    def one(pattern: str) -> str:
-        m = re.search(pattern, text, re.MULTILINE)
+
+def conf_block(text: str, name: str, where: str) -> str:
+    """What is inside `name { ... }` in `text` (blocks nest)."""
+    m = re.search(rf"^\s*{name}\s*[:=]?\s*\{{", text, re.MULTILINE)
+    assert m, f"{where} has no `{name} {{ ... }}`"
+    depth = 1
+    for i in range(m.end(), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[m.end() : i]
+    pytest.fail(f"{where}: `{name} {{` is never closed")
+
+
+def conf_includes(path: Path) -> list[Path]:
+    """The files a config includes (nats-server resolves them beside it)."""
+    names = re.findall(r'^\s*include\s+"?([^"\s;]+)"?', conf_text(path), re.MULTILINE)
+    return [(path.parent / name).resolve() for name in names]
+
+
+def conf_variables(path: Path) -> set[str]:
+    """The variables a config and what it includes read (from the server's environment)."""
+    unquoted = re.sub(r'"[^"]*"', '""', conf_text(path))  # "$JS.API.>" is a subject
+    own = set(re.findall(r"\$(\w+)", unquoted))
+    return own.union(*(conf_variables(included) for included in conf_includes(path)))
+
+
+def nats_conf(path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """What these tests check of a node's config. Routes given as `$VARIABLE` are read from `env`
+    (the node's environment), as nats-server reads them: a config value."""
+    text = conf_text(path)
+
+    def one(pattern: str, where: str = text) -> str:
+        m = re.search(pattern, where, re.MULTILINE)
         assert m, f"{path.name} has no {pattern!r}"
         return m.group(1)
 
-    cluster = one(r"^cluster\s*\{([^}]*)\}")
-    routes = re.search(r"routes:\s*\[([^\]]*)\]", cluster)
-    assert routes, f"{path.name}: its cluster block has no routes"
+    cluster = conf_block(text, "cluster", path.name)
+    routes = one(r"routes\s*[:=]?\s*(\[[^\]]*\]|\$\w+)", cluster)
+    if routes.startswith("$"):
+        assert routes[1:] in env, f"{path.name} reads its routes from {routes}: not given"
+        routes = env[routes[1:]]
+    auth = conf_block(cluster, "authorization", f"{path.name}'s cluster block")
     return {
         "server_name": one(r"^server_name:\s*(\S+)"),
         "client_port": one(r"^listen:\s*\S*:(\d+)"),
         "http_port": one(r"^http_port:\s*(\d+)"),
         "store_dir": one(r"store_dir:\s*(\S+)"),
-        "cluster_name": re.findall(r"name:\s*(\S+)", cluster)[0],
-        "cluster_port": re.findall(r"listen:\s*\S*:(\d+)", cluster)[0],
-        "routes": [urlsplit(r.strip()) for r in routes.group(1).split(",")],
+        "cluster_name": one(r"\bname:\s*(\S+)", cluster),
+        "cluster_port": one(r"listen:\s*\S*:(\d+)", cluster),
+        "route_user": one(r'\buser\s*[:=]\s*"?(\w+)', auth),
+        "route_password": one(r'\bpassword\s*[:=]\s*("[^"]*"|[^\s,}]+)', auth),
+        "routes": [urlsplit(url) for url in re.findall(r'[^\s,\[\]"]+', routes)],
     }
 
 
-def mounts(spec: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(source, target) of every volume and bind mount; anonymous volumes have no source."""
+def conf_client_port(path: Path) -> str:
+    m = re.search(r"^listen:\s*\S*:(\d+)", conf_text(path), re.MULTILINE)
+    assert m, f"{path.name} has no client port"
+    return m.group(1)
+
+
+def nats_server_accepts(path: Path, env: dict[str, str]) -> str:
+    """What `nats-server -t` says of a config given only `env` ("" if it accepts it)."""
+    checked = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(path)], capture_output=True, text=True, env=env
+    )
+    return "" if checked.returncode == 0 else checked.stdout + checked.stderr
+
+
+def nats_servers(url: str) -> list[Any]:
+    return [urlsplit(server.strip()) for server in url.split(",") if server.strip()]
+
+
+def nats_role(argv: list[str]) -> str:
+    """The NATS user the code runs `jetbatch argv` as: `jetbatch up` gives each service its own
+    (supervisor.service_children) and migrates with the embedded server's `url`."""
+    if argv[0] == "migrate":
+        server = EmbeddedNats(
+            REPO / "unused", port=4222, auth=nats_auth.NatsAuth({u: "x" for u in nats_auth.ROLES})
+        )
+        user = nats_auth.url_user(server.url)
+        assert user, "jetbatch up migrates without a NATS user"
+        return user
+    roles = {
+        child.name.partition("[")[0]: child.role
+        for child in supervisor.service_children(config.load({}))
+    }
+    assert argv[0] in roles, f"jetbatch up runs no {argv[0]}: which NATS user is it?"
+    return roles[argv[0]]
+
+
+def connects_as_its_own_user(where: str, argv: list[str], env: dict[str, str]) -> None:
+    """`where` (a container or unit) connects to every server as the user the code runs
+    `jetbatch argv` as, with that user's password, and is given no other NATS password."""
+    role = nats_role(argv)
+    assert role in NATS_USERS, f"{where}: the NATS servers admit no user {role!r}"
+    assert NATS_URL in env, f"{where} is given no {NATS_URL}"
+    for server in nats_servers(env[NATS_URL]):
+        host = f"{server.hostname}:{server.port}"
+        assert server.username == role, (
+            f"{where} connects to {host} as {server.username}, not {role}"
+        )
+        assert server.password == OPERATOR_ENV[NATS_PASSWORDS[role]], (
+            f"{where} connects to {host} as {role} without {NATS_PASSWORDS[role]}"
+        )
+    others = {
+        variable
+        for user, variable in NATS_PASSWORDS.items()
+        if user != role and any(OPERATOR_ENV[variable] in value for value in env.values())
+    }
+    assert not others, f"{where} ({role}) is given other NATS users' passwords: {sorted(others)}"
+    given = {key for key in env if key in NATS_PASSWORDS.values()}
+    assert not given, f"{where} needs its URL only, not {sorted(given)}"
+
+
+def mounts(spec: dict[str, Any], read_only: bool = False) -> Iterator[tuple[str, str]]:
+    """(source, target) of every volume and bind mount (only those mounted read-only, with
+    `read_only`); anonymous volumes have no source."""
     for item in spec.get("volumes") or []:
         if isinstance(item, dict):
-            yield item.get("source", ""), item["target"]
+            if item.get("read_only") or not read_only:
+                yield item.get("source", ""), item["target"]
         elif ":" in item:
-            source, target = item.split(":")[:2]
-            yield source, target
+            source, target, *mode = item.split(":")
+            if "ro" in ",".join(mode).split(",") or not read_only:
+                yield source, target
 
 
 def unit(path: Path) -> dict[str, list[str]]:
@@ -170,7 +292,10 @@ def example_env(path: str, instance: str) -> dict[str, str]:
     for line in example.read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")
-            env[key] = OPERATOR_ENV.get(key, value) if value.startswith("<") else value
+            if value.startswith("<"):
+                value = OPERATOR_ENV.get(key, value)
+            # <VARIABLE> inside a value: what the operator gives that variable elsewhere.
+            env[key] = re.sub(r"<(\w+)>", lambda m: OPERATOR_ENV.get(m.group(1), m.group(0)), value)
     return env
 
 
@@ -325,11 +450,19 @@ def test_every_container_runs_a_command_that_exists_and_every_service_runs() -> 
 def test_every_jetbatch_variable_in_compose_and_infra_is_a_setting() -> None:
     install_sh = (REPO / "infra" / "install.sh").read_text()
     allowed = SETTINGS | set(re.findall(r"\$\{?(JETBATCH_\w+)", install_sh))
-    files = [REPO / "compose.yaml", DOCKERFILE, *NATS_CONFS, *sorted(SYSTEMD.iterdir())]
+    allowed |= set(NATS_PASSWORDS.values())  # the NATS servers' (shared/nats_auth.py)
+    files = [
+        REPO / "compose.yaml",
+        DOCKERFILE,
+        *NATS_CONFS,
+        SINGLE_CONF,
+        *sorted(SYSTEMD.iterdir()),
+    ]
     unknown = {
         f"{path.relative_to(REPO)}: {name}"
         for path in files
-        for name in re.findall(r"JETBATCH_[A-Z0-9_]+", path.read_text())
+        # (not a pattern such as JETBATCH_NATS_<USER>_PASSWORD)
+        for name in re.findall(r"JETBATCH_[A-Z0-9_]+\b(?!<)", path.read_text())
         if name not in allowed
     }
     assert not unknown, f"not a setting in shared/config.py: {sorted(unknown)}"
@@ -352,10 +485,22 @@ def test_every_service_lists_the_three_nats_nodes_and_replicates_three_times(
 ) -> None:
     settings = start_ok(dry_start, command(name), container_env(name))
     assert settings.nats_url
-    servers = {s.strip() for s in settings.nats_url.split(",")}
-    ports = {nats_conf(conf)["client_port"] for conf in NATS_CONFS}
-    assert servers == {f"nats://{node}:{port}" for node in NODES for port in ports}
+    servers = [f"{s.scheme}://{s.hostname}:{s.port}" for s in nats_servers(settings.nats_url)]
+    ports = {conf_client_port(conf) for conf in NATS_CONFS}
+    assert sorted(servers) == sorted(f"nats://{node}:{port}" for node in NODES for port in ports)
     assert settings.nats_replicas == len(NODES) == 3
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in JETBATCH if command(n)[0] in cli.SERVICES or NATS_URL in container_env(n)]
+)
+def test_every_service_connects_as_its_own_nats_user_with_its_password(
+    name: str, dry_start: DryStart
+) -> None:
+    env = container_env(name)
+    settings = start_ok(dry_start, command(name), env)
+    assert settings.nats_url == env.get(NATS_URL)
+    connects_as_its_own_user(name, command(name), env)
 
 
 @pytest.mark.parametrize("name", JETBATCH)
@@ -379,11 +524,16 @@ def test_containers_start_after_what_they_need_and_get_no_database_they_do_not_n
 
 
 def test_no_volume_is_mounted_by_two_containers() -> None:
+    # A file of this repository mounted read-only (a NATS config) is not state: nodes share it.
+    def shared_config(spec: dict[str, Any], source: str) -> bool:
+        read_only = {s for s, _ in mounts(spec, read_only=True)}
+        return source in read_only and source.startswith("./") and (REPO / source).is_file()
+
     containers = Counter(
         source
         for spec in SERVICES.values()
         for source, _ in mounts(spec)
-        if source
+        if source and not shared_config(spec, source)
         for _ in range(replicas(spec))
     )
     shared = {source: n for source, n in containers.items() if n > 1}
@@ -392,17 +542,23 @@ def test_no_volume_is_mounted_by_two_containers() -> None:
     assert named == set(load_compose().get("volumes") or {})
 
 
+def node_config(node: str) -> tuple[str, Path]:
+    """Where a node's container reads its config, and the file of this repository mounted there."""
+    words = [str(word) for word in SERVICES[node]["command"]]
+    target = words[words.index("--config") + 1]
+    sources = {target: source for source, target in mounts(SERVICES[node])}
+    return target, (REPO / sources[target]).resolve()
+
+
 def test_three_nats_nodes_each_run_a_cluster_config_whose_routes_name_the_others() -> None:
     assert len(NODES) == 3 and len(NATS_CONFS) == 3
     mounted = {}
     for node in NODES:
         spec = SERVICES[node]
-        words = [str(word) for word in spec["command"]]
-        config_path = words[words.index("--config") + 1]
         sources = {target: source for source, target in mounts(spec)}
-        conf = (REPO / sources[config_path]).resolve()
+        _, conf = node_config(node)
         mounted[node] = conf
-        parsed = nats_conf(conf)
+        parsed = nats_conf(conf, environment(spec))
         assert parsed["server_name"] == node
         assert {r.hostname for r in parsed["routes"]} == set(NODES)
         assert {str(r.port) for r in parsed["routes"]} == {parsed["cluster_port"]}
@@ -410,7 +566,54 @@ def test_three_nats_nodes_each_run_a_cluster_config_whose_routes_name_the_others
         assert store and store[0] not in "./~", f"{node}: its JetStream store is not a volume"
         assert f":{parsed['http_port']}/healthz" in " ".join(spec["healthcheck"]["test"])
     assert sorted(mounted.values()) == NATS_CONFS
-    assert len({nats_conf(conf)["cluster_name"] for conf in NATS_CONFS}) == 1
+    names = {
+        nats_conf(mounted[node], environment(SERVICES[node]))["cluster_name"] for node in NODES
+    }
+    assert len(names) == 1
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_every_nats_node_admits_only_jetbatchs_users_and_authenticated_routes(node: str) -> None:
+    spec, env = SERVICES[node], environment(SERVICES[node])
+    target, conf = node_config(node)
+    # The generated users (each role's permissions), mounted read-only where the include looks.
+    assert AUTHORIZATION in conf_includes(conf), f"{conf.name} does not include authorization.conf"
+    read_only = {target: source for source, target in mounts(spec, read_only=True)}
+    for included in conf_includes(conf):
+        at = str(PurePosixPath(target).parent / included.relative_to(conf.parent).as_posix())
+        assert at in read_only, f"{node}: {included.name} is not mounted read-only at {at}"
+        assert (REPO / read_only[at]).resolve() == included, f"{node}: {at} is not {included.name}"
+    texts = [conf_text(conf), *(conf_text(included) for included in conf_includes(conf))]
+    assert not [t for t in texts if "no_auth_user" in t], "a user for connections without one"
+    # Routes: this node asks `route`'s password of any node connecting, and gives it to each.
+    parsed = nats_conf(conf, env)
+    route_password = NATS_PASSWORDS[nats_auth.ROUTE_USER]
+    assert parsed["route_user"] == nats_auth.ROUTE_USER
+    assert parsed["route_password"] == f"${route_password}", "the route password is written down"
+    for route in parsed["routes"]:
+        assert (route.username, route.password) == (nats_auth.ROUTE_USER, env[route_password]), (
+            f"{conf.name}: the route to {route.hostname} does not authenticate as the route user"
+        )
+    # The node is given every variable its config reads, each password from the operator.
+    needs = conf_variables(conf)
+    assert set(NATS_PASSWORDS.values()) <= needs, "a user or the routes without their password"
+    missing = needs - set(env)
+    assert not missing, f"{node} is not given {sorted(missing)}"
+    raw = spec.get("environment") or {}
+    written = [key for key in needs & set(NATS_PASSWORDS.values()) if "${" not in str(raw[key])]
+    assert not written, f"{node}: passwords written down in compose.yaml: {written}"
+    # The real nats-server takes the config with exactly the node's environment.
+    refused = nats_server_accepts(conf, env)
+    assert not refused, f"nats-server refuses {conf.name} with {node}'s environment: {refused}"
+
+
+def test_the_single_node_config_admits_only_jetbatchs_users() -> None:
+    assert AUTHORIZATION in conf_includes(SINGLE_CONF)
+    needs = conf_variables(SINGLE_CONF)
+    users = {NATS_PASSWORDS[user] for user in NATS_USERS if user != nats_auth.ROUTE_USER}
+    assert needs == users
+    refused = nats_server_accepts(SINGLE_CONF, {v: OPERATOR_ENV[v] for v in needs})
+    assert not refused, refused
 
 
 def test_api_replicas_sit_behind_one_published_port(dry_start: DryStart) -> None:
@@ -463,9 +666,15 @@ def test_secrets_come_from_the_operators_environment() -> None:
         if key in (*SECRETS, DATABASE_URL)
     ]
     assert {where.split(": ")[1] for where, _ in given} == {*SECRETS, DATABASE_URL}
+    given += [
+        (f"{name}: {key}", str(value))
+        for name, spec in SERVICES.items()
+        for key, value in (spec.get("environment") or {}).items()
+        if key in (NATS_URL, *NATS_PASSWORDS.values())
+    ]
     written = [where for where, value in given if "${" not in value]
     assert not written, f"secrets written down in compose.yaml: {written}"
-    assert not set(SECRETS) & set(image_env()), "secrets in the image"
+    assert not {*SECRETS, *NATS_PASSWORDS.values()} & set(image_env()), "secrets in the image"
 
 
 def test_the_image_holds_the_project_and_finds_the_models_it_prepared(
@@ -492,6 +701,15 @@ def test_every_unit_runs_a_command_that_starts_with_the_example_settings(
     argv, env = unit_command(path)
     assert argv[0] in cli_commands()
     start_ok(dry_start, argv, env)
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_every_unit_connects_as_its_own_nats_user_with_its_password(path: Path) -> None:
+    argv, env = unit_command(path)
+    connects_as_its_own_user(path.name, argv, env)
+    servers = {(s.hostname, s.port) for s in nats_servers(env[NATS_URL])}
+    everyone = {(s.hostname, s.port) for s in nats_servers(unit_command(UNITS[0])[1][NATS_URL])}
+    assert servers == everyone, f"{path.name} lists other NATS servers than {UNITS[0].name}"
 
 
 def test_every_service_has_a_unit_and_those_that_use_the_database_require_migrate(
