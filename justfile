@@ -34,10 +34,12 @@ fmt:
     {{venv}}/ruff format .
     {{venv}}/ruff check --fix .
 
-# Regenerate README's configuration table (shared/config.py) and layout (services/layout.py)
+# Regenerate README's configuration table (shared/config.py) and layout (services/layout.py),
+# and infra/nats/authorization.conf (shared/nats_auth.py)
 docs:
     {{venv}}/python -m shared.config README.md
     {{venv}}/python -m services.layout README.md
+    {{venv}}/python -m shared.nats_auth
 
 # Benchmarks (print figures and ratios against their baselines; write bench/results/*.json)
 bench *args:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import nats
 from nats.aio.client import Client as NATS
@@ -137,10 +138,19 @@ async def _connect(servers: list[str], name: str, errors: list[Exception]) -> NA
         log.info("nats: reconnected")
 
     user = url_user(servers[0])
+    # Given as options too, not only in the URLs: servers a cluster tells the client about
+    # (discovered, without credentials) are then tried with them as well.
+    first = urlsplit(servers[0] if "://" in servers[0] else f"nats://{servers[0]}")
+    credentials = (
+        {"user": unquote(first.username), "password": unquote(first.password)}
+        if first.username and first.password
+        else {}
+    )
     return await nats.connect(
         servers=servers,
         name=name,
         inbox_prefix=inbox_prefix(user) if user else "_INBOX",
+        **credentials,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
