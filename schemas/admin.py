@@ -36,6 +36,10 @@ class WorkerStatus(msgspec.Struct, kw_only=True):
     max_model_len: int | None = None
     kv_cache_blocks: int | None = None
     kv_cache_tokens: int | None = None
+    # Synchronous requests, apart from in_flight/capacity: in the engine now, and aborted since
+    # the worker started because the api stopped waiting for them (client gone, timeout).
+    interactive_in_flight: int = 0
+    interactive_aborted: int = 0
     object: Literal["worker"] = "worker"
 
 

@@ -233,6 +233,10 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True, frozen=True):
     max_model_len: int | None = None
     kv_cache_blocks: int | None = None  # allocated after profiling memory
     kv_cache_tokens: int | None = None  # what those blocks hold in all
+    # Synchronous requests (counted apart from `in_flight` and `capacity`): in the engine now,
+    # and aborted since start because the api stopped waiting for them (InteractiveAbort).
+    interactive_in_flight: int = 0
+    interactive_aborted: int = 0
 
 
 class InteractiveRequest(BusMessage, kw_only=True, frozen=True):
@@ -249,6 +253,22 @@ class InteractiveRequest(BusMessage, kw_only=True, frozen=True):
     @staticmethod
     def subject_for(model: str) -> str:
         return InteractiveRequest.subject_with(model=model)
+
+
+class InteractiveAbort(BusMessage, kw_only=True, frozen=True):
+    """Core NATS (no JetStream, no reply) on `jetbatch.interactive.abort.<model>`, from the api to
+    every worker of the model (no queue group) when it stops waiting for a synchronous request:
+    its client went away, no answer came in time, or the api is stopping. The worker running the
+    request aborts it in the engine; the others ignore it."""
+
+    subject: ClassVar[str] = "jetbatch.interactive.abort.{model}"
+
+    request_id: str
+    reason: str = "client_closed"  # "client_closed" | "timeout" | "abandoned"
+
+    @staticmethod
+    def subject_for(model: str) -> str:
+        return InteractiveAbort.subject_with(model=model)
 
 
 StopReason = Literal["cancelled", "expired"]

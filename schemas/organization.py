@@ -220,7 +220,8 @@ Limit = Annotated[int, Meta(ge=0, le=2**62)]
 
 
 class RateLimit(_Object):
-    """A project's limits for one model, stored and served; not enforced yet (0 = no limit).
+    """A project's limits for one model (0 = no limit), stored and served; of them the batch
+    queue limit `batch_1_day_max_input_tokens` is enforced (services/api/token_limit.py).
     jetbatch's own per-project limits: README "Limits"."""
 
     id: str  # rl-<model>

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from schemas.messages import subject_token
+from schemas.messages import InteractiveAbort, InteractiveRequest, subject_token
 from schemas.projects import DEFAULT_PROJECT_ID
 
 # Streams and buckets (mirrors shared.bus.streams; a test checks they agree).
@@ -99,6 +99,13 @@ def inbox_prefix(user: str) -> str:
 
 
 ALL = (*STREAMS, *BUCKET_STREAMS)
+# Synchronous requests (`jetbatch.interactive.<model>`) and their aborts
+# (`jetbatch.interactive.abort.<model>`): the api sends both; workers only receive them (and
+# answer requests on the api's reply subjects), so no worker can abort another's requests.
+INTERACTIVE = (
+    InteractiveRequest.subject.format(model="*"),
+    InteractiveAbort.subject.format(model="*"),
+)
 _KV_WORKERS, _KV_CANCELLED, _OBJ_FILES = BUCKET_STREAMS
 
 ROLES: dict[str, Role] = {
@@ -113,7 +120,7 @@ ROLES: dict[str, Role] = {
             publish=(
                 "jetbatch.requests.>",
                 "jetbatch.events.>",
-                "jetbatch.interactive.>",
+                *INTERACTIVE,
                 f"$KV.{CANCELLED_KV}.>",
                 f"$O.{FILES}.>",
             ),  # fmt: skip
@@ -124,11 +131,12 @@ ROLES: dict[str, Role] = {
             delete=(REQUESTS,),
             deny=("jetbatch.results.>", f"$KV.{WORKERS_KV}.>"),
         ),
-        # Runs requests; answers synchronous ones on the api's reply subjects (responses only).
+        # Runs requests; answers synchronous ones on the api's reply subjects (responses only)
+        # and hears their aborts.
         Role(
             INFERENCE,
             publish=("jetbatch.results.>", "jetbatch.deadletters.>", f"$KV.{WORKERS_KV}.>"),
-            subscribe=("jetbatch.interactive.>", f"$KV.{CANCELLED_KV}.>"),
+            subscribe=(*INTERACTIVE, f"$KV.{CANCELLED_KV}.>"),
             manage=(*STREAMS, _KV_WORKERS, _KV_CANCELLED),
             consume=(REQUESTS, _KV_CANCELLED),
             read=(_KV_WORKERS, _KV_CANCELLED),
@@ -275,7 +283,9 @@ def example_config(projects: tuple[str, ...] = ("proj_default",)) -> str:
         "# JETBATCH_NATS_URL=nats://<user>:<password>@host:4222.\n"
         f"{text}"
         f"# In a cluster, inside `cluster {{ ... }}`: authorization: {route}\n"
-        f"# and routes as nats-route://{ROUTE_USER}:$JETBATCH_NATS_ROUTE_PASSWORD@node:6222\n"
+        f"# and `routes: $NATS_CLUSTER_ROUTES`, a variable holding the whole list\n"
+        f"# (nats-route://{ROUTE_USER}:<password>@node:6222, ...): nats-server does not expand a\n"
+        f"# variable inside a string (infra/nats/cluster-*.conf, compose.yaml)\n"
     )
 
 

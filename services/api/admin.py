@@ -113,6 +113,8 @@ async def list_workers(deps: DepsParam) -> WorkerList:
                 max_model_len=b.max_model_len,
                 kv_cache_blocks=b.kv_cache_blocks,
                 kv_cache_tokens=b.kv_cache_tokens,
+                interactive_in_flight=b.interactive_in_flight,
+                interactive_aborted=b.interactive_aborted,
             )
             for b in beats
         ]

@@ -5,7 +5,9 @@ naming the lines; services/api/validation.py). Pass 2 streams it again and publi
 RequestMessage per line to REQUESTS (services/api/publishing.py), then sets `published_at`. Both
 run in child processes of the api, started ahead of need (`Deps.validators`,
 `Deps.publishers`), off the process serving HTTP.
-Emits `jetbatch.events.batch.failed` (a BatchEvent) for an invalid file.
+Emits `jetbatch.events.batch.failed` (a BatchEvent) for an invalid file, and for one over its
+project's batch queue limit for the model (`token_limit_exceeded`, services/api/token_limit.py:
+the validation counts the file's input tokens).
 
 `process_batch` is idempotent: run again on a batch a crashed api left in `validating` (or in
 `in_progress` without `published_at`), it redoes what is missing; JetStream's duplicate window
@@ -31,10 +33,15 @@ import msgspec
 
 from schemas.messages import BatchEvent, RequestMessage
 from schemas.openai import BatchError
-from services.api import store
+from services.api import store, token_limit
 from services.api.deps import DepsParam
 from services.api.publishing import PublishJob, publish_in_child
-from services.api.validation import MESSAGE_OVERHEAD_BYTES, ValidationJob, validate_in_child
+from services.api.validation import (
+    MESSAGE_OVERHEAD_BYTES,
+    FileCheck,
+    ValidationJob,
+    validate_in_child,
+)
 from shared.bus import Publisher
 from shared.ids import stable_id
 from shared.telemetry import inject_headers, tracer
@@ -143,40 +150,53 @@ async def input_copy(deps: DepsParam, row: store.Row) -> AsyncIterator[Path | No
 
 
 async def check_input(
-    deps: DepsParam, row: store.Row, path: Path | None
-) -> tuple[list[BatchError], str | None, int]:
-    """Validate a batch's input file (its local copy `path`, None if gone): (errors, model,
-    line count)."""
+    deps: DepsParam,
+    row: store.Row,
+    path: Path | None,
+    tokenizers: dict[str, str] | None = None,
+) -> FileCheck:
+    """Validate a batch's input file (its local copy `path`, None if gone), counting its input
+    tokens with the tokenizers given (model -> directory)."""
     if path is None:
         error = BatchError(
             code="file_not_found",
             message=f"input file {row['input_file_id']} was deleted before the batch ran",
             param="input_file_id",
         )
-        return [error], None, 0
+        return FileCheck(model=None, count=0, errors=[error])
     job = ValidationJob(
         path=str(path),
         endpoint=row["endpoint"],
         models={m.name: list(m.endpoints) for m in deps.settings.models},
         max_lines=deps.settings.max_batch_lines,
         max_line_bytes=max_line_bytes(deps),
+        tokenizers=tokenizers or {},
     )
     if deps.validators is not None:
-        check = await validate_in_child(job, await deps.validators.take())
-    else:
-        check = await anyio.to_thread.run_sync(job.run)
-    return check.errors, check.model, check.count
+        return await validate_in_child(job, await deps.validators.take())
+    return await anyio.to_thread.run_sync(job.run)
 
 
 async def _validate(deps: DepsParam, row: store.Row, path: Path | None) -> store.Row | None:
-    """Pass 1. Returns the batch's row once in_progress, or None when it must not be published."""
+    """Pass 1. Returns the batch's row once in_progress, or None when it must not be published.
+    The batch starts only within its project's batch queue limit (token_limit_exceeded)."""
     batch_id = row["id"]
-    errors, model, total = await check_input(deps, row, path)
-    if errors:
-        await _fail(deps, batch_id, errors)
+    tokenizers = await token_limit.tokenizers_for(deps.settings, deps.pool, row["project_id"])
+    check = await check_input(deps, row, path, tokenizers)
+    model, total = check.model, check.count
+    if check.errors:
+        await _fail(deps, batch_id, check.errors)
         return None
     assert model is not None  # a file without errors has at least one line, hence a model
-    started = await store.start_batch(deps.pool, batch_id, model=model, total=total)
+    if check.token_note is not None and model in tokenizers:
+        token_limit.note_estimate(model, check.token_note)
+    started, refused = await token_limit.start_within_limit(
+        deps.pool, row, model=model, total=total, tokens=check.input_tokens
+    )
+    if refused is not None:
+        stored = store.batch_from_row(refused).errors
+        await _failed(deps, refused, stored.data if stored is not None else [])
+        return None
     if started is None:
         if await store.record_validation(deps.pool, batch_id, model=model, total=total):
             log.info("batch %s was cancelled while validating: %d lines, none run", batch_id, total)
@@ -191,11 +211,17 @@ async def _fail(deps: DepsParam, batch_id: str, errors: list[BatchError]) -> Non
     """validating -> failed with `errors`, and its batch.failed event."""
     failed = await store.fail_batch(deps.pool, batch_id, errors)
     if failed is not None:
+        await _failed(deps, failed, errors)
+
+
+async def _failed(deps: DepsParam, failed: store.Row, errors: list[BatchError]) -> None:
+    """A batch that failed validation: logged, and its batch.failed event."""
+    if errors:
         log.info(
             "batch %s failed validation: %d error(s), first: line %s %s: %s",
-            batch_id, len(errors), errors[0].line, errors[0].code, errors[0].message,
+            failed["id"], len(errors), errors[0].line, errors[0].code, errors[0].message,
         )  # fmt: skip
-        await _emit_failed(deps, failed)
+    await _emit_failed(deps, failed)
 
 
 async def _publish(deps: DepsParam, row: store.Row, path: Path) -> None:

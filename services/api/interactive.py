@@ -1,6 +1,8 @@
 """`/v1/models` (served models and their live workers) and synchronous inference:
 `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` over NATS core request/reply on
-`jetbatch.interactive.<model>` (InteractiveRequest out, the worker's ResultMessage back)."""
+`jetbatch.interactive.<model>` (InteractiveRequest out, the worker's ResultMessage back). A
+request the api stops waiting for (its client gone, no answer in time) is aborted on the worker
+with an InteractiveAbort on `jetbatch.interactive.abort.<model>`."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import msgspec
 import nats.errors
 from litestar import Request, Response, get, post
 
-from schemas.messages import InteractiveRequest, ResultMessage
+from schemas.messages import InteractiveAbort, InteractiveRequest, ResultMessage
 from schemas.openai import ErrorDetail, ErrorResponse, Model, ModelList
 from services.api.admin import read_heartbeats
 from services.api.concurrency import caller_of
@@ -117,21 +119,51 @@ async def _client_gone(request: Request[Any, Any, Any]) -> None:
         pass
 
 
-async def _ask(request: Request[Any, Any, Any], nc: Any, subject: str, payload: bytes,
-               timeout_s: float) -> Any:  # fmt: skip
-    """`nc.request`, abandoned as soon as the client goes away."""
+async def _ask(request: Request[Any, Any, Any], nc: Any, message: InteractiveRequest,
+               payload: bytes, timeout_s: float) -> Any:  # fmt: skip
+    """`nc.request`, abandoned as soon as the client goes away. A request abandoned after a
+    worker may have taken it (the client gone, no answer in time, the api stopping) is aborted
+    there too: an InteractiveAbort to the model's workers stops its work in the engine."""
+    subject = InteractiveRequest.subject_for(message.model)
     asked = asyncio.ensure_future(nc.request(subject, payload, timeout=timeout_s))
     gone = asyncio.ensure_future(_client_gone(request))
+    gave_up: str | None = "abandoned"  # why, while no answer came
     try:
         await asyncio.wait((asked, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not asked.done() or asked.cancelled():
+            gave_up = "client_closed"
+            raise ClientClosed("the client closed the connection before the answer came")
+        try:
+            reply = asked.result()
+        except nats.errors.NoRespondersError:
+            gave_up = None  # no worker took it
+            raise
+        except (TimeoutError, nats.errors.TimeoutError):
+            gave_up = "timeout"
+            raise
+        gave_up = None
+        return reply
     finally:
         for task in (asked, gone):
             task.cancel()
         with contextlib.suppress(BaseException):
             await gone
-    if not asked.done() or asked.cancelled():
-        raise ClientClosed("the client closed the connection before the answer came")
-    return asked.result()
+        if gave_up is not None:
+            await _abort(nc, message, gave_up)
+
+
+async def _abort(nc: Any, message: InteractiveRequest, reason: str) -> None:
+    """Tell the model's workers to stop a request the api no longer waits for (core NATS, no
+    reply: the worker running it aborts it, the others ignore it)."""
+    abort = InteractiveAbort(request_id=message.request_id, reason=reason)
+    try:
+        await nc.publish(InteractiveAbort.subject_for(message.model), _encoder.encode(abort))
+    except Exception as e:  # the worker then finishes it; nobody reads the answer
+        log.warning("request %s: abort not sent (%s): %r", message.request_id, reason, e)
+    else:
+        log.info(
+            "request %s: given up (%s), its worker told to abort it", message.request_id, reason
+        )
 
 
 async def _infer_in_slot(
@@ -173,7 +205,7 @@ async def _infer_in_slot(
     subject = InteractiveRequest.subject_for(probe.model)
     nc = deps.nc_sync or deps.nc
     try:
-        reply = await _ask(request, nc, subject, payload, deps.settings.sync_timeout_s)
+        reply = await _ask(request, nc, message, payload, deps.settings.sync_timeout_s)
     except nats.errors.NoRespondersError:
         raise Unavailable(f"no live worker for model {probe.model}") from None
     except (TimeoutError, nats.errors.TimeoutError):

@@ -87,7 +87,8 @@ async def _close_out_claimed(deps: DepsParam, batch_id: str) -> None:
         if row["total"] == 0:
             # Cancelled before its validation finished (or the api died validating it): count it.
             try:
-                errors, model, total = await ingest.check_input(deps, row, path)
+                check = await ingest.check_input(deps, row, path)
+                errors, model, total = check.errors, check.model, check.count
             except (RuntimeError, ValueError, MemoryError) as e:
                 # The validation itself failed (its child crashed): the cancel still ends the
                 # batch, with no lines to account for, rather than being retried forever.

@@ -3,7 +3,8 @@
 Reads: PostgreSQL (files, batches), file bytes under the data dir, KV bucket `jetbatch_workers`
 (heartbeats). Emits: REQUESTS `jetbatch.requests.<model>.<project>.batch` (one RequestMessage
 per input line, msg id `<batch_id>:<line>`), EVENTS `jetbatch.events.batch.failed` (invalid input
-file), and core requests on `jetbatch.interactive.<model>` (synchronous calls). Routes live in
+file), core requests on `jetbatch.interactive.<model>` (synchronous calls) and their aborts on
+`jetbatch.interactive.abort.<model>` (a call the api stopped waiting for). Routes live in
 files.py, batches.py (+ ingest.py, the background validation and publishing) and interactive.py;
 tenants (OpenAI's admin API) in organization.py and project_members.py. Every /v1 request is
 authenticated once by auth.py, which injects its `Caller` (project, admin or not).
@@ -27,7 +28,7 @@ from litestar import Litestar, Router, get
 from litestar.di import Provide
 from nats.aio.client import Client as NATS
 
-from schemas.messages import BatchEvent, InteractiveRequest, RequestMessage
+from schemas.messages import BatchEvent, InteractiveAbort, InteractiveRequest, RequestMessage
 from services.api import (
     admin,
     auth,
@@ -55,7 +56,13 @@ log = logging.getLogger(__name__)
 
 SERVICE = "api"
 CONSUMERS = (lifecycle.CONSUMER,)
-EMITS = (RequestMessage, BatchEvent, InteractiveRequest, "BatchStop into KV `jetbatch_cancelled`")
+EMITS = (
+    RequestMessage,
+    BatchEvent,
+    InteractiveRequest,
+    InteractiveAbort,
+    "BatchStop into KV `jetbatch_cancelled`",
+)
 # JSON bodies (batch creation, synchronous requests): a synchronous request travels as one NATS
 # message, 8 MB at most on a jetbatch server. Uploads have their own limit (max_file_bytes).
 MAX_JSON_BODY_BYTES = 8 * 1024 * 1024

@@ -27,6 +27,7 @@ from shared.errors import NotFound
 
 Order = Literal["asc", "desc"]
 Row: TypeAlias = asyncpg.Record
+Db: TypeAlias = asyncpg.Pool | asyncpg.Connection  # a pool, or a connection in a transaction
 
 _errors_decoder = msgspec.json.Decoder(BatchErrors | list[BatchError])
 _metadata_decoder = msgspec.json.Decoder(dict[str, str])
@@ -233,7 +234,7 @@ async def list_batches(
     return rows[:limit], len(rows) > limit
 
 
-async def fail_batch(pool: asyncpg.Pool, batch_id: str, errors: list[BatchError]) -> Row | None:
+async def fail_batch(pool: Db, batch_id: str, errors: list[BatchError]) -> Row | None:
     """validating -> failed with `errors`; None when the batch had left `validating`."""
     now = now_s()
     return await pool.fetchrow(
@@ -243,13 +244,17 @@ async def fail_batch(pool: asyncpg.Pool, batch_id: str, errors: list[BatchError]
     )  # fmt: skip
 
 
-async def start_batch(pool: asyncpg.Pool, batch_id: str, *, model: str, total: int) -> Row | None:
-    """validating -> in_progress, in one UPDATE; None when the batch had left `validating`."""
+async def start_batch(
+    pool: Db, batch_id: str, *, model: str, total: int, input_tokens: int = 0
+) -> Row | None:
+    """validating -> in_progress, in one UPDATE, with its input tokens (the queue limit's:
+    services/api/token_limit.py); None when the batch had left `validating`."""
     now = now_s()
     return await pool.fetchrow(
         "UPDATE batches SET status = 'in_progress', in_progress_at = $2, model = $3, total = $4,"
-        " updated_at = $2 WHERE id = $1 AND status = 'validating' RETURNING *",
-        batch_id, now, model, total,
+        " input_tokens_estimate = $5, updated_at = $2"
+        " WHERE id = $1 AND status = 'validating' RETURNING *",
+        batch_id, now, model, total, input_tokens,
     )  # fmt: skip
 
 

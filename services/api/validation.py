@@ -18,6 +18,7 @@ import msgspec
 
 from schemas.openai import BatchError, RequestLine
 from services.api.children import Child, killed_on_error, output_of, serve_one_job, spawn
+from services.api.tokens import TokenCounter
 from shared.errors import clip
 
 MAX_ERRORS = 100
@@ -315,6 +316,8 @@ class FileCheck:
     model: str | None
     count: int
     errors: list[BatchError]
+    input_tokens: int = 0  # of a valid file (services/api/tokens.py)
+    token_note: str | None = None  # why its tokens were estimated, not counted
 
 
 def validate_file(
@@ -324,19 +327,36 @@ def validate_file(
     models: Mapping[str, Sequence[str]],
     max_lines: int,
     max_line_bytes: int,
+    tokenizers: Mapping[str, str] | None = None,
 ) -> FileCheck:
-    """Pass 1 over a batch input file: stream it, check every line. Blocking: run it in a
-    thread, or in a child process (ValidationJob, validate_in_child)."""
+    """Pass 1 over a batch input file: stream it, check every line, and count a valid file's
+    input tokens (with its model's tokenizer when `tokenizers` names one: model -> directory;
+    by estimate otherwise). Blocking: run it in a thread, or in a child process
+    (ValidationJob, validate_in_child)."""
     validator = LineValidator(
         endpoint=endpoint, models=models, max_lines=max_lines, max_line_bytes=max_line_bytes
     )
+    counter: TokenCounter | None = None
     with open(path, "rb") as f:
         for number, line in iter_lines(f, max_line_bytes):
-            validator.feed(number, line)
+            valid = validator.feed(number, line)
+            if valid is not None and not validator.errors:  # a file with errors is not counted
+                if counter is None:
+                    tokenizer = (tokenizers or {}).get(validator.model or "")
+                    counter = TokenCounter(endpoint, tokenizer)
+                counter.add(valid.body)
             if validator.done:
                 break
     errors = validator.finish()
-    return FileCheck(model=validator.model, count=validator.count, errors=errors)
+    if errors or counter is None:
+        return FileCheck(model=validator.model, count=validator.count, errors=errors)
+    return FileCheck(
+        model=validator.model,
+        count=validator.count,
+        errors=errors,
+        input_tokens=counter.finish(),
+        token_note=counter.note,
+    )
 
 
 class ValidationJob(msgspec.Struct, frozen=True):
@@ -347,6 +367,8 @@ class ValidationJob(msgspec.Struct, frozen=True):
     models: dict[str, list[str]]
     max_lines: int
     max_line_bytes: int
+    # model -> its tokenizer's directory, for the models whose tokens are counted, not estimated
+    tokenizers: dict[str, str] = msgspec.field(default_factory=dict)
 
     def run(self) -> FileCheck:
         return validate_file(
@@ -355,6 +377,7 @@ class ValidationJob(msgspec.Struct, frozen=True):
             models=self.models,
             max_lines=self.max_lines,
             max_line_bytes=self.max_line_bytes,
+            tokenizers=self.tokenizers,
         )
 
 

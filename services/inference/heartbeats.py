@@ -1,6 +1,6 @@
 """The worker's heartbeat: WorkerHeartbeat into KV `jetbatch_workers` every few seconds (model,
-GPU readings, in flight against capacity and what vLLM sized that from, tokens/s), which also
-updates the GPU gate."""
+GPU readings, in flight against capacity and what vLLM sized that from, tokens/s, synchronous
+requests in flight and aborted), which also updates the GPU gate."""
 
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ class Heartbeats:
             max_model_len=sizing.max_model_len if sizing else None,
             kv_cache_blocks=sizing.kv_cache_blocks if sizing else None,
             kv_cache_tokens=sizing.kv_cache_tokens if sizing else None,
+            interactive_in_flight=w.lane.in_flight,
+            interactive_aborted=w.lane.aborted,
         )
 
     async def loop(self, kv, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]

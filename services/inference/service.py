@@ -5,7 +5,8 @@ Consumes: CONSUMER below, per model: REQUESTS `jetbatch.requests.<model>.>` as d
   JETBATCH_REQUEST_MAX_DELIVER, at most `engine.capacity` in the engine (intake.py).
 Serves: core NATS `jetbatch.interactive.<model>` (queue group `inference-<model>`), request/reply,
   for the synchronous API: interactive requests go straight to the engine, never behind the
-  queue (interactive.py).
+  queue (interactive.py); and `jetbatch.interactive.abort.<model>` (every worker), the api's
+  InteractiveAbort of one it stopped waiting for, which the worker running it aborts.
 Watches: KV `jetbatch_cancelled` (cancellations.py): a request of a cancelled or expired batch
   is answered with a `batch_cancelled` / `batch_expired` error result without running the
   engine, and one running when its batch stops is aborted in the engine.

@@ -15,7 +15,7 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig
 
-from schemas.messages import RequestMessage, ResultMessage, subject_matches
+from schemas.messages import InteractiveAbort, RequestMessage, ResultMessage, subject_matches
 from shared import bus
 from shared.embedded import EmbeddedNats
 from shared.nats_auth import (
@@ -43,6 +43,8 @@ PUBLISH_PROBES = [
     "jetbatch.control.batch.redrive",
     "jetbatch.deadletters.REQUESTS",
     "jetbatch.interactive.m",
+    InteractiveAbort.subject_for("m"),
+    "jetbatch.interactive.m.x",
     "$KV.jetbatch_cancelled.b",
     "$KV.jetbatch_workers.w",
     "$O.jetbatch_files.C.x",
@@ -71,6 +73,7 @@ SUBSCRIBE_PROBES = [
     f"jetbatch.results.{OTHER}.>",
     "jetbatch.events.>",
     "jetbatch.interactive.m",
+    InteractiveAbort.subject_for("m"),
     "$KV.jetbatch_cancelled.>",
     "$KV.jetbatch_workers.>",
     "$JS.API.>",
@@ -152,10 +155,18 @@ async def test_every_publish_and_subscribe_outside_a_role_is_refused(
     other_inboxes = {f"{inbox_prefix(u)}.x" for u in (*USERS, PUBLISHER) if u != user}
     assert other_inboxes <= refused_sub and "_INBOX.x" in refused_sub
     assert f"{inbox_prefix(user)}.x" not in refused_sub
+    abort = InteractiveAbort.subject_for("m")
     if user == "inference":
         assert {"jetbatch.events.batch.completed", "$KV.jetbatch_cancelled.b"} <= refused_pub
+        # It hears the api's aborts of synchronous requests but cannot abort anyone's.
+        assert abort in refused_pub and abort not in refused_sub
+    else:
+        assert abort in refused_sub
     if user == "api":
         assert ResultMessage.subject_for("b", PROJECT) in refused_pub
+        assert abort not in refused_pub
+    else:
+        assert abort in refused_pub
     if user == PUBLISHER:
         assert RequestMessage.subject_for("m", project=PROJECT) not in refused_pub
         assert RequestMessage.subject_for("m", project=OTHER) in refused_pub

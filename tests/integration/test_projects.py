@@ -417,7 +417,7 @@ async def test_migration_005_carries_existing_rows_into_the_default_project(
     finally:
         await conn.close()
 
-    assert await db.migrate(url) == ["005_projects"]
+    assert (await db.migrate(url))[0] == "005_projects"
     conn = await asyncpg.connect(url)
     try:
         for table in (
