@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -22,10 +20,8 @@ from openai.types import Batch
 from schemas.messages import BatchEvent, RequestMessage
 from services.api import ingest
 from services.api.deps import Deps
-from services.api.service import running
 from shared import bus, config
 from shared.db import connect_pool
-from shared.embedded import free_port
 from tests.helpers import API_KEY, CHAT, CHAT_MODEL, EMBED_MODEL, chat_line, wait_until
 from tests.openai_schema import validate
 
@@ -33,28 +29,12 @@ OTHER_CHAT_MODEL = "other-chat"
 
 
 @pytest.fixture
-def api_env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[str, str]:
+def api_env(base_api_env: dict[str, str]) -> dict[str, str]:
     return {
-        "JETBATCH_DATA_DIR": tempfile.mkdtemp(prefix="api-", dir=scratch_dir),
-        "JETBATCH_DATABASE_URL": database_url,
-        "JETBATCH_NATS_URL": nats_url,
-        "JETBATCH_ENGINE": "instant",
-        "JETBATCH_API_KEY": API_KEY,
-        "JETBATCH_API_PORT": str(free_port()),
+        **base_api_env,
         "JETBATCH_MODELS": f"{CHAT_MODEL},{OTHER_CHAT_MODEL}=/models/other@generate,{EMBED_MODEL}",
         "JETBATCH_MAX_BATCH_LINES": "50",
     }
-
-
-@pytest.fixture
-async def api(api_env: dict[str, str]) -> AsyncIterator[str]:
-    async with running(config.load(api_env)) as base_url:
-        yield base_url
-
-
-@pytest.fixture
-def client(api: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=api, api_key=API_KEY, max_retries=0)
 
 
 @pytest.fixture

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -16,31 +13,7 @@ import pytest
 
 from services.api.service import running
 from shared import bus, config
-from shared.embedded import free_port
 from tests.helpers import API_KEY, CHAT_MODEL, chat_line, stored_keys, stored_messages
-
-
-@pytest.fixture
-def api_env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[str, str]:
-    return {
-        "JETBATCH_DATA_DIR": tempfile.mkdtemp(prefix="api-", dir=scratch_dir),
-        "JETBATCH_DATABASE_URL": database_url,
-        "JETBATCH_NATS_URL": nats_url,
-        "JETBATCH_ENGINE": "instant",
-        "JETBATCH_API_KEY": API_KEY,
-        "JETBATCH_API_PORT": str(free_port()),
-    }
-
-
-@pytest.fixture
-async def api(api_env: dict[str, str]) -> AsyncIterator[str]:
-    async with running(config.load(api_env)) as base_url:
-        yield base_url
-
-
-@pytest.fixture
-def client(api: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=api, api_key=API_KEY, max_retries=0)
 
 
 async def objects(api_env: dict[str, str]) -> set[str]:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,34 +24,17 @@ from nats.aio.msg import Msg
 from schemas.messages import InteractiveRequest, ResultMessage, WorkerHeartbeat
 from services.api.service import running
 from shared import bus, config
-from shared.embedded import free_port
 from tests.helpers import API_KEY, CHAT_MODEL, EMBED_MODEL, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def api_env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[str, str]:
+def api_env(base_api_env: dict[str, str]) -> dict[str, str]:
     return {
-        "JETBATCH_DATA_DIR": tempfile.mkdtemp(prefix="api-", dir=scratch_dir),
-        "JETBATCH_DATABASE_URL": database_url,
-        "JETBATCH_NATS_URL": nats_url,
-        "JETBATCH_ENGINE": "instant",
-        "JETBATCH_API_KEY": API_KEY,
-        "JETBATCH_API_PORT": str(free_port()),
+        **base_api_env,
         "JETBATCH_HEARTBEAT_INTERVAL_S": "5",
     }
-
-
-@pytest.fixture
-async def api(api_env: dict[str, str]) -> AsyncIterator[str]:
-    async with running(config.load(api_env)) as base_url:
-        yield base_url
-
-
-@pytest.fixture
-def client(api: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=api, api_key=API_KEY, max_retries=0)
 
 
 @pytest.fixture

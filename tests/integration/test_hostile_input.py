@@ -7,38 +7,27 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import msgspec
 import nats
-import openai
 import pytest
 
 from schemas.messages import BatchCommand, InteractiveRequest, ResultMessage
 from services.api import http_limits, ingest
-from services.api.service import running
-from shared import config
-from shared.embedded import free_port
 from tests.helpers import API_KEY, CHAT, CHAT_MODEL, EMBED_MODEL, chat_body, chat_line, wait_until
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture
-def api_env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[str, str]:
+def api_env(base_api_env: dict[str, str]) -> dict[str, str]:
     return {
-        "JETBATCH_DATA_DIR": tempfile.mkdtemp(prefix="api-", dir=scratch_dir),
-        "JETBATCH_DATABASE_URL": database_url,
-        "JETBATCH_NATS_URL": nats_url,
-        "JETBATCH_ENGINE": "instant",
-        "JETBATCH_API_KEY": API_KEY,
-        "JETBATCH_API_PORT": str(free_port()),
+        **base_api_env,
         "JETBATCH_MODELS": f"{CHAT_MODEL},{EMBED_MODEL}",
         "JETBATCH_MAX_BATCH_LINES": "200",
         "JETBATCH_MAX_FILE_BYTES": str(4 * 1024 * 1024),
@@ -46,23 +35,6 @@ def api_env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[str, st
         "JETBATCH_MAX_SYNC_REQUESTS_PER_KEY": "1",
         "JETBATCH_VALIDATION_TIMEOUT_S": "30",
     }
-
-
-@pytest.fixture
-async def api(api_env: dict[str, str]) -> AsyncIterator[str]:
-    async with running(config.load(api_env)) as base_url:
-        yield base_url
-
-
-@pytest.fixture
-async def http(api: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=api, headers=AUTH, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture
-def client(api: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=api, api_key=API_KEY, max_retries=0)
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from services.api.service import running
-from shared import bus, config
-from shared.embedded import free_port
+from shared import bus
 from tests.helpers import API_KEY, wait_until
 from tests.webhook_helpers import (
     Notifier,
@@ -38,34 +35,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def api_env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[str, str]:
+def api_env(base_api_env: dict[str, str]) -> dict[str, str]:
     return {
-        "JETBATCH_DATA_DIR": tempfile.mkdtemp(prefix="api-", dir=scratch_dir),
-        "JETBATCH_DATABASE_URL": database_url,
-        "JETBATCH_NATS_URL": nats_url,
-        "JETBATCH_ENGINE": "instant",
-        "JETBATCH_API_KEY": API_KEY,
-        "JETBATCH_API_PORT": str(free_port()),
+        **base_api_env,
         "JETBATCH_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
     }
-
-
-@pytest.fixture
-async def api(api_env: dict[str, str]) -> AsyncIterator[str]:
-    async with running(config.load(api_env)) as base_url:
-        yield base_url
-
-
-@pytest.fixture
-def client(api: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=api, api_key=API_KEY, max_retries=0)
-
-
-@pytest.fixture
-async def http(api: str) -> AsyncIterator[httpx.AsyncClient]:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    async with httpx.AsyncClient(base_url=api, headers=headers, timeout=30) as c:
-        yield c
 
 
 @pytest.fixture
