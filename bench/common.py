@@ -345,6 +345,16 @@ def nats_url(system: System) -> str:
     raise RuntimeError("no service process with JETBATCH_NATS_URL found")
 
 
+def admin_nats_url(system: System) -> str:
+    """The embedded server's admin URL (`jetbatch up` keeps the credentials in its data dir):
+    for measurements outside jetbatch's roles, such as bench/echo.py's bare round trips."""
+    from shared.nats_auth import ADMIN, NatsAuth
+
+    auth = NatsAuth.load_or_create(system.data_dir / "nats" / "nats-auth.json")
+    server = nats_url(system).split(",")[0].rpartition("@")[2]  # host:port, no credentials
+    return auth.url(f"nats://{server}", ADMIN)
+
+
 def _live_models(system: System) -> set[str]:
     """Models with a fresh worker heartbeat in the KV bucket (not through the api, so a broken
     route cannot stall a benchmark's start)."""

@@ -17,8 +17,8 @@ from bench.common import (
     API_KEY,
     CHAT_MODEL,
     ForeignLoad,
+    admin_nats_url,
     client_gc_paused,
-    nats_url,
     percentile,
     quiet_machine,
     running_system,
@@ -81,7 +81,7 @@ class _BatchStatus:
 def _bare_nats(system: Any, client: Any, input_file_id: str) -> tuple[list[float], list[float]]:
     """The floor (bench/echo.py): bare NATS round trips between two plain Python processes,
     idle and then while a second batch on the same file runs, timed the same way."""
-    url = nats_url(system)
+    url = admin_nats_url(system)  # plain NATS, outside jetbatch's roles and their permissions
     responder = echo.start_responder(url)
     try:
         asyncio.run(echo.round_trips(url, count=WARMUP_REQUESTS))
