@@ -9,6 +9,7 @@ import inspect
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, Final, TypeVar, overload
 
 # The models the instant and vLLM engines serve by default (shared.config).
@@ -179,3 +180,15 @@ async def stored_messages(nats_url: str) -> int:
         return (await nc.jetstream().stream_info(files.stream)).state.messages
     finally:
         await nc.close()
+
+
+def default_models_dir() -> Path:
+    """The default models, converted where `python -m services.inference.models` leaves them for
+    this checkout (converted now if they are not yet). A missing model package raises: a test
+    that needs the real tokenizer fails without it, it is never skipped."""
+    from services.inference.models import prepare_models
+    from shared.config import Settings
+
+    models = Path(__file__).resolve().parent.parent / ".jetbatch" / "models"
+    prepare_models(Settings(models_cache_dir=models))
+    return models

@@ -8,17 +8,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from services.api import tokens
 from services.api.tokens import TokenCounter, estimate
 from services.api.validation import ValidationJob, validate_file, validate_in_child
-from services.inference.models import ModelNotAvailable, _minilm_dir
-from tests.helpers import CHAT, CHAT_MODEL, COMPLETIONS, EMBED_MODEL, EMBEDDINGS
+from services.inference.models import _minilm_dir
+from tests.helpers import (
+    CHAT,
+    CHAT_MODEL,
+    COMPLETIONS,
+    EMBED_MODEL,
+    EMBEDDINGS,
+    default_models_dir,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-# The converted chat model, where `python -m services.inference.models` left it for this checkout.
-SMOLLM2 = REPO / ".jetbatch" / "models" / CHAT_MODEL
 
 
 def body(**fields: Any) -> bytes:
@@ -26,16 +29,11 @@ def body(**fields: Any) -> bytes:
 
 
 def minilm() -> str:
-    try:
-        return str(_minilm_dir())
-    except ModelNotAvailable:
-        pytest.skip("the all-MiniLM-L6-v2 package is not installed")
+    return str(_minilm_dir())  # raises ModelNotAvailable if the package is missing
 
 
 def smollm2() -> str:
-    if not (SMOLLM2 / "tokenizer.json").exists():
-        pytest.skip(f"{SMOLLM2} is not converted (python -m services.inference.models)")
-    return str(SMOLLM2)
+    return str(default_models_dir() / CHAT_MODEL)
 
 
 def test_without_a_tokenizer_a_line_counts_its_body_bytes_over_4() -> None:
