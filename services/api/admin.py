@@ -25,6 +25,7 @@ from schemas.messages import WorkerHeartbeat
 from services.api import store
 from services.api.auth import ADMIN
 from services.api.deps import DepsParam
+from services.api.pages import list_page
 from shared import bus
 from shared.errors import InvalidRequest, NotFound, Unavailable
 
@@ -159,12 +160,7 @@ async def list_dead_letters(
         deps.pool, limit=limit, after=after, batch_id=batch_id
     )
     data = [dead_letter_from_row(r) for r in rows]
-    return DeadLetterList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=has_more,
-    )
+    return list_page(DeadLetterList, data, has_more)
 
 
 @get("/dead_letters/{dead_letter_id:int}", opt=ADMIN)

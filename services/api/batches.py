@@ -18,6 +18,7 @@ from services.api.auth import CallerParam
 from services.api.deps import DepsParam
 from services.api.files import not_found as file_not_found
 from services.api.ingest import run_process_batch
+from services.api.pages import list_page
 from services.api.store import now_s
 from shared.config import LimitSettings, Settings
 from shared.errors import Conflict, InvalidRequest, NotFound, RateLimited
@@ -156,12 +157,7 @@ async def list_batches(
         deps.pool, limit=limit, after=cursor, project=caller.scope
     )
     data = [store.batch_from_row(r) for r in rows]
-    return BatchList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=has_more,
-    )
+    return list_page(BatchList, data, has_more)
 
 
 @post("/batches/{batch_id:str}/cancel", status_code=200)

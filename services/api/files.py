@@ -13,6 +13,7 @@ from schemas.openai import DeletedFile, FileList, FilePurpose, OpenAIFile
 from services.api import store, uploads
 from services.api.auth import CallerParam
 from services.api.deps import DepsParam
+from services.api.pages import list_page
 from shared.domain import retention
 from shared.errors import InvalidRequest, NotFound
 from shared.ids import new_id
@@ -169,12 +170,7 @@ async def list_files(
         project=caller.scope,
     )
     data = [store.file_from_row(r) for r in rows]
-    return FileList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=has_more,
-    )
+    return list_page(FileList, data, has_more)
 
 
 @delete("/files/{file_id:str}", status_code=200)

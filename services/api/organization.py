@@ -31,6 +31,7 @@ from schemas.organization import (
 from services.api import tenants
 from services.api.auth import ADMIN
 from services.api.deps import DepsParam
+from services.api.pages import list_page
 from services.api.store import now_s
 from shared.errors import NotFound
 
@@ -98,12 +99,7 @@ async def list_admin_keys(
         raise NotFound(f"No such admin API key: {after}", param="after")
     rows, has_more = page
     data = [admin_key_from_row(r) for r in rows]
-    return AdminApiKeyList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=has_more,
-    )
+    return list_page(AdminApiKeyList, data, has_more)
 
 
 @get("/organization/admin_api_keys/{key_id:str}", opt=ADMIN)
@@ -158,12 +154,7 @@ async def list_projects(
         raise NotFound(f"No such project: {after}", param="after")
     rows, has_more = page
     data = [project_from_row(r) for r in rows]
-    return ProjectList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=has_more,
-    )
+    return list_page(ProjectList, data, has_more)
 
 
 @get("/organization/projects/{project_id:str}", opt=ADMIN)

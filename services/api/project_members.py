@@ -37,6 +37,7 @@ from services.api import tenants
 from services.api.auth import ADMIN
 from services.api.deps import DepsParam
 from services.api.organization import live_project
+from services.api.pages import list_page
 from services.api.store import now_s
 from shared.errors import Conflict, NotFound
 
@@ -117,12 +118,7 @@ async def list_service_accounts(
         raise NotFound(f"No such service account: {after}", param="after")
     rows, has_more = page
     data = [account_from_row(r) for r in rows]
-    return ServiceAccountList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=has_more,
-    )
+    return list_page(ServiceAccountList, data, has_more)
 
 
 @get(f"{PROJECT}/service_accounts/{{service_account_id:str}}", opt=ADMIN)
@@ -220,12 +216,7 @@ async def list_project_keys(
         raise NotFound(f"No such API key: {after}", param="after")
     rows, has_more = page
     data = [project_key_from_row(r) for r in rows]
-    return ProjectApiKeyList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=has_more,
-    )
+    return list_page(ProjectApiKeyList, data, has_more)
 
 
 @get(f"{PROJECT}/api_keys/{{api_key_id:str}}", opt=ADMIN)
@@ -273,12 +264,7 @@ async def list_rate_limits(
     start = ids.index(after) + 1 if after in ids else 0
     end = ids.index(before) if before in ids else len(every)
     data = every[start:end][:limit]
-    return RateLimitList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=start + len(data) < end,
-    )
+    return list_page(RateLimitList, data, start + len(data) < end)
 
 
 @post(f"{PROJECT}/rate_limits/{{rate_limit_id:str}}", status_code=200, opt=ADMIN)

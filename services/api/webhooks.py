@@ -40,6 +40,7 @@ from schemas.webhooks import (
 )
 from services.api.auth import CallerParam
 from services.api.deps import DepsParam
+from services.api.pages import list_page
 from services.api.store import now_s
 from shared.config import ConfigError, check_webhook_secret
 from shared.domain.webhooks import UnsafeUrl, check_url, host_key, new_secret, secret_hint
@@ -209,12 +210,7 @@ async def list_endpoints(
         cursor, limit + 1, caller.scope,
     )  # fmt: skip
     data = [endpoint_from_row(r) for r in rows[:limit]]
-    return WebhookEndpointList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=len(rows) > limit,
-    )
+    return list_page(WebhookEndpointList, data, len(rows) > limit)
 
 
 async def _live_endpoint(deps: DepsParam, endpoint_id: str, scope: str | None) -> asyncpg.Record:
@@ -355,12 +351,7 @@ async def list_deliveries(
         status, batch_id, cursor, limit + 1, caller.scope,
     )  # fmt: skip
     data = [delivery_from_row(r) for r in rows[:limit]]
-    return WebhookDeliveryList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=len(rows) > limit,
-    )
+    return list_page(WebhookDeliveryList, data, len(rows) > limit)
 
 
 async def _delivery_with_attempts(
