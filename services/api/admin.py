@@ -39,7 +39,17 @@ _heartbeat_decoder = msgspec.json.Decoder(WorkerHeartbeat)
 
 
 async def read_heartbeats(deps: DepsParam) -> list[WorkerHeartbeat]:
-    """Every heartbeat in the workers KV bucket (undecodable ones skipped)."""
+    """Every heartbeat in the workers KV bucket (undecodable ones skipped).
+
+    nats-py's watch can signal "no more initial values" before the values it has already been
+    sent are counted (it compares the consumer's num_pending with what its subscription has
+    seen so far), so under load an occupied bucket can read as empty; an empty read is asked
+    again once."""
+    beats = await _read_heartbeats_once(deps)
+    return beats or await _read_heartbeats_once(deps)
+
+
+async def _read_heartbeats_once(deps: DepsParam) -> list[WorkerHeartbeat]:
     beats: list[WorkerHeartbeat] = []
     watcher = await deps.workers.watchall(ignore_deletes=True)
     try:
