@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from services.migrate import migrate
-from shared import bus, config, nats_auth, process
+from shared import bus, config, config_sections, nats_auth, process
 from shared.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, private_dir
 from shared.nats_auth import write_private
 
@@ -65,7 +65,7 @@ def ensure_webhook_secret(settings: config.Settings) -> str:
         return settings.webhooks.secret
     path = settings.data_dir / "webhook-secret"
     if path.exists() and path.read_text().strip():
-        return config.check_webhook_secret(str(path), path.read_text().strip())
+        return config_sections.check_webhook_secret(str(path), path.read_text().strip())
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     write_private(path, secret + "\n")
     return secret
@@ -119,7 +119,7 @@ def service_env(
             "JETBATCH_WEBHOOK_SECRET": webhook_secret,
             # A receiver on this machine works out of the box; other private ranges stay refused.
             "JETBATCH_WEBHOOK_ALLOWED_NETWORKS": os.environ.get(
-                "JETBATCH_WEBHOOK_ALLOWED_NETWORKS", config.LOOPBACK_NETWORKS
+                "JETBATCH_WEBHOOK_ALLOWED_NETWORKS", config_sections.LOOPBACK_NETWORKS
             ),
             "JETBATCH_DATA_DIR": str(settings.data_dir),
             "JETBATCH_ENGINE": settings.engine,

@@ -42,7 +42,8 @@ from services.api.auth import CallerParam
 from services.api.deps import DepsParam
 from services.api.pages import list_page
 from services.api.store import now_s
-from shared.config import ConfigError, check_webhook_secret
+from shared.config import ConfigError
+from shared.config_sections import check_webhook_secret
 from shared.domain.webhooks import UnsafeUrl, check_url, host_key, new_secret, secret_hint
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.ids import new_id

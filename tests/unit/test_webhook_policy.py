@@ -15,7 +15,7 @@ import pytest
 from schemas.messages import BatchEvent
 from services.supervisor import ensure_webhook_secret
 from services.webhook_notifier import sender, service, store
-from shared import config
+from shared import config, config_sections
 from shared.config import WebhookSettings
 from shared.domain.webhooks import (
     GuardedResolver,
@@ -99,7 +99,7 @@ def test_only_public_unicast_addresses_are_allowed_by_default(address: str, allo
 
 
 def test_operator_allowed_networks_open_exactly_those_ranges() -> None:
-    allowed = config.parse_networks("X", "127.0.0.0/8, 10.1.0.0/16")
+    allowed = config_sections.parse_networks("X", "127.0.0.0/8, 10.1.0.0/16")
     assert allowed == ("127.0.0.0/8", "10.1.0.0/16")
     assert address_allowed("127.0.0.2", allowed)
     assert address_allowed("::ffff:127.0.0.1", allowed)
@@ -243,7 +243,7 @@ def test_a_bad_batch_webhook_url_is_dead_lettered_with_the_reason() -> None:
 def test_jetbatch_up_generates_a_webhook_secret_once_and_keeps_it(tmp_path: Path) -> None:
     settings = config.load({"JETBATCH_DATA_DIR": str(tmp_path)})
     secret = ensure_webhook_secret(settings)
-    assert config.check_webhook_secret("generated", secret) == secret
+    assert config_sections.check_webhook_secret("generated", secret) == secret
     saved = tmp_path / "webhook-secret"
     assert saved.read_text().strip() == secret
     assert saved.stat().st_mode & 0o777 == 0o600
