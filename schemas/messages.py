@@ -128,6 +128,9 @@ class ResultMessage(BusMessage, kw_only=True, frozen=True):
     worker_id: str = ""
     finished_at_ms: int = 0
     project: str = DEFAULT_PROJECT_ID
+    # GPU milliseconds the request used: its share of its engine's busy time (shared equally by
+    # the requests in the engine at each moment) times the GPUs the worker owns; 0 when unknown.
+    gpu_ms: int = 0
 
     @staticmethod
     def subject_for(batch_id: str, project: str = DEFAULT_PROJECT_ID) -> str:
@@ -190,20 +193,30 @@ class ResultMessage(BusMessage, kw_only=True, frozen=True):
 
 
 class BatchEvent(BusMessage, kw_only=True, frozen=True):
-    """A batch reached a final state. Published to EVENTS on `jetbatch.events.batch.<status>`
-    with `Nats-Msg-Id: <event_id>`; the webhook notifier delivers it."""
+    """A batch reached a final state. Published to EVENTS on
+    `jetbatch.events.batch.<project>.<status>` with `Nats-Msg-Id: <event_id>`; the webhook
+    notifier delivers it. The project is a token of its own, so that a subscriber can be allowed
+    one project's events and no other's. Events published before projects (`legacy_subject`)
+    are still delivered (the notifier reads `jetbatch.events.batch.>`)."""
 
-    subject: ClassVar[str] = "jetbatch.events.batch.{status}"
+    subject: ClassVar[str] = "jetbatch.events.batch.{project}.{status}"
+    legacy_subject: ClassVar[str] = "jetbatch.events.batch.{status}"
 
     id: str  # evt_...
     type: Literal["batch.completed", "batch.failed", "batch.cancelled", "batch.expired"]
     batch_id: str
     created_at: int
     metadata: dict[str, str] | None = None
+    project: str = DEFAULT_PROJECT_ID
 
     @staticmethod
-    def subject_for(type_: str) -> str:
-        return BatchEvent.subject_with(status=type_.removeprefix("batch."))
+    def subject_for(type_: str, project: str = DEFAULT_PROJECT_ID) -> str:
+        return BatchEvent.subject_with(project=project, status=type_.removeprefix("batch."))
+
+    @property
+    def published_on(self) -> str:
+        """The subject this event is published on."""
+        return BatchEvent.subject_for(self.type, self.project)
 
 
 class WorkerHeartbeat(msgspec.Struct, kw_only=True, frozen=True):
@@ -240,35 +253,39 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class InteractiveRequest(BusMessage, kw_only=True, frozen=True):
-    """A synchronous request over NATS request/reply on `jetbatch.interactive.<model>`
-    (queue group per model); the reply is a ResultMessage."""
+    """A synchronous request over NATS request/reply on `jetbatch.interactive.<model>.<project>`
+    (queue group per model); the reply is a ResultMessage. Requests of an api from before
+    projects (`legacy_subject`) are still answered."""
 
-    subject: ClassVar[str] = "jetbatch.interactive.{model}"
+    subject: ClassVar[str] = "jetbatch.interactive.{model}.{project}"
+    legacy_subject: ClassVar[str] = "jetbatch.interactive.{model}"
 
     request_id: str
     endpoint: str
     model: str
     body: msgspec.Raw
+    project: str = DEFAULT_PROJECT_ID
 
     @staticmethod
-    def subject_for(model: str) -> str:
-        return InteractiveRequest.subject_with(model=model)
+    def subject_for(model: str, project: str = DEFAULT_PROJECT_ID) -> str:
+        return InteractiveRequest.subject_with(model=model, project=project)
 
 
 class InteractiveAbort(BusMessage, kw_only=True, frozen=True):
-    """Core NATS (no JetStream, no reply) on `jetbatch.interactive.abort.<model>`, from the api to
-    every worker of the model (no queue group) when it stops waiting for a synchronous request:
+    """Core NATS (no JetStream, no reply) on `jetbatch.interactive.abort.<model>.<project>`
+    (one token more than a request, so neither subject matches the other's filter), from the api
+    to every worker of the model (no queue group) when it stops waiting for a synchronous request:
     its client went away, no answer came in time, or the api is stopping. The worker running the
     request aborts it in the engine; the others ignore it."""
 
-    subject: ClassVar[str] = "jetbatch.interactive.abort.{model}"
+    subject: ClassVar[str] = "jetbatch.interactive.abort.{model}.{project}"
 
     request_id: str
     reason: str = "client_closed"  # "client_closed" | "timeout" | "abandoned"
 
     @staticmethod
-    def subject_for(model: str) -> str:
-        return InteractiveAbort.subject_with(model=model)
+    def subject_for(model: str, project: str = DEFAULT_PROJECT_ID) -> str:
+        return InteractiveAbort.subject_with(model=model, project=project)
 
 
 StopReason = Literal["cancelled", "expired"]

@@ -99,12 +99,14 @@ def inbox_prefix(user: str) -> str:
 
 
 ALL = (*STREAMS, *BUCKET_STREAMS)
-# Synchronous requests (`jetbatch.interactive.<model>`) and their aborts
-# (`jetbatch.interactive.abort.<model>`): the api sends both; workers only receive them (and
-# answer requests on the api's reply subjects), so no worker can abort another's requests.
+# Synchronous requests (`jetbatch.interactive.<model>.<project>`, and an older api's
+# `jetbatch.interactive.<model>`) and their aborts (`jetbatch.interactive.abort.<model>.<project>`):
+# the api sends both; workers only receive them (and answer requests on the api's reply
+# subjects), so no worker can abort another's requests.
 INTERACTIVE = (
-    InteractiveRequest.subject.format(model="*"),
-    InteractiveAbort.subject.format(model="*"),
+    InteractiveRequest.subject.format(model="*", project="*"),
+    InteractiveRequest.legacy_subject.format(model="*"),
+    InteractiveAbort.subject.format(model="*", project="*"),
 )
 _KV_WORKERS, _KV_CANCELLED, _OBJ_FILES = BUCKET_STREAMS
 

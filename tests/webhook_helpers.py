@@ -166,7 +166,11 @@ async def publish(
     batch_id: str,
     type_: str = "batch.completed",
     metadata: dict[str, str] | None = None,
+    *,
+    legacy: bool = False,
 ) -> BatchEvent:
+    """Publish a batch event as the results writer does, or (`legacy`) on the subject of a
+    version before projects (`jetbatch.events.batch.<status>`)."""
     event = BatchEvent(
         id=new_id("evt_"),
         type=type_,
@@ -174,9 +178,12 @@ async def publish(
         created_at=1700000100,
         metadata=metadata,  # type: ignore[arg-type]
     )
-    await js.publish(
-        BatchEvent.subject_for(type_), msgspec.json.encode(event), headers={"Nats-Msg-Id": event.id}
+    subject = (
+        BatchEvent.legacy_subject.format(status=type_.removeprefix("batch."))
+        if legacy
+        else event.published_on
     )
+    await js.publish(subject, msgspec.json.encode(event), headers={"Nats-Msg-Id": event.id})
     return event
 
 

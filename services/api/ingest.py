@@ -5,7 +5,7 @@ naming the lines; services/api/validation.py). Pass 2 streams it again and publi
 RequestMessage per line to REQUESTS (services/api/publishing.py), then sets `published_at`. Both
 run in child processes of the api, started ahead of need (`Deps.validators`,
 `Deps.publishers`), off the process serving HTTP.
-Emits `jetbatch.events.batch.failed` (a BatchEvent) for an invalid file, and for one over its
+Emits `jetbatch.events.batch.<project>.failed` (a BatchEvent) for an invalid file, and for one over its
 project's batch queue limit for the model (`token_limit_exceeded`, services/api/token_limit.py:
 the validation counts the file's input tokens).
 
@@ -288,7 +288,8 @@ async def _emit_failed(deps: DepsParam, row: store.Row) -> None:
         batch_id=batch.id,
         created_at=batch.failed_at or store.now_s(),
         metadata=batch.metadata,
+        project=row["project_id"],
     )
     publisher = Publisher(deps.js)
-    await publisher.publish(BatchEvent.subject_for(event.type), _encoder.encode(event), event.id)
+    await publisher.publish(event.published_on, _encoder.encode(event), event.id)
     await publisher.flush()

@@ -1,8 +1,8 @@
 """`/v1/models` (served models and their live workers) and synchronous inference:
 `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` over NATS core request/reply on
-`jetbatch.interactive.<model>` (InteractiveRequest out, the worker's ResultMessage back). A
+`jetbatch.interactive.<model>.<project>` (InteractiveRequest out, the worker's ResultMessage back). A
 request the api stops waiting for (its client gone, no answer in time) is aborted on the worker
-with an InteractiveAbort on `jetbatch.interactive.abort.<model>`."""
+with an InteractiveAbort on `jetbatch.interactive.abort.<model>.<project>`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from litestar import Request, Response, get, post
 
 from schemas.messages import InteractiveAbort, InteractiveRequest, ResultMessage
 from schemas.openai import ErrorDetail, ErrorResponse, Model, ModelList
+from schemas.projects import DEFAULT_PROJECT_ID
 from services.api.admin import read_heartbeats
 from services.api.concurrency import caller_of
 from services.api.deps import DepsParam
@@ -124,7 +125,7 @@ async def _ask(request: Request[Any, Any, Any], nc: Any, message: InteractiveReq
     """`nc.request`, abandoned as soon as the client goes away. A request abandoned after a
     worker may have taken it (the client gone, no answer in time, the api stopping) is aborted
     there too: an InteractiveAbort to the model's workers stops its work in the engine."""
-    subject = InteractiveRequest.subject_for(message.model)
+    subject = InteractiveRequest.subject_for(message.model, message.project)
     asked = asyncio.ensure_future(nc.request(subject, payload, timeout=timeout_s))
     gone = asyncio.ensure_future(_client_gone(request))
     gave_up: str | None = "abandoned"  # why, while no answer came
@@ -157,7 +158,9 @@ async def _abort(nc: Any, message: InteractiveRequest, reason: str) -> None:
     reply: the worker running it aborts it, the others ignore it)."""
     abort = InteractiveAbort(request_id=message.request_id, reason=reason)
     try:
-        await nc.publish(InteractiveAbort.subject_for(message.model), _encoder.encode(abort))
+        await nc.publish(
+            InteractiveAbort.subject_for(message.model, message.project), _encoder.encode(abort)
+        )
     except Exception as e:  # the worker then finishes it; nobody reads the answer
         log.warning("request %s: abort not sent (%s): %r", message.request_id, reason, e)
     else:
@@ -193,8 +196,13 @@ async def _infer_in_slot(
         )
     if probe.stream is True:
         raise InvalidRequest("streaming is not supported by this deployment", param="stream")
+    caller = getattr(request.state, "caller", None)
     message = InteractiveRequest(
-        request_id=new_id("req_"), endpoint=endpoint, model=probe.model, body=msgspec.Raw(raw)
+        request_id=new_id("req_"),
+        endpoint=endpoint,
+        model=probe.model,
+        body=msgspec.Raw(raw),
+        project=caller.project_id if caller is not None else DEFAULT_PROJECT_ID,
     )
     payload = _encoder.encode(message)
     if len(payload) > deps.nc.max_payload:
@@ -202,7 +210,7 @@ async def _infer_in_slot(
             f"the request is larger than {deps.nc.max_payload} bytes, the largest this deployment "
             "carries"
         )
-    subject = InteractiveRequest.subject_for(probe.model)
+    subject = InteractiveRequest.subject_for(probe.model, message.project)
     nc = deps.nc_sync or deps.nc
     try:
         reply = await _ask(request, nc, message, payload, deps.settings.sync_timeout_s)

@@ -2,9 +2,9 @@
 
 Reads: PostgreSQL (files, batches), file bytes under the data dir, KV bucket `jetbatch_workers`
 (heartbeats). Emits: REQUESTS `jetbatch.requests.<model>.<project>.batch` (one RequestMessage
-per input line, msg id `<batch_id>:<line>`), EVENTS `jetbatch.events.batch.failed` (invalid input
-file), core requests on `jetbatch.interactive.<model>` (synchronous calls) and their aborts on
-`jetbatch.interactive.abort.<model>` (a call the api stopped waiting for). Routes live in
+per input line, msg id `<batch_id>:<line>`), EVENTS `jetbatch.events.batch.<project>.failed` (invalid input
+file), core requests on `jetbatch.interactive.<model>.<project>` (synchronous calls) and their aborts on
+`jetbatch.interactive.abort.<model>.<project>` (a call the api stopped waiting for). Routes live in
 files.py, batches.py (+ ingest.py, the background validation and publishing) and interactive.py;
 tenants (OpenAI's admin API) in organization.py and project_members.py. Every /v1 request is
 authenticated once by auth.py, which injects its `Caller` (project, admin or not).

@@ -1,10 +1,10 @@
 """The worker's sync lane: synchronous requests over core NATS request/reply on
-`jetbatch.interactive.<model>` (queue group `inference-<model>`), served from a thread and a
+`jetbatch.interactive.<model>.<project>` (queue group `inference-<model>`), served from a thread and a
 NATS connection of their own (shared.lane), so a request never waits behind a batch's
 deliveries, its results or the main loop's slices of batch work.
 
 A request the api gives up on (its client went away, no answer in time) is aborted here too:
-the api publishes an InteractiveAbort on `jetbatch.interactive.abort.<model>`, which every
+the api publishes an InteractiveAbort on `jetbatch.interactive.abort.<model>.<project>`, which every
 worker of the model receives (no queue group); the one running that request cancels it in the
 engine (for vLLM: the request is aborted in the EngineCore, as `vllm serve` does for a client
 that disconnects) and answers 499, the others ignore it. An abort that comes before its request
@@ -71,12 +71,16 @@ class SyncLane:
         spec = self.worker.spec
         self._engine_loop = engine_loop
         # Aborts first: once requests come, their aborts are heard.
-        await nc.subscribe(InteractiveAbort.subject_for(spec.name), cb=self._on_abort)
+        model = subject_token(spec.name)
         await nc.subscribe(
-            InteractiveRequest.subject_for(spec.name),
-            queue=f"inference-{subject_token(spec.name)}",
-            cb=self._on_request,
+            InteractiveAbort.subject.format(model=model, project="*"), cb=self._on_abort
         )
+        # Every project's requests, and those of an api from before projects, in one queue group.
+        for subject in (
+            InteractiveRequest.subject.format(model=model, project="*"),
+            InteractiveRequest.legacy_subject.format(model=model),
+        ):
+            await nc.subscribe(subject, queue=f"inference-{model}", cb=self._on_request)
 
     async def _on_request(self, msg: Msg) -> None:
         engine_loop = self._engine_loop

@@ -148,8 +148,9 @@ class Finalizer:
             batch_id=batch.id,
             created_at=now,
             metadata=_metadata(batch),
+            project=batch.project_id,
         )
-        subject = BatchEvent.subject_for(type_)
+        subject = event.published_on
         with tracer.start_as_current_span(f"{subject} publish"):
             publisher = bus.Publisher(self._js)
             await publisher.publish(subject, _encoder.encode(event), event.id)

@@ -8,6 +8,8 @@ from typing import Any
 
 import asyncpg
 
+from schemas.projects import DEFAULT_PROJECT_ID
+
 # Results are written only while a batch can still change. `validating` is included because the
 # api publishes requests while it is still reading the file, so results may beat the status
 # change. A batch in `finalizing` or a terminal status has every line accounted for (or none
@@ -206,13 +208,14 @@ class BatchToFinalize:
     # 'expired': the watchdog found it past expires_at; it closes as `expired`, not `completed`
     ending: str | None = None
     closed_out_at: int | None = None  # every line has a row (cancelled/expired batches)
+    project_id: str = DEFAULT_PROJECT_ID
 
 
 async def load_batch(conn: asyncpg.Connection, batch_id: str) -> BatchToFinalize | None:
     row = await conn.fetchrow(
         """
         SELECT id, status, total, completed, failed, metadata::text AS metadata_json,
-               output_expires_after, ending, closed_out_at
+               output_expires_after, ending, closed_out_at, project_id
         FROM batches WHERE id = $1
         """,
         batch_id,

@@ -1,7 +1,7 @@
 """webhook_notifier: tells clients that a batch ended, with Standard-Webhooks-signed POSTs.
 
 Consumes: CONSUMER below, stream EVENTS as durable `webhook_notifier`, BatchEvent on
-`jetbatch.events.batch.<status>`, a fetch of up to 100 at a time, max_deliver unlimited (an event
+`jetbatch.events.batch.<project>.<status>`, a fetch of up to 100 at a time, max_deliver unlimited (an event
 is data that must reach the database). Each fetch becomes one transaction that inserts a delivery
 per destination (idempotent on (event_id, destination)) and is acked after its commit. An event
 that does not decode, or that PostgreSQL cannot store, is a dead letter (table `dead_letters`).

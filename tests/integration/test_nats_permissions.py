@@ -15,7 +15,14 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig
 
-from schemas.messages import InteractiveAbort, RequestMessage, ResultMessage, subject_matches
+from schemas.messages import (
+    BatchEvent,
+    InteractiveAbort,
+    InteractiveRequest,
+    RequestMessage,
+    ResultMessage,
+    subject_matches,
+)
 from shared import bus
 from shared.embedded import EmbeddedNats
 from shared.nats_auth import (
@@ -40,11 +47,13 @@ PUBLISH_PROBES = [
     ResultMessage.subject_for("b", OTHER),
     "jetbatch.results.b",
     "jetbatch.events.batch.completed",
+    BatchEvent.subject_for("batch.completed", PROJECT),
     "jetbatch.control.batch.redrive",
     "jetbatch.deadletters.REQUESTS",
     "jetbatch.interactive.m",
-    InteractiveAbort.subject_for("m"),
-    "jetbatch.interactive.m.x",
+    InteractiveRequest.subject_for("m", PROJECT),
+    InteractiveAbort.subject_for("m", PROJECT),
+    "jetbatch.interactive.m.x.y",
     "$KV.jetbatch_cancelled.b",
     "$KV.jetbatch_workers.w",
     "$O.jetbatch_files.C.x",
@@ -73,7 +82,8 @@ SUBSCRIBE_PROBES = [
     f"jetbatch.results.{OTHER}.>",
     "jetbatch.events.>",
     "jetbatch.interactive.m",
-    InteractiveAbort.subject_for("m"),
+    "jetbatch.interactive.m.*",
+    InteractiveAbort.subject_for("m", PROJECT),
     "$KV.jetbatch_cancelled.>",
     "$KV.jetbatch_workers.>",
     "$JS.API.>",
@@ -155,9 +165,11 @@ async def test_every_publish_and_subscribe_outside_a_role_is_refused(
     other_inboxes = {f"{inbox_prefix(u)}.x" for u in (*USERS, PUBLISHER) if u != user}
     assert other_inboxes <= refused_sub and "_INBOX.x" in refused_sub
     assert f"{inbox_prefix(user)}.x" not in refused_sub
-    abort = InteractiveAbort.subject_for("m")
+    abort = InteractiveAbort.subject_for("m", PROJECT)
+    event = BatchEvent.subject_for("batch.completed", PROJECT)
     if user == "inference":
-        assert {"jetbatch.events.batch.completed", "$KV.jetbatch_cancelled.b"} <= refused_pub
+        assert {event, "$KV.jetbatch_cancelled.b"} <= refused_pub
+        assert {"jetbatch.interactive.m", "jetbatch.interactive.m.*"}.isdisjoint(refused_sub)
         # It hears the api's aborts of synchronous requests but cannot abort anyone's.
         assert abort in refused_pub and abort not in refused_sub
     else:
@@ -165,6 +177,7 @@ async def test_every_publish_and_subscribe_outside_a_role_is_refused(
     if user == "api":
         assert ResultMessage.subject_for("b", PROJECT) in refused_pub
         assert abort not in refused_pub
+        assert InteractiveRequest.subject_for("m", PROJECT) not in refused_pub
     else:
         assert abort in refused_pub
     if user == PUBLISHER:

@@ -272,7 +272,7 @@ async def test_batch_is_written_finalized_and_announced(
     events = await batch_events(js)
     assert len(events) == 1
     subject, event, msg_id = events[0]
-    assert subject == "jetbatch.events.batch.completed"
+    assert subject == "jetbatch.events.batch.proj_default.completed"
     assert event.type == "batch.completed" and event.batch_id == batch_id
     assert event.id == msg_id == stable_id("evt_", batch_id, "batch.completed")
     assert event.metadata == {"team": "search"}
@@ -393,7 +393,7 @@ async def test_batch_left_unfinished_by_a_crash_is_finished_by_the_sweep(
     )
     assert sorted(x.custom_id for x in lines) == sorted(r.custom_id for r in results)
     assert [(s, e.type) for s, e, _ in await batch_events(js)] == [
-        ("jetbatch.events.batch.completed", "batch.completed")
+        ("jetbatch.events.batch.proj_default.completed", "batch.completed")
     ]
 
 
@@ -498,7 +498,7 @@ async def test_fully_accounted_cancelling_batch_is_cancelled(
     assert {x.error.code for x in errors if x.error} == {"batch_cancelled"}
     assert len(errors) == 7
     [(subject, event, msg_id)] = await batch_events(js)
-    assert subject == "jetbatch.events.batch.cancelled"
+    assert subject == "jetbatch.events.batch.proj_default.cancelled"
     assert (event.type, event.batch_id, event.metadata) == ("batch.cancelled", batch_id, {"k": "v"})
     assert msg_id == event.id
 

@@ -119,9 +119,11 @@ async def test_a_request_whose_abort_came_first_is_answered_499_without_running(
             )  # fmt: skip
         )
 
-    async def ask(payload: bytes) -> ResultMessage | None:
+    async def ask(
+        payload: bytes, subject: str = InteractiveRequest.subject_for(CHAT_MODEL)
+    ) -> ResultMessage | None:
         try:
-            reply = await nc.request(InteractiveRequest.subject_for(CHAT_MODEL), payload, 5)
+            reply = await nc.request(subject, payload, 5)
         except nats.errors.NoRespondersError:
             return None
         return msgspec.json.decode(reply.data, type=ResultMessage)
@@ -130,6 +132,10 @@ async def test_a_request_whose_abort_came_first_is_answered_499_without_running(
         # An endpoint the model does not serve is refused at once: the worker is subscribed.
         refused = await wait_until(lambda: ask(request("req_probe", "/v1/embeddings")))
         assert refused.status_code == 400
+        # An api from before projects asks on `jetbatch.interactive.<model>`: still answered.
+        legacy = InteractiveRequest.legacy_subject.format(model=CHAT_MODEL)
+        answered = await ask(request("req_legacy", "/v1/embeddings"), legacy)
+        assert answered is not None and answered.status_code == 400
         abort = InteractiveAbort(request_id="req_early", reason="client_closed")
         await nc.publish(InteractiveAbort.subject_for(CHAT_MODEL), msgspec.json.encode(abort))
         await nc.flush()

@@ -116,6 +116,17 @@ async def test_batch_webhook_url_gets_an_event_the_openai_sdk_verifies(
     assert len(receiver.received) == 1
 
 
+async def test_an_event_on_the_subject_of_a_version_before_projects_is_still_delivered(
+    notifier: Notifier, receiver: Receiver, pool: asyncpg.Pool, js: nats.js.JetStreamContext
+) -> None:
+    metadata = {"webhook_url": receiver.url()}
+    batch_id = await insert_batch(pool, metadata)
+    await notifier.start()
+    event = await publish(js, batch_id, metadata=metadata, legacy=True)
+    await receiver.wait_for(lambda got: len(got) >= 1, 60)
+    assert receiver.received[0].unwrap(SECRET).id == event.id
+
+
 async def test_registered_endpoints_get_the_event_types_they_asked_for_with_their_own_secret(
     notifier: Notifier, receiver: Receiver, pool: asyncpg.Pool, js: nats.js.JetStreamContext
 ) -> None:
