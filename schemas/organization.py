@@ -220,9 +220,10 @@ Limit = Annotated[int, Meta(ge=0, le=2**62)]
 
 
 class RateLimit(_Object):
-    """A project's limits for one model (0 = no limit), stored and served; of them the batch
-    queue limit `batch_1_day_max_input_tokens` is enforced (services/api/token_limit.py).
-    jetbatch's own per-project limits: README "Limits"."""
+    """A project's limits for one model (0 = no limit): the batch queue limit
+    `batch_1_day_max_input_tokens` holds batches (services/api/token_limit.py), the request and
+    token limits hold synchronous requests (services/api/rate_limits.py); the image and audio
+    limits are stored only. jetbatch's own per-project limits: README "Limits"."""
 
     id: str  # rl-<model>
     model: str

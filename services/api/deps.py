@@ -17,6 +17,7 @@ from nats.js.kv import KeyValue
 
 from services.api.children import SpareChild
 from services.api.concurrency import SyncSlots
+from services.api.rate_limits import RateLimiter
 from shared.bus import FileObjects
 from shared.config import Settings
 
@@ -50,10 +51,13 @@ class Deps:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # Synchronous requests running now, in all and per caller (services/api/concurrency.py).
     sync_slots: SyncSlots = field(init=False)
+    # Projects' request and token rate limits of synchronous requests (rate_limits.py).
+    rate_limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
         limits = self.settings.limits
         self.sync_slots = SyncSlots(limits.max_sync_requests, limits.max_sync_requests_per_key)
+        self.rate_limiter = RateLimiter(self.pool)
 
     # Whether an API key was ever created (services/api/auth.py): asked until it is so.
     keys_exist: bool = False

@@ -24,6 +24,7 @@ from services.api.admin import read_heartbeats
 from services.api.concurrency import caller_of
 from services.api.deps import DepsParam
 from services.api.exceptions import BadGateway, error_type
+from services.api.rate_limits import estimate_tokens
 from shared.config import ModelSpec
 from shared.errors import (
     ApiError,
@@ -47,6 +48,8 @@ class _SyncBody(msgspec.Struct):
 
     model: str
     stream: Any = None
+    max_tokens: Any = None  # what the request may cost in tokens (rate_limits.estimate_tokens)
+    max_completion_tokens: Any = None
 
 
 class ClientClosed(ApiError):
@@ -197,6 +200,15 @@ async def _infer_in_slot(
     if probe.stream is True:
         raise InvalidRequest("streaming is not supported by this deployment", param="stream")
     caller = getattr(request.state, "caller", None)
+    limit_headers = (
+        {}
+        if caller is None
+        else await deps.rate_limiter.admit(
+            caller.project_id,
+            probe.model,
+            estimate_tokens(raw, probe.max_completion_tokens or probe.max_tokens),
+        )
+    )
     message = InteractiveRequest(
         request_id=new_id("req_"),
         endpoint=endpoint,
@@ -232,7 +244,7 @@ async def _infer_in_slot(
         body,
         status_code=result.status_code,
         media_type="application/json",
-        headers={"x-request-id": result.request_id or message.request_id},
+        headers={"x-request-id": result.request_id or message.request_id, **limit_headers},
     )
 
 

@@ -277,6 +277,7 @@ async def update_rate_limit(
         raise NotFound(f"No such rate limit: {rate_limit_id}", param="rate_limit_id")
     values = {f: getattr(data, f) for f in RATE_LIMIT_FIELDS if getattr(data, f) is not None}
     await tenants.update_rate_limit(deps.pool, project_id, model, values)
+    deps.rate_limiter.forget(project_id)
     stored = await tenants.rate_limits(deps.pool, project_id)
     return _rate_limit(model, stored.get(model))
 

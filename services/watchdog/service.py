@@ -31,6 +31,7 @@ Every JETBATCH_WATCHDOG_INTERVAL_S it:
      until it ends); at most EXPIRE_FILES_PER_ROUND a round,
   8. prunes the request_results rows of ended batches the results writer did not prune itself
      (batches that ended before pruning existed, failed ones), PRUNE_BATCHES_PER_ROUND a round,
+     and deletes rate-limit windows (`rate_usage`) that ended more than a day ago,
   9. every ORPHAN_SWEEP_INTERVAL_S, purges the files bucket's chunks of uploads cut short by a
      crash (FileObjects.sweep_orphans).
 Finishing batches whose finalization was interrupted is the results writer's own sweep (every
@@ -368,6 +369,7 @@ class Watchdog:
                     log.info("batch %s: lines folded into usage_minutes and pruned", batch_id)
                 if time.monotonic() > deadline:
                     break
+            await store.forget_old_rate_windows(conn, time.time())
 
     async def sweep_orphans(self) -> None:
         now = time.monotonic()

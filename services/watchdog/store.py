@@ -139,3 +139,12 @@ async def unpruned_batches(conn: asyncpg.Connection, limit: int) -> list[str]:
         limit,
     )
     return [r["id"] for r in rows]
+
+
+async def forget_old_rate_windows(conn: asyncpg.Connection, now: float) -> int:
+    """Delete the rate-limit windows (`rate_usage`, services/api/rate_limits.py) that ended more
+    than a day ago."""
+    deleted: str = await conn.execute(
+        "DELETE FROM rate_usage WHERE window_start < $1", int(now) - 2 * 86_400
+    )
+    return int(deleted.split()[-1])
