@@ -53,6 +53,10 @@ def nats_server_binary() -> str:
     return found
 
 
+AUTH_FILE = "authorization.conf"  # beside nats-server.conf: the users the server admits
+PID_FILE = "nats-server.pid"
+
+
 class EmbeddedNats:
     """nats-server -js on loopback with its store under `store_dir`; with `cluster`, one node of
     a cluster (EmbeddedNatsCluster). It admits only the users of `auth` (shared.nats_auth: one
@@ -93,10 +97,14 @@ class EmbeddedNats:
 
     def config(self) -> str:
         # A request line may carry a long prompt: allow 8 MB messages (the default is 1 MB).
+        # The users are in a file of their own (AUTH_FILE), which `jetbatch publisher` rewrites
+        # before it signals the server (PID_FILE) to reload it.
         text = (
             f'listen: "127.0.0.1:{self.port}"\nmax_payload: 8MB\n'
             f'jetstream {{ store_dir: "{self.store_dir}" }}\n'
-        ) + self.auth.authorization()
+            f'pid_file: "{self.store_dir / PID_FILE}"\n'
+            f'include "{AUTH_FILE}"\n'
+        )
         if self.cluster is not None:
             routes = ", ".join(
                 f'"{self.auth.route_url(f"127.0.0.1:{p}")}"' for p in self.cluster.route_ports
@@ -112,6 +120,7 @@ class EmbeddedNats:
     def start(self) -> EmbeddedNats:
         private_dir(self.store_dir)
         conf = self.store_dir / "nats-server.conf"
+        write_private(self.store_dir / AUTH_FILE, self.auth.authorization())
         write_private(conf, self.config())
         log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
