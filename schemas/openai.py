@@ -158,6 +158,9 @@ class Batch(msgspec.Struct, kw_only=True):
     # Extra field beyond OpenAI's: since when the watchdog has seen no progress on this open
     # batch (JETBATCH_BATCH_STALL_S); null while it progresses.
     stalled_at: int | None = None
+    # Extra field beyond OpenAI's: the GPU time its lines used, in GPU-seconds (README: Usage
+    # and costs; each line's share of its engine's busy time times the worker's GPUs).
+    gpu_seconds: float = 0.0
 
 
 class BatchList(msgspec.Struct, kw_only=True):

@@ -40,6 +40,12 @@ USAGE = """jetbatch COMMAND [ARGS]
                       admin API keys in the database, for a server that is not running
                       (`jetbatch keys --help`); projects and their keys: the openai SDK's
                       admin client (README: Projects and keys)
+  logs [SERVICE] [--follow] [--tail N] [--level LEVEL]
+                      the service logs `jetbatch up` writes in <data dir>/logs, merged, with
+                      counts of errors and warnings (`jetbatch logs --help`)
+  publisher PROJECT [--rotate|--revoke]
+                      NATS credentials for a project's own publisher of requests (README:
+                      Publishing to JetStream directly); the running embedded server reloads
   setup               prepare the default models offline (done by infra/install.sh)
 
 Configuration comes from JETBATCH_* environment variables: see README.md."""
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.cluster:
                 os.environ.setdefault("JETBATCH_NATS_REPLICAS", "3")
             settings = config.load()
-            telemetry.setup("jetbatch-up", settings.log_level)
+            telemetry.setup("jetbatch-up", settings.log_level, settings.observability)
             from services.supervisor import up
 
             return up(settings, cluster=args.cluster)
@@ -86,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             from services.api.admin_cli import main as admin_main
 
             return admin_main(command, rest)
-        if command == "keys":
-            from services.api.keys_cli import main as keys_main
+        if command == "publisher":
+            from services.publisher_cli import main as publisher_main
 
-            return keys_main(rest)
+            return publisher_main(rest)
+        if command in ("keys", "logs"):
+            module = "services.api.keys_cli" if command == "keys" else "services.logs_cli"
+            return importlib.import_module(module).main(rest)  # type: ignore[no-any-return]
         if command == "webhooks":
             from services.webhook_notifier.cli import main as webhooks_main
 

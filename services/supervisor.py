@@ -18,8 +18,9 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from services.logs_cli import log_path
 from services.migrate import migrate
-from shared import bus, config, config_sections, nats_auth, process
+from shared import bus, config, config_sections, metrics, nats_auth, process
 from shared.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, private_dir
 from shared.nats_auth import write_private
 
@@ -79,9 +80,11 @@ def service_children(settings: config.Settings) -> list[Child]:
         Child("webhook-notifier", [*py, "services.webhook_notifier"], nats_auth.WEBHOOK_NOTIFIER),
         Child("watchdog", [*py, "services.watchdog"], nats_auth.WATCHDOG),
     ]
-    for spec in settings.models:
+    for index, spec in enumerate(settings.models):
         argv = [*py, "services.inference", "--model", spec.name]
-        children.append(Child(f"inference[{spec.name}]", argv, nats_auth.INFERENCE))
+        # Its metrics port: JETBATCH_METRICS_PORT + 10 + index, apart from the other workers'.
+        worker = {"JETBATCH_METRICS_WORKER": str(index)}
+        children.append(Child(f"inference[{spec.name}]", argv, nats_auth.INFERENCE, worker))
     return children
 
 
@@ -93,6 +96,13 @@ def own_identities(
     if nats_server is not None:
         for child in children:
             child.env["JETBATCH_NATS_URL"] = nats_server.url_for(child.role)
+
+
+def log_files(children: list[Child], settings: config.Settings) -> None:
+    """Each service logs to its own rotating file, `<data dir>/logs/<service>.log` (read by
+    `jetbatch logs`); one inference worker per model, so each its own file."""
+    for child in children:
+        child.env["JETBATCH_LOG_FILE"] = str(log_path(settings.data_dir, child.name))
 
 
 def wait_healthy(url: str, timeout_s: float, children: list[Child]) -> bool:
@@ -144,6 +154,8 @@ def announce_when_healthy(
             )
         if not settings.webhooks.secret:
             print(f"webhook secret: in {settings.data_dir / 'webhook-secret'}", flush=True)
+        for url in metrics.up_urls(settings, base):  # README: Metrics
+            print(f"metrics: {url}", flush=True)
     else:
         log.error("the api did not become healthy; see the logs above")
 
@@ -231,6 +243,8 @@ def up(settings: config.Settings, *, cluster: bool = False) -> int:
         )
         children = service_children(settings)
         own_identities(children, nats_server)
+        log_files(children, settings)
+        log.info("service logs in %s (`jetbatch logs`)", settings.data_dir / "logs")
         for child in children:
             child.start(env)
         from services.api.keys_cli import first_admin_key

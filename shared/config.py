@@ -25,6 +25,7 @@ from shared.config_sections import (
 )
 from shared.observability_config import ObservabilitySettings
 from shared.settings_env import ConfigError, Parse
+from shared.usage_config import UsageSettings
 
 DEFAULT_CHAT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_EMBED_MODEL = "all-MiniLM-L6-v2"
@@ -225,6 +226,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     observability: ObservabilitySettings = msgspec.field(default_factory=ObservabilitySettings)
+    usage: UsageSettings = msgspec.field(default_factory=UsageSettings)
     instant_delay_s: Annotated[
         float,
         Meta(

@@ -35,8 +35,10 @@ from nats.js import JetStreamContext
 from opentelemetry import trace
 
 from schemas.messages import BusMessage, subject_matches
+from shared import logs, tracing
 from shared.backoff import BACKOFF
 from shared.bus import FastPull, Stream, delivery_count, durable_fast_pull, through_elections
+from shared.metrics import ConsumerCounter
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -144,12 +146,19 @@ class Batch(Generic[M]):
 
 @dataclass
 class Counts:
-    """What the runner did, by outcome (the metrics hook)."""
+    """What the runner did, by outcome; `add` counts it in the process's Prometheus metrics too
+    (`jetbatch_consumer_messages_total`, README: Metrics)."""
 
     acked: int = 0
     retried: int = 0
     rejected: int = 0
     failed_fetches: int = 0
+    metrics: ConsumerCounter | None = field(default=None, repr=False, compare=False)
+
+    def add(self, outcome: str, n: int = 1) -> None:
+        setattr(self, outcome, getattr(self, outcome) + n)
+        if self.metrics is not None:
+            self.metrics.count(outcome, n)
 
 
 OneHandler = Callable[[Any, Delivery[Any]], Awaitable[None]]
@@ -170,7 +179,7 @@ class Runner(Generic[M]):
     ) -> None:
         self.js = js
         self.consumer = consumer
-        self.counts = Counts()
+        self.counts = Counts(metrics=ConsumerCounter(consumer.durable, consumer.stream.name))
         self._dead_letters = dead_letters
         self._drain_timeout_s = drain_timeout_s
         self._pull: FastPull | None = None
@@ -199,14 +208,14 @@ class Runner(Generic[M]):
 
     async def ack(self, delivery: Delivery[M]) -> None:
         await delivery.msg.ack()
-        self.counts.acked += 1
+        self.counts.add("acked")
 
     async def retry(self, delivery: Delivery[M] | Msg, delay_s: float | None = None) -> None:
         """Redeliver later: after `delay_s`, or the backoff's delay for its delivery count."""
         msg = delivery.msg if isinstance(delivery, Delivery) else delivery
         if delay_s is None:
             delay_s = BACKOFF.delay_s(delivery_count(msg))
-        self.counts.retried += 1
+        self.counts.add("retried")
         with contextlib.suppress(MsgAlreadyAckdError):
             await msg.nak(delay=delay_s)
 
@@ -219,7 +228,7 @@ class Runner(Generic[M]):
             self._label, msg.subject, delivery_count(msg), reason,
         )  # fmt: skip
         await self._dead_letters(msg, reason)
-        self.counts.rejected += 1
+        self.counts.add("rejected")
         await msg.term()
 
     async def hand_back(self, msgs: Sequence[Msg]) -> int:
@@ -286,7 +295,7 @@ class Runner(Generic[M]):
         try:
             return await pull.fetch(n, self.consumer.fetch_timeout_s)
         except Exception as e:  # disconnected: the client reconnects by itself
-            self.counts.failed_fetches += 1
+            self.counts.add("failed_fetches")
             log.warning("%s: fetch failed: %r", self.consumer.durable, e)
             await sleep_unless(stop, BACKOFF.base_s)
             return []
@@ -318,7 +327,8 @@ class Runner(Generic[M]):
         try:
             try:
                 delivery = Delivery(msg, self.decode(msg))
-                with tracer.start_as_current_span(self._span_name):
+                logs.bind_message(delivery.value)  # this task's log records name its batch, line
+                with tracing.message_span(self._span_name, msg.headers, delivery.value):
                     await handler(delivery.value, delivery)
             except Exception as e:
                 await self.settle_failure(msg, e)
@@ -365,8 +375,9 @@ class Runner(Generic[M]):
             return
         batch = Batch(deliveries)
         try:
-            with tracer.start_as_current_span(self._span_name) as span:
-                span.set_attribute("messaging.batch.message_count", len(deliveries))
+            # A span per sampled line (or batch-level message) of the fetch, none per fetch.
+            traced = [(d.msg.headers, d.value) for d in deliveries]
+            with tracing.fetch_spans(self._span_name, traced):
                 await handler(batch)
         except Exception as e:
             self._failures += 1
@@ -392,7 +403,7 @@ class Runner(Generic[M]):
                 await self.reject(d, rejected[i])
             else:  # after the handler's commit: a crash before this only redelivers
                 await d.msg.ack()
-        self.counts.acked += len(deliveries) - len(rejected)
+        self.counts.add("acked", len(deliveries) - len(rejected))
 
     async def pull(
         self,

@@ -132,6 +132,8 @@ ROLES: dict[str, Role] = {
             purge=(RESULTS, _OBJ_FILES),
             delete=(REQUESTS,),
             deny=("jetbatch.results.>", f"$KV.{WORKERS_KV}.>"),
+            # The workers' consumers' state for /metrics (queue depth: services/api/metrics.py).
+            extra_api=(f"$JS.API.CONSUMER.INFO.{REQUESTS}.*",),
         ),
         # Runs requests; answers synchronous ones on the api's reply subjects (responses only)
         # and hears their aborts.
@@ -243,6 +245,24 @@ class NatsAuth:
         write_private(path, json.dumps(merged.passwords, indent=1) + "\n")
         return merged
 
+    @classmethod
+    def load(cls, path: Path) -> NatsAuth:
+        return cls(dict(json.loads(path.read_text())))
+
+    def save(self, path: Path) -> None:
+        write_private(path, json.dumps(self.passwords, indent=1) + "\n")
+
+    def with_publisher(self, project: str, rotate: bool = False) -> NatsAuth:
+        """These users and `project`'s publisher (a new password if it had none, or `rotate`)."""
+        user = publisher_user(project)
+        if user in self.passwords and not rotate:
+            return self
+        return NatsAuth({**self.passwords, user: secrets.token_urlsafe(24)})
+
+    def without_publisher(self, project: str) -> NatsAuth:
+        user = publisher_user(project)
+        return NatsAuth({u: p for u, p in self.passwords.items() if u != user})
+
     def url(self, server_url: str, user: str) -> str:
         """Each server of `server_url` (comma-separated) with `user`'s credentials in it."""
         return ",".join(
@@ -321,7 +341,27 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-if __name__ == "__main__":  # regenerate infra/nats/authorization.conf
-    Path(__file__).resolve().parents[1].joinpath("infra", "nats", "authorization.conf").write_text(
-        example_config()
-    )
+def main(argv: list[str]) -> int:
+    """No arguments: regenerate infra/nats/authorization.conf (`just docs`). `--project ID ...`:
+    print the block with a publisher for each of those projects, for an operator's own NATS
+    (which then reloads it: `nats-server --signal reload`)."""
+    if not argv:
+        repo = Path(__file__).resolve().parents[1]
+        repo.joinpath("infra", "nats", "authorization.conf").write_text(example_config())
+        return 0
+    if argv[0] in ("-h", "--help") or argv[0] != "--project" or len(argv) < 2:
+        print(main.__doc__)
+        return 0 if argv[0] in ("-h", "--help") else 2
+    projects = tuple(argv[1:])
+    bad = [p for p in projects if subject_token(p) != p]
+    if bad:
+        print(f"not project ids: {', '.join(bad)}")
+        return 2
+    print(example_config(projects), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

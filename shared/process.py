@@ -51,7 +51,7 @@ def main(
     from shared import telemetry  # not for the light child processes that use on_signals
 
     settings = load_settings(service, requires)
-    telemetry.setup(service, settings.log_level)
+    telemetry.setup(service, settings.log_level, settings.observability)
     if batch_only:
         lower_priority(settings.batch_nice)
     try:

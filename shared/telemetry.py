@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
 
+from shared import logs, tracing
 from shared.lane import freeze_heap
+from shared.observability_config import ObservabilitySettings
 
 __all__ = ["extract_context", "freeze_heap", "inject_headers", "setup", "tracer"]
 
 
-def setup(service: str, level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
-        force=True,
+def setup(
+    service: str, level: str = "INFO", observability: ObservabilitySettings | None = None
+) -> None:
+    """Logs (shared.logs: text or JSON, stderr and the rotating file) and traces
+    (shared.tracing: exported when the OTEL_* variables name a collector, else not recorded)."""
+    obs = observability or ObservabilitySettings()
+    handlers = logs.handlers(
+        service,
+        log_format=obs.log_format,
+        log_file=obs.log_file,
+        max_bytes=obs.log_file_max_bytes,
+        backups=obs.log_file_backups,
     )
+    logging.basicConfig(level=level, handlers=handlers, force=True)
     for noisy in ("nats", "asyncio", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Spans are recorded; exporters (OTLP) are wired by the standard OTEL_* environment variables.
-    trace.set_tracer_provider(TracerProvider(resource=Resource.create({"service.name": service})))
+    tracing.configure(service)
     freeze_heap()
 
 

@@ -4,6 +4,7 @@ background: services/api/ingest.py), retrieve, list, cancel."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated
 
 import msgspec
@@ -20,6 +21,7 @@ from services.api.files import not_found as file_not_found
 from services.api.ingest import run_process_batch
 from services.api.pages import list_page
 from services.api.store import now_s
+from shared import logs, tracing
 from shared.config import LimitSettings, Settings
 from shared.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from shared.ids import new_id
@@ -76,6 +78,7 @@ def check_limits(limits: LimitSettings, active: int, queued: int, adding: int) -
 @post("/batches", status_code=200)
 async def create_batch(data: CreateBatchRequest, deps: DepsParam, caller: CallerParam) -> Batch:
     # The endpoint and metadata were checked as the body decoded (their types: schemas/openai.py).
+    started_ns = time.time_ns()  # the batch's trace begins here (shared.tracing)
     settings = deps.settings
     if data.completion_window != COMPLETION_WINDOW:
         raise InvalidRequest(
@@ -123,11 +126,14 @@ async def create_batch(data: CreateBatchRequest, deps: DepsParam, caller: Caller
                 data.output_expires_after.seconds if data.output_expires_after else None
             ),
             project_id=project_id,
+            api_key_id=caller.key_id,
         )
     batch = store.batch_from_row(row)
+    logs.bind(batch.id)  # this request's later records, and its ingestion task's
     log.info(
         "batch %s created: file %s, endpoint %s", batch.id, batch.input_file_id, batch.endpoint
     )
+    tracing.batch_created(batch.id, started_ns, **{"jetbatch.endpoint": batch.endpoint})
     deps.spawn(run_process_batch(deps, batch.id), name=f"process_batch {batch.id}")
     return batch
 

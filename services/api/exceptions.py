@@ -40,6 +40,16 @@ MAX_MESSAGE_CHARS = 1024
 class BadGateway(ApiError):
     status_code = 502
     type = "server_error"
+    default_code = "bad_worker_reply"
+
+
+# The code of an answer no more specific code was given for (README: Error codes).
+_DEFAULT_CODES = {
+    400: "invalid_request", 401: "invalid_api_key", 403: "insufficient_permissions",
+    404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 409: "invalid_state",
+    413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limit_exceeded",
+    431: "headers_too_large", 503: "unavailable", 504: "timeout",
+}  # fmt: skip
 
 
 def error_type(status_code: int) -> str:
@@ -65,7 +75,9 @@ def error_response(
             message=clip(message, MAX_MESSAGE_CHARS),
             type=type_ or error_type(status_code),
             param=clip(param) if param else param,
-            code=code,
+            code=code
+            or _DEFAULT_CODES.get(status_code)
+            or ("internal_error" if status_code >= 500 else "invalid_request"),
         )
     )
     return Response(body, status_code=status_code, headers=headers)
@@ -123,7 +135,7 @@ def on_validation_error(
             message = explain(param, message, field_type)
     if param and param not in message:
         message = f"{message} (parameter {param!r})"
-    return error_response(400, message, param=param, code=code)
+    return error_response(400, message, param=param, code=code or "invalid_parameter")
 
 
 def explain(param: str, problem: str, field_type: mi.Type | None) -> str:

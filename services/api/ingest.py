@@ -33,6 +33,7 @@ import msgspec
 
 from schemas.messages import BatchEvent, RequestMessage
 from schemas.openai import BatchError
+from services.api import metrics as api_metrics
 from services.api import store, token_limit
 from services.api.deps import DepsParam
 from services.api.publishing import PublishJob, publish_in_child
@@ -42,9 +43,9 @@ from services.api.validation import (
     ValidationJob,
     validate_in_child,
 )
+from shared import logs, tracing
 from shared.bus import Publisher
 from shared.ids import stable_id
-from shared.telemetry import inject_headers, tracer
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,10 @@ def max_line_bytes(deps: DepsParam) -> int:
 
 async def run_process_batch(deps: DepsParam, batch_id: str) -> None:
     """process_batch as a background task: failures are logged, never lost in an unawaited task."""
+    logs.bind(batch_id)
     try:
-        await process_batch(deps, batch_id)
+        with tracing.batch_span("batch validate", batch_id):
+            await process_batch(deps, batch_id)
     except asyncio.CancelledError:
         log.warning(
             "batch %s: processing interrupted; re-running process_batch resumes it", batch_id
@@ -172,9 +175,13 @@ async def check_input(
         max_line_bytes=max_line_bytes(deps),
         tokenizers=tokenizers or {},
     )
-    if deps.validators is not None:
-        return await validate_in_child(job, await deps.validators.take())
-    return await anyio.to_thread.run_sync(job.run)
+    with api_metrics.child_job("validation"):
+        if deps.validators is not None:
+            check = await validate_in_child(job, await deps.validators.take())
+        else:
+            check = await anyio.to_thread.run_sync(job.run)
+    api_metrics.LINES_VALIDATED.inc(check.count)
+    return check
 
 
 async def _validate(deps: DepsParam, row: store.Row, path: Path | None) -> store.Row | None:
@@ -231,29 +238,34 @@ async def _publish(deps: DepsParam, row: store.Row, path: Path) -> None:
     async def still_running() -> bool:
         return await _still_running(deps, batch_id)
 
-    with tracer(__name__).start_as_current_span(
-        f"{RequestMessage.subject_for(model, 'batch')} publish"
-    ) as span:
-        span.set_attribute("batch_id", batch_id)
+    # The batch's publish span; each sampled line's own publish is a trace of its own.
+    with tracing.batch_span(f"{RequestMessage.subject_for(model, 'batch')} publish", batch_id):
         job = PublishJob(
             path=str(path),
             batch_id=batch_id,
             model=model,
             endpoint=row["endpoint"],
             max_line_bytes=max_line_bytes(deps),
-            headers=inject_headers({}) or None,
             project=row["project_id"],  # the batch's project: a token of its requests' subject
+            trace_line_ratio=(
+                deps.settings.observability.trace_line_ratio if tracing.enabled() else 0.0
+            ),
         )
         try:
-            if deps.publishers is not None:
-                assert deps.settings.nats_url is not None
-                child = await deps.publishers.take()
-                outcome = await publish_in_child(job, deps.settings.nats_url, still_running, child)
-            else:
-                outcome = await job.run(deps.js, still_running, lambda: _slice(deps))
+            with api_metrics.child_job("publishing"):
+                if deps.publishers is not None:
+                    assert deps.settings.nats_url is not None
+                    child = await deps.publishers.take()
+                    outcome = await publish_in_child(
+                        job, deps.settings.nats_url, still_running, child
+                    )
+                else:
+                    outcome = await job.run(deps.js, still_running, lambda: _slice(deps))
+            api_metrics.REQUESTS_PUBLISHED.labels(model).inc(outcome.published)
         except FileNotFoundError:
             log.error("batch %s: input file %s is gone, cannot publish", batch_id, job.path)
             return
+        tracing.record_minted(f"{job.subject} publish", batch_id, outcome.traced)
     if outcome.stopped:
         log.info(
             "batch %s cancelled or expired: publishing stopped after %d requests",

@@ -154,6 +154,12 @@ async def _ask(request: Request[Any, Any, Any], nc: Any, message: InteractiveReq
             await gone
         if gave_up is not None:
             await _abort(nc, message, gave_up)
+        # An exception raised here holds this frame (its traceback), and the task holds the
+        # exception: without this the cycle keeps the request's body and payload alive until
+        # the cyclic GC runs, so each large failed request would add its size to the api's
+        # memory for a while (tests/integration/test_hostile_memory.py).
+        asked = gone = None  # type: ignore[assignment]
+        payload = message = None  # type: ignore[assignment]
 
 
 async def _abort(nc: Any, message: InteractiveRequest, reason: str) -> None:
@@ -227,10 +233,13 @@ async def _infer_in_slot(
     try:
         reply = await _ask(request, nc, message, payload, deps.settings.sync_timeout_s)
     except nats.errors.NoRespondersError:
-        raise Unavailable(f"no live worker for model {probe.model}") from None
+        raise Unavailable(
+            f"no live worker for model {probe.model}", code="no_live_worker"
+        ) from None
     except (TimeoutError, nats.errors.TimeoutError):
         raise UpstreamTimeout(
-            f"model {probe.model} did not answer within {deps.settings.sync_timeout_s:g}s"
+            f"model {probe.model} did not answer within {deps.settings.sync_timeout_s:g}s",
+            code="worker_timeout",
         ) from None
     try:
         result = _result_decoder.decode(reply.data)

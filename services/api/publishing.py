@@ -32,7 +32,7 @@ from schemas.messages import RequestMessage
 from schemas.projects import DEFAULT_PROJECT_ID
 from services.api.children import Child, killed_on_error, output_of, serve_one_job, spawn
 from services.api.validation import iter_requests
-from shared import bus, process
+from shared import bus, process, tracing
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ _encoder = msgspec.json.Encoder()
 class PublishOutcome(msgspec.Struct, frozen=True):
     published: int
     stopped: bool = False  # asked to stop before the end of the file
+    # The sampled lines' publish spans, for the api to record (the child exports nothing).
+    traced: list[tracing.MintedSpan] = []
 
 
 class PublishJob(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,6 +65,7 @@ class PublishJob(msgspec.Struct, frozen=True, kw_only=True):
     max_line_bytes: int
     headers: dict[str, str] | None = None  # trace context, on every message
     project: str = DEFAULT_PROJECT_ID  # the batch's: a token of the subject, a field of each
+    trace_line_ratio: float = 0.0  # lines whose messages start a trace (shared.tracing)
 
     @property
     def subject(self) -> str:
@@ -80,6 +83,7 @@ class PublishJob(msgspec.Struct, frozen=True, kw_only=True):
         subject = self.subject
         publisher = bus.Publisher(js)
         published = 0
+        sampler = tracing.LineSampler(self.trace_line_ratio)
         lines = iter_requests(Path(self.path), self.max_line_bytes)
         with contextlib.closing(lines):
             while chunk := list(itertools.islice(lines, slice_lines())):
@@ -93,16 +97,20 @@ class PublishJob(msgspec.Struct, frozen=True, kw_only=True):
                         body=request.body,
                         project=self.project,
                     )
+                    line_headers = sampler.start(index, request.custom_id)
+                    headers = {**(self.headers or {}), **line_headers} if line_headers else None
                     await publisher.publish(
-                        subject, _encoder.encode(message), message.msg_id, self.headers
+                        subject, _encoder.encode(message), message.msg_id, headers or self.headers
                     )
+                    if line_headers:
+                        sampler.end()
                 published += len(chunk)
                 await asyncio.sleep(0)
                 if published % CHECK_CANCEL_EVERY < len(chunk) and not await keep_going():
                     await publisher.flush()
-                    return PublishOutcome(published=published, stopped=True)
+                    return PublishOutcome(published=published, stopped=True, traced=sampler.minted)
         await publisher.flush()
-        return PublishOutcome(published=published)
+        return PublishOutcome(published=published, traced=sampler.minted)
 
 
 async def publish_in_child(

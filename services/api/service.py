@@ -36,9 +36,11 @@ from services.api import (
     files,
     interactive,
     lifecycle,
+    metrics,
     organization,
     project_members,
     publishing,
+    stats,
     validation,
     webhooks,
 )
@@ -172,7 +174,7 @@ def create_app(settings: Settings) -> Litestar:
         dependencies={"caller": Provide(auth.get_caller, sync_to_thread=False)},
     )
     return Litestar(
-        route_handlers=[healthz, v1],
+        route_handlers=[healthz, *stats.ROUTES, *metrics.ROUTES, v1],
         dependencies={"deps": Provide(get_deps, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=[lifespan],
@@ -242,7 +244,7 @@ async def running(settings: Settings) -> AsyncIterator[str]:
 def main() -> None:
     # NATS and the database are checked by create_app, which `running()` shares.
     settings = process.load_settings(SERVICE, ())
-    telemetry.setup(SERVICE, settings.log_level)
+    telemetry.setup(SERVICE, settings.log_level, settings.observability)
     try:
         app = create_app(settings)
     except ConfigError as e:

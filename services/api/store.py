@@ -172,6 +172,7 @@ def batch_from_row(row: Row) -> Batch:
         webhook_attempts=row.get("webhook_attempts") or 0,
         webhook_error=row.get("webhook_error"),
         stalled_at=row.get("stalled_at"),
+        gpu_seconds=(row.get("gpu_ms") or 0) / 1000,
     )
 
 
@@ -187,19 +188,20 @@ async def insert_batch(
     metadata: dict[str, str] | None,
     output_expires_after: int | None,
     project_id: str,
+    api_key_id: str | None = None,
 ) -> Row:
     # Only while the input file exists, whose row is locked (FOR SHARE) until the caller commits:
     # a concurrent delete of the file waits, then sees this batch and refuses
     # (shared/domain/retention.py); one that won the race leaves no row to insert from.
     row = await pool.fetchrow(
         "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, created_at,"
-        " expires_at, metadata, output_expires_after, updated_at, project_id)"
+        " expires_at, metadata, output_expires_after, updated_at, project_id, api_key_id)"
         " SELECT $1, $2, $3, $4, 'validating', $5::bigint, $6::bigint, $7::jsonb, $8::integer,"
-        " $5::bigint, $9 FROM files WHERE id = $3 AND deleted_at IS NULL AND project_id = $9"
+        " $5::bigint, $9, $10 FROM files WHERE id = $3 AND deleted_at IS NULL AND project_id = $9"
         " FOR SHARE RETURNING *",
         batch_id, endpoint, input_file_id, completion_window, created_at, expires_at,
         msgspec.json.encode(metadata).decode() if metadata is not None else None,
-        output_expires_after, project_id,
+        output_expires_after, project_id, api_key_id,
     )  # fmt: skip
     if row is None:
         raise NotFound(f"No such File object: {input_file_id}", param="input_file_id")

@@ -39,6 +39,7 @@ class EngineResult(msgspec.Struct, kw_only=True, frozen=True):
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
+    gpu_ms: int = 0  # what the worker measured of its engine (services/inference/engine_time.py)
 
     @property
     def ok(self) -> bool:

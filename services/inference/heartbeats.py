@@ -42,7 +42,7 @@ class Heartbeats:
         healthy = self.gate.update(reading)
         # Only the vLLM engine knows how vLLM sized it (VllmEngine.sizing, once started).
         sizing = getattr(w.engine, "sizing", None)
-        return WorkerHeartbeat(
+        beat = WorkerHeartbeat(
             worker_id=w.worker_id,
             host=socket.gethostname(),
             pid=os.getpid(),
@@ -69,6 +69,8 @@ class Heartbeats:
             interactive_in_flight=w.lane.in_flight,
             interactive_aborted=w.lane.aborted,
         )
+        intake.metrics.heartbeat(beat)  # README: Metrics
+        return beat
 
     async def loop(self, kv, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
         while not stop.is_set():

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 
 from schemas.messages import RequestMessage, ResultMessage, subject_token
-from shared import bus
+from services.inference.metrics import WorkerMetrics
+from shared import bus, logs, tracing
 from shared.consumer import Delivery, Runner
 from shared.ids import new_id, stable_id
 
@@ -57,6 +58,7 @@ class Intake:
         self.sync_seen = -SYNC_RECENT_S  # when the last synchronous request came in
         self.results: bus.AckAfterPublish | None = None  # set by pull
         self.completed = 0
+        self.metrics = WorkerMetrics(worker.spec.name)
         self._slot_free = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -111,7 +113,8 @@ class Intake:
             now = self.worker.answer_now(
                 req, stable_id("req_", req.batch_id, req.custom_id), d.number
             )
-            if now is self.worker.needs_engine:
+            # A traced line takes the one-at-a-time path: its result carries its trace headers.
+            if now is self.worker.needs_engine or tracing.traced(d.msg.headers):
                 self._spawn(self.process(d))
                 continue
             self.in_flight[d.msg.reply or new_id("m")] = d.msg
@@ -123,6 +126,7 @@ class Intake:
     async def _publish_ready(self, ready: Ready) -> None:
         assert self.results is not None
         items: list[tuple[str, bytes, str, Msg]] = []
+        results: list[ResultMessage] = []
         retry: list[Delivery[RequestMessage]] = []
         for d, result in ready:
             if result is None:
@@ -131,11 +135,16 @@ class Intake:
                 items.append((
                     result.published_on, self.worker.encode(result), result.msg_id, d.msg,
                 ))  # fmt: skip
+                results.append(result)
         try:
             for d in retry:
                 await self.runner.retry(d)
             failed = await self.results.publish_many_then_ack(items)
             self.completed += len(items) - len(failed)
+            self.runner.counts.add("acked", len(items) - len(failed))
+            for index, result in enumerate(results):
+                if index not in failed:
+                    self.metrics.published(result, items[index][3])
             for index, error in failed.items():
                 msg = items[index][3]
                 log.warning(
@@ -152,12 +161,19 @@ class Intake:
         token = d.msg.reply or new_id("m")
         self.in_flight[token] = d.msg
         in_engine = True
+        logs.bind_message(d.value)
+        # A sampled line's spans (none for the others): this pull, and the engine call in it.
+        span = tracing.start_message_span(f"{d.subject} process", d.msg.headers, d.value)
         try:
+            started = time.monotonic()
+            engine_span = tracing.start_child(span, f"engine {d.value.endpoint}")
             try:
                 result = await self.worker.handle(d.value, d.number)
             finally:
+                tracing.end(engine_span)
                 in_engine = False
                 self._release_slot()
+                self.metrics.request_seconds.observe(time.monotonic() - started)
             if result is None:
                 await self.runner.retry(d)
                 return
@@ -165,9 +181,15 @@ class Intake:
             # trip to the server.
             assert self.results is not None
             await self.results.publish_then_ack(
-                result.published_on, self.worker.encode(result), result.msg_id, d.msg
+                result.published_on,
+                self.worker.encode(result),
+                result.msg_id,
+                d.msg,
+                headers=tracing.headers_of(span),
             )
             self.completed += 1
+            self.runner.counts.add("acked")
+            self.metrics.published(result, d.msg)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -175,6 +197,7 @@ class Intake:
             with contextlib.suppress(Exception):
                 await self.runner.retry(d, REPUBLISH_DELAY_S)
         finally:
+            tracing.end(span)
             if in_engine:
                 self._release_slot()
             self.in_flight.pop(token, None)

@@ -51,6 +51,7 @@ def result_for(
         cached_tokens=outcome.cached_tokens,
         worker_id=worker_id,
         finished_at_ms=int(time.time() * 1000),
+        gpu_ms=outcome.gpu_ms,
     )
 
 

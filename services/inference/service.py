@@ -3,9 +3,9 @@
 Consumes: CONSUMER below, per model: REQUESTS `jetbatch.requests.<model>.>` as durable
   `inference-<model>`, RequestMessage, ack_wait = JETBATCH_REQUEST_ACK_WAIT_S, max_deliver =
   JETBATCH_REQUEST_MAX_DELIVER, at most `engine.capacity` in the engine (intake.py).
-Serves: core NATS `jetbatch.interactive.<model>` (queue group `inference-<model>`), request/reply,
+Serves: core NATS `jetbatch.interactive.<model>.<project>` (queue group `inference-<model>`), request/reply,
   for the synchronous API: interactive requests go straight to the engine, never behind the
-  queue (interactive.py); and `jetbatch.interactive.abort.<model>` (every worker), the api's
+  queue (interactive.py); and `jetbatch.interactive.abort.<model>.<project>` (every worker), the api's
   InteractiveAbort of one it stopped waiting for, which the worker running it aborts.
 Watches: KV `jetbatch_cancelled` (cancellations.py): a request of a cancelled or expired batch
   is answered with a `batch_cancelled` / `batch_expired` error result without running the
@@ -42,6 +42,7 @@ from schemas.messages import (
 from services.inference import engine_args
 from services.inference.cancellations import Cancellations
 from services.inference.engine import Engine, EngineResult, make_engine
+from services.inference.engine_time import EngineClock
 from services.inference.gpu import GpuGate, GpuMonitor
 from services.inference.heartbeats import Heartbeats
 from services.inference.intake import RESULTS_WINDOW, TAKE_SLICE, TAKE_SLICE_SYNC, Intake
@@ -52,6 +53,7 @@ from shared.consumer import Consumer, Runner
 from shared.domain import deadletters
 from shared.ids import stable_id
 from shared.lane import Lane
+from shared.metrics import expose as expose_metrics
 
 __all__ = ["CONSUMER", "CONSUMERS", "EMITS", "TAKE_SLICE", "TAKE_SLICE_SYNC", "Worker", "run"]
 
@@ -113,6 +115,8 @@ class Worker:
         self.cancellations = Cancellations(on_stop=self._abort_batch)
         # batch id -> request ids of that batch now in the engine, to abort on cancel
         self._running: dict[str, set[str]] = {}
+        # Each request's share of the engine, times the GPUs this worker owns (`--gpu`).
+        self.engine_clock = EngineClock(gpus=engine_args.visible_gpus())
         self.capacity = settings.max_in_flight or engine.capacity
         consumer = consumer_for(settings, spec, self.capacity)
         # The connection comes with `start`; until then the runner only decodes (unit tests).
@@ -138,8 +142,12 @@ class Worker:
             return now
         running = self._running.setdefault(req.batch_id, set())
         running.add(request_id)
+        started = self.engine_clock.start()
         try:
             outcome = await self.engine.run(req.endpoint, bytes(req.body), request_id)
+            gpu_ms = self.engine_clock.stop(started)
+            started = -1.0
+            outcome = msgspec.structs.replace(outcome, gpu_ms=gpu_ms)
         except Exception as e:
             log.exception(
                 "engine failed on batch_id=%s custom_id=%s (delivery %d)",
@@ -151,6 +159,8 @@ class Worker:
                 return engine_failure(req, request_id, f"engine error: {e}", self.worker_id)
             return None
         finally:
+            if started >= 0:
+                self.engine_clock.stop(started)  # failed or cancelled: it still left the engine
             running.discard(request_id)
             if not running and self._running.get(req.batch_id) is running:
                 del self._running[req.batch_id]
@@ -273,6 +283,7 @@ async def run(
         )
     config.require(settings, "inference", "nats_url")
     assert settings.nats_url is not None
+    expose_metrics(settings, "inference", gpu_index)  # before the engine: a taken port stops it
     worker_id = worker_id or f"{socket.gethostname()}-{subject_token(spec.name)}-{os.getpid()}"
     worker_id = "".join(c if c.isalnum() or c in "-_=" else "_" for c in worker_id)
     engine = make_engine(settings, spec)

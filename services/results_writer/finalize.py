@@ -16,9 +16,9 @@ from nats.js import JetStreamContext
 
 from schemas.messages import BatchEvent
 from schemas.openai import OutputLine
-from services.results_writer import store
+from services.results_writer import metrics, store
 from services.results_writer.lines import event_id, output_file_id, output_line
-from shared import bus, telemetry
+from shared import bus, telemetry, tracing
 from shared.bus import FileObjects
 from shared.bus.objects import ObjectWriter
 from shared.consumer import sleep_unless
@@ -103,9 +103,12 @@ class Finalizer:
                 batch = await store.load_batch(conn, batch_id)
                 if batch is None or not _ready_to_close(batch):
                     return False
-                with tracer.start_as_current_span("batch finalize") as span:
+                with tracer.start_as_current_span(
+                    "batch finalize", context=tracing.batch_context(batch_id)
+                ) as span:
                     span.set_attribute("jetbatch.batch_id", batch_id)
-                    await self._close_batch(conn, batch)
+                    with metrics.finalizing(batch.status):
+                        await self._close_batch(conn, batch)
         return True
 
     async def _close_batch(self, conn: asyncpg.Connection, batch: store.BatchToFinalize) -> None:

@@ -49,6 +49,7 @@ def result_record(result: ResultMessage) -> store.ResultRecord:
         result.cached_tokens,
         result.output_tokens,
         result.finished_at_ms // 1000 if result.finished_at_ms > 0 else None,
+        max(0, result.gpu_ms),
         result.project,
     )
 

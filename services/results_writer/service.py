@@ -22,7 +22,7 @@ from contextlib import AsyncExitStack
 import asyncpg
 
 from schemas.messages import BatchEvent, ResultMessage
-from services.results_writer import store
+from services.results_writer import metrics, store
 from services.results_writer.finalize import FINALIZE_CONCURRENCY, Finalizer
 from services.results_writer.lines import (
     output_file_id,
@@ -33,6 +33,7 @@ from services.results_writer.lines import (
 from shared import bus, config, db, process
 from shared.consumer import Batch, Consumer, Runner
 from shared.domain import deadletters
+from shared.metrics import expose as expose_metrics
 
 __all__ = [
     "CONSUMER",
@@ -127,6 +128,7 @@ class ResultsWriter(Finalizer):
         records = [result_record(r) for r in results]
         async with self._pool.acquire() as conn:
             touched = await store.write_results(conn, records, int(time.time()))
+        metrics.written(results, sum(t.inserted for t in touched))
         if log.isEnabledFor(logging.DEBUG):
             known = {t.batch_id for t in touched}
             for batch_id in {r.batch_id for r in results} - known:
@@ -142,6 +144,7 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
     DRAIN_TIMEOUT_S), drain NATS and close the pool."""
     config.require(settings, SERVICE, "database_url", "nats_url")
     assert settings.database_url is not None and settings.nats_url is not None
+    expose_metrics(settings, SERVICE)
     async with AsyncExitStack() as stack:
         pool = await db.connect_pool(
             settings.database_url, min_size=2, max_size=2 + FINALIZE_CONCURRENCY

@@ -33,6 +33,7 @@ RESULT_COLUMNS = (
     "cached_tokens",
     "output_tokens",
     "finished_at",
+    "gpu_ms",
 )
 # One request_results row, in RESULT_COLUMNS order, then the project the result claims (checked
 # against its batch's, not stored). finished_at (unix seconds) None: the write's.
@@ -50,6 +51,7 @@ ResultRecord = tuple[
     int,
     int,
     int | None,
+    int,
     str,
 ]
 
@@ -65,9 +67,11 @@ _INCOMING = """
 incoming_results AS MATERIALIZED (
     SELECT * FROM unnest(
         $3::text[], $4::text[], $5::int[], $6::bool[], $7::int[], $8::text[], $9::text[],
-        $10::text[], $11::text[], $12::int[], $13::int[], $14::int[], $15::bigint[], $16::text[]
+        $10::text[], $11::text[], $12::int[], $13::int[], $14::int[], $15::bigint[],
+        $16::bigint[], $17::text[]
     ) AS i(batch_id, custom_id, line, ok, status_code, request_id, response_body, error_code,
-           error_message, input_tokens, cached_tokens, output_tokens, finished_at, project)
+           error_message, input_tokens, cached_tokens, output_tokens, finished_at, gpu_ms,
+           project)
 )
 """
 
@@ -91,22 +95,23 @@ _APPLY_RESULTS = (
 ), inserted AS (
     INSERT INTO request_results (batch_id, custom_id, line, ok, status_code, request_id,
                                  response_body, error_code, error_message, input_tokens,
-                                 cached_tokens, output_tokens, finished_at)
+                                 cached_tokens, output_tokens, finished_at, gpu_ms)
     SELECT i.batch_id, i.custom_id, i.line, i.ok, i.status_code, i.request_id, i.response_body,
            i.error_code, i.error_message, i.input_tokens, i.cached_tokens, i.output_tokens,
-           coalesce(i.finished_at, $2)
+           coalesce(i.finished_at, $2), i.gpu_ms
     -- A result claiming another project than its batch's is not that batch's: skipped.
     FROM incoming_results i JOIN touched t ON t.id = i.batch_id AND t.project_id = i.project
     ORDER BY i.batch_id, i.custom_id
     ON CONFLICT (batch_id, custom_id) DO NOTHING
-    RETURNING batch_id, ok, input_tokens, cached_tokens, output_tokens
+    RETURNING batch_id, ok, input_tokens, cached_tokens, output_tokens, gpu_ms
 ), counts AS (
     SELECT batch_id,
            count(*) FILTER (WHERE ok) AS completed,
            count(*) FILTER (WHERE NOT ok) AS failed,
            sum(input_tokens) AS input_tokens,
            sum(cached_tokens) AS cached_tokens,
-           sum(output_tokens) AS output_tokens
+           sum(output_tokens) AS output_tokens,
+           sum(gpu_ms) AS gpu_ms
     FROM inserted
     GROUP BY batch_id
 ), updated AS (
@@ -116,6 +121,7 @@ _APPLY_RESULTS = (
         input_tokens = b.input_tokens + c.input_tokens,
         cached_tokens = b.cached_tokens + c.cached_tokens,
         output_tokens = b.output_tokens + c.output_tokens,
+        gpu_ms = b.gpu_ms + c.gpu_ms,
         updated_at = $2
     FROM counts c
     WHERE b.id = c.batch_id

@@ -64,12 +64,13 @@ from schemas.messages import (
     WorkerHeartbeat,
     subject_token,
 )
-from services.watchdog import store
+from services.watchdog import metrics, store
 from shared import bus, config, db, process
 from shared.bus import FileObjects
 from shared.consumer import Consumer, Delivery, Runner, sleep_unless
 from shared.domain import deadletters, retention
 from shared.ids import stable_id
+from shared.metrics import expose as expose_metrics
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,7 @@ class Watchdog:
                 await step()
             except Exception:
                 log.exception("watchdog step %s failed; next round retries", step.__name__)
+        metrics.LAST_ROUND.set_to_current_time()
 
     async def expire(self) -> None:
         async with self.pool.acquire() as conn:
@@ -335,6 +337,7 @@ class Watchdog:
                     beat.worker_id, beat.model, beat.host, int(now - beat.seen_at),
                 )  # fmt: skip
         self._stale_logged = {b.worker_id for b in stale}
+        metrics.STALE_WORKERS.set(len(stale))
 
     # Retention (README: Retention) ------------------------------------------------------------
 
@@ -391,6 +394,7 @@ class Watchdog:
 async def run(settings: config.Settings, stop: asyncio.Event) -> None:
     config.require(settings, SERVICE, "nats_url", "database_url")
     assert settings.nats_url is not None and settings.database_url is not None
+    expose_metrics(settings, SERVICE)
     async with AsyncExitStack() as stack:
         pool = await db.connect_pool(settings.database_url, min_size=1, max_size=4)
         stack.push_async_callback(pool.close)

@@ -37,14 +37,15 @@ import msgspec
 from schemas.messages import BatchEvent
 from schemas.projects import DEFAULT_PROJECT_ID
 from schemas.webhooks import WebhookEvent, WebhookEventData
-from services.webhook_notifier import sender, store
-from shared import bus, config, db, process, telemetry
+from services.webhook_notifier import metrics, sender, store
+from shared import bus, config, db, logs, process, telemetry, tracing
 from shared.backoff import BACKOFF, Backoff
 from shared.config import Settings, WebhookSettings
 from shared.consumer import Batch, Consumer, Runner
 from shared.domain import deadletters
 from shared.domain.webhooks import UnsafeUrl, host_key, parse_url
 from shared.ids import stable_id
+from shared.metrics import expose as expose_metrics
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -294,8 +295,11 @@ class Deliverer:
         return len(claimed)
 
     async def _attempt(self, delivery: store.Claimed) -> None:
+        logs.bind(delivery.batch_id)  # this task's records name the batch
         try:
-            with tracer.start_as_current_span("webhook deliver") as span:
+            with tracer.start_as_current_span(
+                "webhook deliver", context=tracing.batch_context(delivery.batch_id)
+            ) as span:
                 span.set_attribute("jetbatch.batch_id", delivery.batch_id)
                 span.set_attribute("jetbatch.delivery_id", delivery.id)
                 outcome = await self._send(delivery)
@@ -309,6 +313,7 @@ class Deliverer:
                     now=int(time.time()),
                 )  # fmt: skip
             self._log(delivery, outcome, status, retry_in_s, error, kept)
+            metrics.attempted(status, outcome.latency_ms)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -400,6 +405,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     NATS and close the pool."""
     config.require(settings, SERVICE, "database_url", "nats_url")
     assert settings.database_url is not None and settings.nats_url is not None
+    expose_metrics(settings, SERVICE)
     policy = settings.webhooks
     if policy.secret is None:
         log.warning(

@@ -185,13 +185,15 @@ WITH b AS MATERIALIZED (
 ), gone AS (
     DELETE FROM request_results r USING b
     WHERE r.batch_id = b.id
-    RETURNING r.batch_id, r.ok, r.input_tokens, r.cached_tokens, r.output_tokens, r.finished_at
+    RETURNING r.batch_id, r.ok, r.input_tokens, r.cached_tokens, r.output_tokens, r.finished_at,
+              r.gpu_ms
 ), folded AS (
     INSERT INTO usage_minutes AS u (batch_id, model, minute, requests, failed, input_tokens,
-                                    cached_tokens, output_tokens, project_id)
+                                    cached_tokens, output_tokens, project_id, gpu_ms)
     SELECT g.batch_id, b.model, coalesce(g.finished_at, b.ended_at) / 60 * 60,
            count(*), count(*) FILTER (WHERE NOT g.ok),
-           sum(g.input_tokens), sum(g.cached_tokens), sum(g.output_tokens), b.project_id
+           sum(g.input_tokens), sum(g.cached_tokens), sum(g.output_tokens), b.project_id,
+           sum(g.gpu_ms)
     FROM gone g JOIN b ON b.id = g.batch_id
     GROUP BY 1, 2, 3, b.project_id
     ON CONFLICT (batch_id, model, minute) DO UPDATE SET
@@ -199,7 +201,8 @@ WITH b AS MATERIALIZED (
         failed = u.failed + EXCLUDED.failed,
         input_tokens = u.input_tokens + EXCLUDED.input_tokens,
         cached_tokens = u.cached_tokens + EXCLUDED.cached_tokens,
-        output_tokens = u.output_tokens + EXCLUDED.output_tokens
+        output_tokens = u.output_tokens + EXCLUDED.output_tokens,
+        gpu_ms = u.gpu_ms + EXCLUDED.gpu_ms
 )
 UPDATE batches SET results_pruned_at = $3
 FROM b WHERE batches.id = b.id

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,9 +22,11 @@ from openai.types import Batch
 
 from shared.embedded import free_port
 from tests.helpers import API_KEY, CHAT, wait_until_sync
+from tests.otlp_receiver import Receiver
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600
+METRICS_PORTS = 14  # the results writer, notifier and watchdog at +0..+2, workers from +10
 
 
 @dataclass
@@ -44,8 +48,11 @@ def _get(url: str, key: str) -> dict:
         return json.loads(r.read())
 
 
-def start_system(data_dir: Path, engine: str, log_name: str, *args: str) -> System:
+def start_system(
+    data_dir: Path, engine: str, log_name: str, *args: str, env: dict[str, str] | None = None
+) -> System:
     port = free_port()
+    overrides = env or {}
     env = dict(os.environ)
     env.update(
         {
@@ -59,6 +66,7 @@ def start_system(data_dir: Path, engine: str, log_name: str, *args: str) -> Syst
     )
     for name in ("JETBATCH_NATS_URL", "JETBATCH_DATABASE_URL"):
         env.pop(name, None)
+    env.update(overrides)
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / log_name
     log_file = open(log_path, "wb")  # noqa: SIM115
@@ -98,9 +106,42 @@ def stop_system(system: System) -> int:
 
 
 @pytest.fixture(scope="session")
-def system(scratch_dir: Path) -> Iterator[System]:
-    """jetbatch up with vLLM (CPU) serving SmolLM2-135M-Instruct and all-MiniLM-L6-v2."""
-    system = start_system(scratch_dir / "e2e-vllm", "vllm", "up.log")
+def otlp() -> Iterator[Receiver]:
+    """A real OTLP/HTTP receiver the session's system exports its traces to."""
+    receiver = Receiver().start()
+    yield receiver
+    receiver.stop()
+
+
+def free_port_range(n: int) -> int:
+    """A base port whose next `n` ports are all free now (the services' metrics ports)."""
+    for _ in range(100):
+        base = random.randrange(20_000, 40_000)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {n} free ports in a row")
+
+
+@pytest.fixture(scope="session")
+def system(scratch_dir: Path, otlp: Receiver) -> Iterator[System]:
+    """jetbatch up with vLLM (CPU) serving SmolLM2-135M-Instruct and all-MiniLM-L6-v2, exporting
+    traces (each batch's line 0 at the default ratio) and serving a metrics port per service,
+    as an operator runs it."""
+    system = start_system(
+        scratch_dir / "e2e-vllm",
+        "vllm",
+        "up.log",
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "JETBATCH_METRICS_PORT": str(free_port_range(METRICS_PORTS)),
+        },
+    )
     yield system
     stop_system(system)
 

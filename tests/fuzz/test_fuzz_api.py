@@ -84,6 +84,13 @@ ROUTE_INPUTS: dict[str, str] = {
     "POST /v1/organization/projects/{project_id:str}/service_accounts/{service_account_id:str}": "json",
     "POST /v1/organization/projects/{project_id:str}/service_accounts/{service_account_id:str}/api_keys": "json",
     "POST /v1/organization/projects/{project_id:str}/webhook_secret/rotate": "json",
+    # Usage and costs (OpenAI's), readiness and stats
+    "GET /v1/organization/usage/completions": "none",
+    "GET /v1/organization/usage/embeddings": "none",
+    "GET /v1/organization/costs": "none",
+    "GET /ready": "none",
+    "GET /metrics": "none",
+    "GET /v1/stats": "none",
 }
 # Examples per route (each with one of three keys). 40 keeps the whole run to about a minute on
 # the 2-core dev box; FUZZ_EXAMPLES raises it for a longer hunt.

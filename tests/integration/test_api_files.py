@@ -217,7 +217,12 @@ async def test_an_unexpected_failure_is_a_500_in_openai_shape(api: str, database
         response = await http.get(f"{api}/files")
     assert response.status_code == 500
     assert response.json() == {
-        "error": {"message": "internal error", "type": "server_error", "param": None, "code": None}
+        "error": {
+            "message": "internal error",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
     }
 
 

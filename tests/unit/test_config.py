@@ -7,6 +7,7 @@ import pytest
 from msgspec import Meta
 
 from shared import config, settings_env
+from shared.usage_config import ModelPrice
 
 
 def test_defaults_serve_the_two_offline_models() -> None:
@@ -107,6 +108,14 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "JETBATCH_MAX_FILE_BYTES": ("max_file_bytes", "1000", 1000),
     "JETBATCH_MAX_BATCH_LINES": ("max_batch_lines", "7", 7),
     "JETBATCH_LOG_LEVEL": ("log_level", "debug", "DEBUG"),
+    "JETBATCH_TRACE_LINE_RATIO": ("observability.trace_line_ratio", "0.5", 0.5),
+    "JETBATCH_LOG_FORMAT": ("observability.log_format", "json", "json"),
+    "JETBATCH_LOG_FILE": ("observability.log_file", "/var/log/jb/a.log", Path("/var/log/jb/a.log")),
+    "JETBATCH_LOG_FILE_MAX_BYTES": ("observability.log_file_max_bytes", "4096", 4096),
+    "JETBATCH_LOG_FILE_BACKUPS": ("observability.log_file_backups", "2", 2),
+    "JETBATCH_METRICS_PORT": ("observability.metrics_port", "9400", 9400),
+    "JETBATCH_METRICS_HOST": ("observability.metrics_host", "0.0.0.0", "0.0.0.0"),
+    "JETBATCH_METRICS_WORKER": ("observability.metrics_worker", "3", 3),
     "JETBATCH_MAX_IN_FLIGHT": ("max_in_flight", "32", 32),
     "JETBATCH_REQUEST_ACK_WAIT_S": ("request_ack_wait_s", "30", 30),
     "JETBATCH_REQUEST_MAX_DELIVER": ("request_max_deliver", "3", 3),
@@ -114,6 +123,12 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "JETBATCH_SYNC_TIMEOUT_S": ("sync_timeout_s", "0.3", 0.3),
     "JETBATCH_BATCH_NICE": ("batch_nice", "0", 0),
     "JETBATCH_INSTANT_DELAY_S": ("instant_delay_s", "1.5", 1.5),
+    "JETBATCH_PRICES": (
+        "usage.prices",
+        "m=0.5/1.5,m=2/h",
+        (ModelPrice(model="m", input_per_million=0.5, output_per_million=1.5, per_gpu_hour=2.0),),
+    ),
+    "JETBATCH_PRICES_CURRENCY": ("usage.currency", "eur", "eur"),
     "JETBATCH_WEBHOOK_SECRET": ("webhooks.secret", SECRET, SECRET),
     "JETBATCH_WEBHOOK_MAX_ATTEMPTS": ("webhooks.max_attempts", "7", 7),
     "JETBATCH_WEBHOOK_MAX_AGE_S": ("webhooks.max_age_s", "3600", 3600),

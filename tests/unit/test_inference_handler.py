@@ -220,7 +220,7 @@ class HeldResults:
         self.single: list[str] = []
         self.groups: list[list[str]] = []
 
-    async def publish_then_ack(self, subject, payload, msg_id, source) -> None:  # type: ignore[no-untyped-def]
+    async def publish_then_ack(self, subject, payload, msg_id, source, headers=None) -> None:  # type: ignore[no-untyped-def]
         self.single.append(msg_id)
         await self.release.wait()
 
