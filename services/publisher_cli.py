@@ -8,6 +8,8 @@ The user is added to `<data dir>/nats/nats-auth.json` (or `nats-cluster/`), each
 `nats-server --signal reload` does): no restart, no connection dropped. `--rotate` gives the
 publisher a new password and `--revoke` removes it; the server then closes the connections that
 used the old one. A server that is not running reads the users when `jetbatch up` starts it.
+Archiving a project (admin API) revokes its publisher too: `jetbatch up` looks every
+ARCHIVED_CHECK_S (`revoke_archived`).
 
   jetbatch publisher PROJECT            its URL (the password is created once, then kept)
   jetbatch publisher PROJECT --rotate   a new password; the old one is refused at once
@@ -20,18 +22,28 @@ authorization block with a publisher per project (README: Credentials and permis
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
+
 from schemas.messages import subject_token
 from shared import config
 from shared.embedded import AUTH_FILE, PID_FILE
-from shared.nats_auth import NatsAuth, inbox_prefix, publisher_user, write_private
+from shared.nats_auth import (
+    PUBLISHER_PREFIX,
+    NatsAuth,
+    inbox_prefix,
+    publisher_user,
+    write_private,
+)
 
 AUTH_JSON = "nats-auth.json"
+ARCHIVED_CHECK_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,37 @@ def servers(data_dir: Path) -> tuple[Path, list[Node]]:
         f"no embedded NATS in {data_dir} (no nats/{AUTH_JSON}): start jetbatch once (`jetbatch"
         " up`), or, for a NATS you run yourself, see `python -m shared.nats_auth --help`"
     )
+
+
+async def archived_projects(database_url: str, projects: list[str]) -> list[str]:
+    """Those of `projects` that are archived (or were never created)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        active = await conn.fetch(
+            "SELECT id FROM projects WHERE id = ANY($1::text[]) AND archived_at IS NULL", projects
+        )
+    finally:
+        await conn.close()
+    return sorted(set(projects) - {r["id"] for r in active})
+
+
+def revoke_archived(data_dir: Path, database_url: str) -> list[str]:
+    """`jetbatch up`, every ARCHIVED_CHECK_S: the publishers of projects archived since (through
+    the admin API) are revoked, as their API keys are; the servers reload. Returns their ids."""
+    path, nodes = servers(data_dir)
+    auth = NatsAuth.load(path)
+    projects = [
+        u.removeprefix(PUBLISHER_PREFIX) for u in auth.passwords if u.startswith(PUBLISHER_PREFIX)
+    ]
+    gone = asyncio.run(archived_projects(database_url, projects)) if projects else []
+    if not gone:
+        return []
+    for project in gone:
+        auth = auth.without_publisher(project)
+    auth.save(path)
+    for node in nodes:
+        node.reload(auth)
+    return gone
 
 
 def parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from services.logs_cli import log_path
 from services.migrate import migrate
+from services.publisher_cli import ARCHIVED_CHECK_S, revoke_archived
 from shared import bus, config, config_sections, metrics, nats_auth, process
 from shared.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, private_dir
 from shared.nats_auth import write_private
@@ -195,6 +196,15 @@ def stop_children(children: list[Child]) -> None:
             child.proc.wait()
 
 
+def revoke_publishers_of_archived(settings: config.Settings, database_url: str) -> None:
+    """An archived project's NATS publisher goes with its keys (services/publisher_cli.py)."""
+    try:
+        for project in revoke_archived(settings.data_dir, database_url):
+            log.info("project %s is archived: its NATS publisher is revoked", project)
+    except Exception:  # the next look tries again; `jetbatch up` itself goes on
+        log.exception("could not check for publishers of archived projects")
+
+
 def start_nats(settings: config.Settings, cluster: bool) -> EmbeddedNats | EmbeddedNatsCluster:
     """The embedded nats-server, or a local 3-node cluster whose JetStream has elected its
     leader (the services create their streams with JETBATCH_NATS_REPLICAS replicas)."""
@@ -251,8 +261,12 @@ def up(settings: config.Settings, *, cluster: bool = False) -> int:
 
         admin_key = asyncio.run(first_admin_key(database_url, settings.data_dir))
         announce_when_healthy(settings, api_key, children, admin_key)
+        publishers_checked = time.monotonic()
         while not stopping:
             restart_exited(children, env)
+            if nats_server is not None and time.monotonic() - publishers_checked > ARCHIVED_CHECK_S:
+                publishers_checked = time.monotonic()
+                revoke_publishers_of_archived(settings, database_url)
             time.sleep(0.2)
         return 0
     finally:

@@ -8,15 +8,17 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import asyncpg
 import nats
 import nats.errors
 import pytest
 
 from schemas.messages import RequestMessage
+from schemas.projects import DEFAULT_PROJECT_ID
 from services import publisher_cli
 from shared import bus
 from shared.embedded import EmbeddedNats
-from shared.nats_auth import publisher_user
+from shared.nats_auth import NatsAuth, publisher_user
 from tests.helpers import wait_until
 
 PROJECT = "proj_pub"
@@ -88,3 +90,27 @@ def test_without_an_embedded_server_it_says_what_to_do(
     with pytest.raises(Exception, match="jetbatch up"):
         publisher_cli.main([PROJECT])
     assert publisher_cli.main(["not a project"]) == 2
+
+
+async def test_an_archived_projects_publisher_is_revoked(
+    server: EmbeddedNats, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pool = await asyncpg.connect(database_url)
+    try:
+        await pool.execute(
+            "INSERT INTO projects (id, name, created_at) VALUES ($1, 'pub', 1)", PROJECT
+        )
+        url = credentials(capsys)["url"]
+        assert (
+            await asyncio.to_thread(publisher_cli.revoke_archived, tmp_path, database_url) == []
+        )  # still active
+        await pool.execute("UPDATE projects SET archived_at = 2 WHERE id = $1", PROJECT)
+        assert await asyncio.to_thread(publisher_cli.revoke_archived, tmp_path, database_url) == [
+            PROJECT
+        ]
+        await wait_until(lambda: refused_at_connect(url), "the archived project's publisher out")
+        # The default project's publisher stays.
+        auth = NatsAuth.load(tmp_path / "nats" / "nats-auth.json")
+        assert publisher_user(DEFAULT_PROJECT_ID) in auth.passwords
+    finally:
+        await pool.close()
