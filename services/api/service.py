@@ -18,8 +18,8 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import FrameType
 
 import msgspec
@@ -103,13 +103,10 @@ async def _close_nats(nc: NATS) -> None:
         await nc.drain()
 
 
-def create_app(settings: Settings) -> Litestar:
-    """The api as an ASGI app. Its connections open in the lifespan, not here."""
-    if not settings.database_url:
-        raise ConfigError("JETBATCH_DATABASE_URL is not set: the api needs PostgreSQL")
-    if not settings.nats_url:
-        raise ConfigError("JETBATCH_NATS_URL is not set: the api needs NATS")
-    database_url, nats_url = settings.database_url, settings.nats_url
+def _lifespan(
+    settings: Settings, database_url: str, nats_url: str
+) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    """The api's connections, child processes and background tasks, for the app's lifetime."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -158,6 +155,17 @@ def create_app(settings: Settings) -> Litestar:
             log.info("api ready on %s:%d", settings.api_host, settings.api_port)
             yield
 
+    return lifespan
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The api as an ASGI app. Its connections open in the lifespan, not here."""
+    if not settings.database_url:
+        raise ConfigError("JETBATCH_DATABASE_URL is not set: the api needs PostgreSQL")
+    if not settings.nats_url:
+        raise ConfigError("JETBATCH_NATS_URL is not set: the api needs NATS")
+    database_url, nats_url = settings.database_url, settings.nats_url
+
     v1 = Router(
         "/v1",
         route_handlers=[
@@ -177,7 +185,7 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[healthz, *stats.ROUTES, *metrics.ROUTES, v1],
         dependencies={"deps": Provide(get_deps, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        lifespan=[lifespan],
+        lifespan=[_lifespan(settings, database_url, nats_url)],
         request_max_body_size=MAX_JSON_BODY_BYTES,
         middleware=[limits_middleware],  # slow bodies, NUL in URLs (README: Hostile input)
         openapi_config=None,
