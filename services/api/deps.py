@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 from services.api.children import SpareChild
 from services.api.concurrency import SyncSlots
 from services.api.rate_limits import RateLimiter
+from services.api.sync_usage import SyncUsage
 from shared.bus import FileObjects
 from shared.config import Settings
 
@@ -53,6 +54,8 @@ class Deps:
     sync_slots: SyncSlots = field(init=False)
     # Projects' request and token rate limits of synchronous requests (rate_limits.py).
     rate_limiter: RateLimiter = field(init=False)
+    # What synchronous requests used, written every few seconds (sync_usage.py).
+    sync_usage: SyncUsage = field(default_factory=SyncUsage)
 
     def __post_init__(self) -> None:
         limits = self.settings.limits

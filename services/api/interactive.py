@@ -246,6 +246,14 @@ async def _infer_in_slot(
     except msgspec.DecodeError:
         log.error("request %s: undecodable reply on %s", message.request_id, subject)
         raise BadGateway("the worker sent an undecodable reply") from None
+    deps.sync_usage.add(
+        (message.project, message.model, caller.key_id if caller else None, endpoint),
+        ok=result.status_code < 300,
+        input_tokens=result.input_tokens,
+        cached_tokens=result.cached_tokens,
+        output_tokens=result.output_tokens,
+        gpu_ms=result.gpu_ms,
+    )
     body = bytes(result.response_body) if result.response_body is not None else b"null"
     if body == b"null":  # a Raw field decodes JSON null as Raw(b"null"), not None
         body = _error_body(result)

@@ -146,6 +146,12 @@ def _lifespan(
             control_stop = asyncio.Event()
             control = asyncio.create_task(lifecycle.consume(deps, control_stop), name="control")
             stack.push_async_callback(_stop_task, control, control_stop)
+            # What synchronous requests used: written every few seconds, and at the end.
+            usage_stop = asyncio.Event()
+            usage = asyncio.create_task(
+                deps.sync_usage.flush_every(pool, usage_stop), name="sync-usage"
+            )
+            stack.push_async_callback(_stop_task, usage, usage_stop)
             app.state.deps = deps
             if settings.api_key is None and not await any_keys(pool):
                 log.warning(

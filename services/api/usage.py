@@ -6,7 +6,8 @@ cost dashboards read it. Admin keys only: a project key gets a 403. The routes c
 
 Counted from batch lines: those of unfinished batches in `request_results` (at the second they
 finished), those of finished batches in `usage_minutes` (per minute, once pruned:
-shared/domain/retention.py). Synchronous requests are not recorded, so `batch=false` is empty.
+shared/domain/retention.py); and from synchronous requests (`batch=false`), per minute in
+`sync_usage_minutes` (services/api/sync_usage.py).
 `num_model_requests` counts the lines the model answered successfully. Costs price the usage
 with the operator's table (JETBATCH_PRICES): line items `<model>, input`, `<model>, output`
 (per million tokens) and `<model>, gpu hours` (per GPU-hour). Query logic: usage_buckets.py.
@@ -44,19 +45,24 @@ V1_GUARDS = [authenticate]
 # width; then the filters (NULL: any).
 _USAGE = """
 WITH lines AS (
-    SELECT b.project_id, coalesce(b.model, '') AS model, b.api_key_id, b.endpoint,
+    SELECT b.project_id, coalesce(b.model, '') AS model, b.api_key_id, b.endpoint, true AS batch,
            coalesce(r.finished_at, b.updated_at) AS t, r.ok::int AS requests,
            r.input_tokens, r.cached_tokens, r.output_tokens, r.gpu_ms
     FROM request_results r JOIN batches b ON b.id = r.batch_id
     WHERE coalesce(r.finished_at, b.updated_at) >= $1
       AND coalesce(r.finished_at, b.updated_at) < $2
     UNION ALL
-    SELECT u.project_id, u.model, b.api_key_id, b.endpoint, u.minute, u.requests - u.failed,
-           u.input_tokens, u.cached_tokens, u.output_tokens, u.gpu_ms
+    SELECT u.project_id, u.model, b.api_key_id, b.endpoint, true, u.minute,
+           u.requests - u.failed, u.input_tokens, u.cached_tokens, u.output_tokens, u.gpu_ms
     FROM usage_minutes u JOIN batches b ON b.id = u.batch_id
     WHERE u.minute >= $1 AND u.minute < $2
+    UNION ALL
+    SELECT s.project_id, s.model, nullif(s.api_key_id, ''), s.endpoint, false, s.minute,
+           s.requests, s.input_tokens, s.cached_tokens, s.output_tokens, s.gpu_ms
+    FROM sync_usage_minutes s
+    WHERE s.minute >= $1 AND s.minute < $2
 )
-SELECT ((t - $1) / $3)::int AS bucket, project_id, model, api_key_id,
+SELECT ((t - $1) / $3)::int AS bucket, project_id, model, api_key_id, batch,
        sum(requests)::bigint AS requests, sum(input_tokens)::bigint AS input_tokens,
        sum(cached_tokens)::bigint AS cached_tokens, sum(output_tokens)::bigint AS output_tokens,
        sum(gpu_ms)::bigint AS gpu_ms
@@ -65,7 +71,8 @@ WHERE ($4::text[] IS NULL OR endpoint = ANY($4::text[]))
   AND ($5::text[] IS NULL OR project_id = ANY($5::text[]))
   AND ($6::text[] IS NULL OR model = ANY($6::text[]))
   AND ($7::text[] IS NULL OR api_key_id = ANY($7::text[]))
-GROUP BY 1, 2, 3, 4
+  AND ($8::bool IS NULL OR batch = $8)
+GROUP BY 1, 2, 3, 4, 5
 """
 
 
@@ -88,6 +95,7 @@ async def usage_rows(pool: asyncpg.Pool, query: Query) -> list[Usage]:
         _list(query.project_ids),
         _list(query.models),
         _list(query.api_key_ids),
+        query.batch,
     )
     return [
         Usage(
@@ -95,6 +103,7 @@ async def usage_rows(pool: asyncpg.Pool, query: Query) -> list[Usage]:
             project_id=r["project_id"],
             model=r["model"],
             api_key_id=r["api_key_id"],
+            batch=r["batch"],
             requests=r["requests"],
             input_tokens=r["input_tokens"],
             cached_tokens=r["cached_tokens"],

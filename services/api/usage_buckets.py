@@ -100,7 +100,8 @@ class Query:
     models: tuple[str, ...] | None = None
     api_key_ids: tuple[str, ...] | None = None
     line_items: tuple[str, ...] | None = None
-    nothing: bool = False  # a filter nothing jetbatch records can match (users, non-batch)
+    batch: bool | None = None  # only batch lines (True), only synchronous requests (False)
+    nothing: bool = False  # a filter nothing jetbatch records can match (users)
 
     @property
     def page_end(self) -> int:
@@ -172,8 +173,9 @@ def parse_query(kind: Kind, params: Mapping[str, Sequence[str]], now: int) -> Qu
         models=_filter(params, "models"),
         api_key_ids=_filter(params, "api_key_ids"),
         line_items=_filter(params, "line_items"),
-        # Only batch lines are recorded: jetbatch keeps no users and no synchronous requests.
-        nothing=bool(values(params, "user_ids")) or (batch or "").lower() == "false",
+        batch=None if batch is None else batch.lower() == "true",
+        # jetbatch keeps no users.
+        nothing=bool(values(params, "user_ids")),
     )
 
 
@@ -185,6 +187,7 @@ class Usage:
     project_id: str
     model: str
     api_key_id: str | None
+    batch: bool = True  # a batch's lines, or synchronous requests
     requests: int = 0
     input_tokens: int = 0
     cached_tokens: int = 0
@@ -248,8 +251,8 @@ def _key(group_by: tuple[str, ...], values_: Mapping[str, object]) -> tuple[obje
 
 # Every group key any kind has, in one order: a group is the tuple of its values (None if not
 # grouped by it).
-GROUP_KEYS_ORDER = ("project_id", "user_id", "api_key_id", "model", "line_item")
-_CONSTANT = {"user_id": None, "batch": True, "service_tier": "default", "api_source": "unlabeled"}
+GROUP_KEYS_ORDER = ("project_id", "user_id", "api_key_id", "model", "batch", "line_item")
+_CONSTANT = {"user_id": None, "service_tier": "default", "api_source": "unlabeled"}
 
 
 def _sort_key(item: tuple[tuple[object, ...], _Group]) -> tuple[str, ...]:
@@ -260,12 +263,12 @@ def _grouped(query: Query, rows: Iterable[Usage]) -> dict[int, dict[tuple[object
     buckets: dict[int, dict[tuple[object, ...], _Group]] = {}
     for row in rows:
         fields = {"project_id": row.project_id, "user_id": None, "api_key_id": row.api_key_id,
-                  "model": row.model or None, "line_item": None}  # fmt: skip
+                  "model": row.model or None, "batch": row.batch, "line_item": None}  # fmt: skip
         group = buckets.setdefault(row.bucket, {}).setdefault(
             _key(query.group_by, fields), _Group()
         )
         if group.usage is None:
-            group.usage = Usage(row.bucket, row.project_id, row.model, row.api_key_id)
+            group.usage = Usage(row.bucket, row.project_id, row.model, row.api_key_id, row.batch)
         group.usage.add(row)
     return buckets
 
@@ -315,7 +318,7 @@ def costs_page(query: Query, items: Iterable[LineItem], currency: str) -> UsageP
         if query.line_items is not None and item.line_item not in query.line_items:
             continue
         fields = {"project_id": item.project_id, "user_id": None, "api_key_id": item.api_key_id,
-                  "model": None, "line_item": item.line_item}  # fmt: skip
+                  "model": None, "batch": None, "line_item": item.line_item}  # fmt: skip
         group = buckets.setdefault(item.bucket, {}).setdefault(
             _key(query.group_by, fields), _Group()
         )

@@ -197,3 +197,24 @@ async def test_ready_lists_each_check(api: str, api_env: dict[str, str]) -> None
     assert [name for name, ok in checks.items() if not ok] == [
         n for n in checks if n.startswith("worker:")
     ]
+
+
+async def test_synchronous_requests_show_in_usage_as_batch_false(
+    database_url: str, nats_url: str, scratch_dir: Path
+) -> None:
+    env = lifecycle_env(database_url, nats_url, scratch_dir)
+    since = int(time.time()) - 60
+    async with running_system(env, start=("worker:w1",)) as system:
+        client = openai.AsyncOpenAI(base_url=system.base_url, api_key=API_KEY, max_retries=5)
+        for _ in range(3):
+            await client.chat.completions.create(
+                model=CHAT_MODEL, messages=[{"role": "user", "content": "hello there"}]
+            )
+    # The api wrote its sums when it stopped; an api started afresh reads them back.
+    async with running_system(env) as system:
+        page = await admin(system.base_url).admin.organization.usage.completions(
+            start_time=since, group_by=["batch", "model"], batch=False
+        )
+    [result] = [r for bucket in page.data for r in bucket.results]
+    assert (result.batch, result.model, result.num_model_requests) == (False, CHAT_MODEL, 3)
+    assert result.input_tokens > 0 and result.output_tokens > 0

@@ -109,9 +109,14 @@ def test_usage_grouped_by_project_and_model_and_batch() -> None:
 
 
 def test_filters_nothing_jetbatch_records_give_empty_buckets() -> None:
-    for extra in ({"batch": "false"}, {"user_ids": "user_1"}):
-        page = usage_page(q(start_time=str(T0), end_time=str(T0 + DAY), **extra), rows())
-        assert [b.results for b in page.data] == [[]]
+    page = usage_page(q(start_time=str(T0), end_time=str(T0 + DAY), user_ids="user_1"), rows())
+    assert [b.results for b in page.data] == [[]]
+
+
+def test_the_batch_filter_chooses_batch_lines_or_synchronous_requests() -> None:
+    assert q(start_time=str(T0)).batch is None  # both
+    assert q(start_time=str(T0), batch="false").batch is False
+    assert q(start_time=str(T0), batch="True").batch is True
 
 
 def test_costs_price_tokens_and_gpu_hours_by_line_item() -> None:
