@@ -178,10 +178,8 @@ async def _abort(nc: Any, message: InteractiveRequest, reason: str) -> None:
         )
 
 
-async def _infer_in_slot(
-    request: Request[Any, Any, Any], deps: DepsParam, endpoint: str
-) -> Response[bytes]:
-    raw = await request.body()
+def _checked(raw: bytes, deps: DepsParam, endpoint: str) -> _SyncBody:
+    """What the api reads of a synchronous request, refused here if it can tell it is bad."""
     try:
         probe = _sync_decoder.decode(raw)
     except msgspec.DecodeError as e:
@@ -205,6 +203,14 @@ async def _infer_in_slot(
         )
     if probe.stream is True:
         raise InvalidRequest("streaming is not supported by this deployment", param="stream")
+    return probe
+
+
+async def _infer_in_slot(
+    request: Request[Any, Any, Any], deps: DepsParam, endpoint: str
+) -> Response[bytes]:
+    raw = await request.body()
+    probe = _checked(raw, deps, endpoint)
     caller = getattr(request.state, "caller", None)
     limit_headers = (
         {}
