@@ -46,7 +46,7 @@ def test_one_batch_is_seen_in_metrics_traces_usage_and_logs(
     system: System, client: openai.OpenAI, otlp: Receiver
 ) -> None:
     since = int(time.time()) - 120
-    batch = run_batch(client, chat_jsonl(LINES, "seen"), "observed.jsonl")
+    batch = run_batch(client, chat_jsonl(LINES, "seen", max_tokens=8), "observed.jsonl")
     assert batch.request_counts is not None and batch.request_counts.completed == LINES
 
     # Metrics: the api's /metrics carries the fleet (PostgreSQL's lines), the worker its own.
