@@ -57,6 +57,24 @@ if [ "$dev" = 1 ] && ! command -v promtool >/dev/null 2>&1; then
     echo "jetbatch: promtool missing and no apt-get: install Prometheus's promtool" >&2
   fi
 fi
+if [ "$dev" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  # Debian's chromium, driven by Playwright (never `playwright install`), runs the admin page's
+  # browser tests (tests/browser; they fail without it).
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=()
+    if [ "$(id -u)" != 0 ]; then
+      if command -v sudo >/dev/null 2>&1; then sudo=(sudo); else
+        echo "jetbatch: chromium missing; run as root: apt-get install chromium" >&2; fi
+    fi
+    if [ "$(id -u)" = 0 ] || [ ${#sudo[@]} -gt 0 ]; then
+      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+        || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+          apt-get install -y -q --no-install-recommends chromium; }
+    fi
+  else
+    echo "jetbatch: chromium missing and no apt-get: install chromium at /usr/bin/chromium" >&2
+  fi
+fi
 
 # Convert/locate the default models once (cached in the data dir; offline).
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m services.inference.models

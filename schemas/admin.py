@@ -40,6 +40,11 @@ class WorkerStatus(msgspec.Struct, kw_only=True):
     # the worker started because the api stopped waiting for them (client gone, timeout).
     interactive_in_flight: int = 0
     interactive_aborted: int = 0
+    # "running", "draining", "drained" or "restarting" (the heartbeat's), the key operators'
+    # commands go under (stable across restarts) and the last command put there, if any.
+    state: str = "running"
+    control_id: str | None = None
+    command: str | None = None
     object: Literal["worker"] = "worker"
 
 
@@ -74,5 +79,32 @@ class DeadLetterList(msgspec.Struct, kw_only=True):
     data: list[DeadLetter]
     first_id: int | None
     last_id: int | None
+    has_more: bool
+    object: Literal["list"] = "list"
+
+
+class LogRecord(msgspec.Struct, kw_only=True):
+    """A warning-or-worse log record a service shipped to stream LOGS (shared/logship.py);
+    `id` is its stream sequence (`before=` pages with it)."""
+
+    id: int
+    time: str
+    level: str
+    service: str
+    logger: str
+    message: str
+    batch_id: str | None = None
+    custom_id: str | None = None
+    object: Literal["log"] = "log"
+
+
+class LogCounts(msgspec.Struct, kw_only=True):
+    error: int = 0
+    warning: int = 0
+
+
+class LogList(msgspec.Struct, kw_only=True):
+    data: list[LogRecord]
+    counts: LogCounts
     has_more: bool
     object: Literal["list"] = "list"

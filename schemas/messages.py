@@ -250,6 +250,25 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True, frozen=True):
     # and aborted since start because the api stopped waiting for them (InteractiveAbort).
     interactive_in_flight: int = 0
     interactive_aborted: int = 0
+    # What operators asked of it (KV `jetbatch_worker_control`): "running", "draining" (pulls
+    # nothing new, finishing what it holds), "drained" (holds nothing), or "restarting".
+    state: str = "running"
+    # The key its commands are put under: stable across restarts (`--worker-id`, or
+    # host-model-gpu), unlike `worker_id`, which holds the pid when none is configured.
+    control_id: str | None = None
+
+
+class WorkerCommand(msgspec.Struct, kw_only=True, frozen=True):
+    """Put into KV bucket `jetbatch_worker_control` under a worker's `control_id` by the api:
+    `drain` (pull nothing new, finish what is held, stay up), `resume`, or `restart` (drain,
+    then exit 0 for its supervisor to start it again). A restart names the process it is for
+    (host, pid, started_at), so the restarted one does not obey it again."""
+
+    action: Literal["drain", "resume", "restart"]
+    at: int  # unix seconds
+    host: str | None = None
+    pid: int | None = None
+    started_at: int | None = None
 
 
 class InteractiveRequest(BusMessage, kw_only=True, frozen=True):

@@ -27,6 +27,15 @@ REQUESTS, RESULTS, EVENTS, CONTROL, DEADLETTERS = (
 WORKERS_KV, CANCELLED_KV, FILES = "jetbatch_workers", "jetbatch_cancelled", "jetbatch_files"
 STREAMS = (REQUESTS, RESULTS, EVENTS, CONTROL, DEADLETTERS)
 BUCKET_STREAMS = (f"KV_{WORKERS_KV}", f"KV_{CANCELLED_KV}", f"OBJ_{FILES}")
+# Created by whoever needs them first, outside STREAMS: the log records every service ships
+# (each role publishes only its own `jetbatch.logs.<service>`) and operators' worker commands.
+LOGS, CONTROL_KV = "LOGS", "jetbatch_worker_control"
+_KV_CONTROL = f"KV_{CONTROL_KV}"
+
+
+def logs_subject(service: str) -> str:
+    return f"jetbatch.logs.{service}"
+
 
 API, INFERENCE, RESULTS_WRITER, WEBHOOK_NOTIFIER, WATCHDOG, ADMIN = (
     "api", "inference", "results_writer", "webhook_notifier", "watchdog", "admin",
@@ -109,6 +118,8 @@ INTERACTIVE = (
     InteractiveAbort.subject.format(model="*", project="*"),
 )
 _KV_WORKERS, _KV_CANCELLED, _OBJ_FILES = BUCKET_STREAMS
+# Subject families under `jetbatch.` besides `logs` (a role denied all of them).
+_FAMILIES = ("requests", "results", "events", "control", "deadletters", "interactive")
 
 ROLES: dict[str, Role] = {
     r.name: r
@@ -125,10 +136,12 @@ ROLES: dict[str, Role] = {
                 *INTERACTIVE,
                 f"$KV.{CANCELLED_KV}.>",
                 f"$O.{FILES}.>",
+                f"$KV.{CONTROL_KV}.>",
+                logs_subject(API),
             ),  # fmt: skip
-            manage=ALL,
-            consume=(CONTROL, _KV_WORKERS, _KV_CANCELLED, _OBJ_FILES),
-            read=(REQUESTS, _KV_WORKERS, _KV_CANCELLED, _OBJ_FILES),
+            manage=(*ALL, LOGS, _KV_CONTROL),
+            consume=(CONTROL, _KV_WORKERS, _KV_CANCELLED, _OBJ_FILES, _KV_CONTROL, LOGS),
+            read=(REQUESTS, _KV_WORKERS, _KV_CANCELLED, _OBJ_FILES, _KV_CONTROL, LOGS),
             purge=(RESULTS, _OBJ_FILES),
             delete=(REQUESTS,),
             deny=("jetbatch.results.>", f"$KV.{WORKERS_KV}.>"),
@@ -139,18 +152,28 @@ ROLES: dict[str, Role] = {
         # and hears their aborts.
         Role(
             INFERENCE,
-            publish=("jetbatch.results.>", "jetbatch.deadletters.>", f"$KV.{WORKERS_KV}.>"),
-            subscribe=(*INTERACTIVE, f"$KV.{CANCELLED_KV}.>"),
-            manage=(*STREAMS, _KV_WORKERS, _KV_CANCELLED),
+            publish=(
+                "jetbatch.results.>",
+                "jetbatch.deadletters.>",
+                f"$KV.{WORKERS_KV}.>",
+                logs_subject(INFERENCE),
+            ),  # fmt: skip
+            subscribe=(*INTERACTIVE, f"$KV.{CANCELLED_KV}.>", f"$KV.{CONTROL_KV}.>"),
+            manage=(*STREAMS, _KV_WORKERS, _KV_CANCELLED, _KV_CONTROL, LOGS),
             consume=(REQUESTS, _KV_CANCELLED),
-            read=(_KV_WORKERS, _KV_CANCELLED),
-            deny=("jetbatch.events.>", f"$KV.{CANCELLED_KV}.>", "jetbatch.requests.>"),
+            read=(_KV_WORKERS, _KV_CANCELLED, _KV_CONTROL),
+            deny=(
+                "jetbatch.events.>",
+                f"$KV.{CANCELLED_KV}.>",
+                "jetbatch.requests.>",
+                f"$KV.{CONTROL_KV}.>",
+            ),  # fmt: skip
             responses=True,
         ),
         Role(
             RESULTS_WRITER,
-            publish=("jetbatch.events.>", f"$O.{FILES}.>"),
-            manage=(RESULTS, EVENTS, _OBJ_FILES),
+            publish=("jetbatch.events.>", f"$O.{FILES}.>", logs_subject(RESULTS_WRITER)),
+            manage=(RESULTS, EVENTS, _OBJ_FILES, LOGS),
             consume=(RESULTS, _OBJ_FILES),
             read=(RESULTS, _OBJ_FILES),
             purge=(_OBJ_FILES,),
@@ -158,9 +181,15 @@ ROLES: dict[str, Role] = {
         ),
         Role(
             WEBHOOK_NOTIFIER,
-            manage=(EVENTS,),
+            publish=(logs_subject(WEBHOOK_NOTIFIER),),
+            manage=(EVENTS, LOGS),
             consume=(EVENTS,),
-            deny=("jetbatch.>", "$KV.>", "$O.>"),
+            # Everything of jetbatch's but its own log records.
+            deny=(
+                *(f"jetbatch.{family}.>" for family in _FAMILIES),
+                "$KV.>",
+                "$O.>",
+            ),  # fmt: skip
         ),
         # Dead letters become error lines (results), orders go to the api, stops into the cancel
         # bucket, expired files out of the files bucket.
@@ -171,8 +200,9 @@ ROLES: dict[str, Role] = {
                 "jetbatch.control.>",
                 f"$KV.{CANCELLED_KV}.>",
                 f"$O.{FILES}.>",
+                logs_subject(WATCHDOG),
             ),  # fmt: skip
-            manage=ALL,
+            manage=(*ALL, LOGS),
             consume=(DEADLETTERS, _KV_WORKERS, _KV_CANCELLED, _OBJ_FILES),
             read=(REQUESTS, _KV_WORKERS, _KV_CANCELLED, _OBJ_FILES),
             purge=(RESULTS, _OBJ_FILES),

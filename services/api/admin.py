@@ -1,7 +1,7 @@
 """jetbatch's own routes, beyond OpenAI's (README: Operations, Dead letters); operator routes,
 for admin keys only (a project key gets a 403):
 
-- `GET /v1/workers`: every worker's last heartbeat, flagged `stale` past JETBATCH_WORKER_STALE_S.
+- `GET /v1/workers` and drain/resume/restart: services/api/worker_control.py.
 - `GET /v1/dead_letters` (`?limit=&after=&batch_id=`), `GET /v1/dead_letters/{id}`: messages set
   aside because they could not be processed.
 - `POST /v1/dead_letters/{id}/replay`: publish a dead letter's message again, as it was, to its
@@ -20,7 +20,7 @@ import nats.errors
 from litestar import get, post
 from litestar.params import Parameter
 
-from schemas.admin import DeadLetter, DeadLetterList, WorkerList, WorkerStatus
+from schemas.admin import DeadLetter, DeadLetterList
 from schemas.messages import WorkerHeartbeat
 from services.api import store
 from services.api.auth import ADMIN
@@ -90,46 +90,6 @@ async def require_healthy_worker(deps: DepsParam, models: list[str]) -> None:
                 param="input_file_id",
                 code="no_healthy_worker",
             )
-
-
-@get("/workers", opt=ADMIN)
-async def list_workers(deps: DepsParam) -> WorkerList:
-    now = time.time()
-    stale_after_s = deps.settings.health.worker_stale_s
-    beats = sorted(await read_heartbeats(deps), key=lambda b: (b.model, b.worker_id))
-    return WorkerList(
-        data=[
-            WorkerStatus(
-                worker_id=b.worker_id,
-                host=b.host,
-                pid=b.pid,
-                model=b.model,
-                engine=b.engine,
-                started_at=b.started_at,
-                seen_at=b.seen_at,
-                age_s=round(max(0.0, now - b.seen_at), 1),
-                stale=is_stale(b, now, stale_after_s),
-                healthy=b.healthy,
-                in_flight=b.in_flight,
-                capacity=b.capacity,
-                completed=b.completed,
-                tokens_per_s=b.tokens_per_s,
-                gpu_index=b.gpu_index,
-                gpu_name=b.gpu_name,
-                gpu_memory_used_mb=b.gpu_memory_used_mb,
-                gpu_memory_total_mb=b.gpu_memory_total_mb,
-                gpu_temperature_c=b.gpu_temperature_c,
-                gpu_utilization_pct=b.gpu_utilization_pct,
-                max_num_seqs=b.max_num_seqs,
-                max_model_len=b.max_model_len,
-                kv_cache_blocks=b.kv_cache_blocks,
-                kv_cache_tokens=b.kv_cache_tokens,
-                interactive_in_flight=b.interactive_in_flight,
-                interactive_aborted=b.interactive_aborted,
-            )
-            for b in beats
-        ]
-    )
 
 
 # Dead letters ---------------------------------------------------------------------------------
@@ -225,4 +185,4 @@ async def replay_dead_letter(dead_letter_id: int, deps: DepsParam) -> DeadLetter
     return dead_letter_from_row(updated)
 
 
-ROUTES = [list_workers, list_dead_letters, retrieve_dead_letter, replay_dead_letter]
+ROUTES = [list_dead_letters, retrieve_dead_letter, replay_dead_letter]

@@ -7,6 +7,8 @@
   manages projects and keys, reads every project's work, and creates in the default project.
 - No key configured and none ever created: every request is an admin of the default project
   (the api warns at start), as before projects existed.
+- No Authorization header but the admin page's session cookie (sessions.py): the admin key the
+  session was opened with, looked up again; a state-changing request needs its CSRF token too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from litestar.di import NamedDependency
 from litestar.handlers import BaseRouteHandler
 
 from schemas.projects import DEFAULT_PROJECT_ID
-from services.api import tenants
+from services.api import sessions, tenants
 from services.api.deps import Deps
 from services.api.store import now_s
 from shared.errors import ApiError, Unauthorized
@@ -98,13 +100,37 @@ def forbidden(what: str = "api.management.read") -> Forbidden:
     )
 
 
+async def from_session(deps: Deps, connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
+    """The admin an admin page session cookie stands for (services/api/sessions.py), or a 401;
+    a state-changing request must also carry the session's CSRF token (else a 403)."""
+    session = await sessions.lookup(
+        deps.pool, connection.cookies[sessions.COOKIE], deps.settings.api_key, now_s()
+    )
+    if session is None:
+        raise Unauthorized("Your admin page session has ended: log in again", code="session_ended")
+    method = connection.scope.get("method", "GET")
+    if method not in sessions.SAFE_METHODS and not sessions.csrf_ok(
+        session, connection.headers.get(sessions.CSRF_HEADER)
+    ):
+        raise Forbidden(
+            f"A request made with the admin page's session cookie must carry its CSRF token in"
+            f" {sessions.CSRF_HEADER}",
+            code="csrf_token_invalid",
+        )
+    return Caller(project_id=DEFAULT_PROJECT_ID, admin=True, key_id=session.key_id)
+
+
 async def authenticate(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
     """The guard of every `/v1` route: resolves the Caller and refuses a project key on an
     operator route."""
     deps: Deps = connection.app.state.deps
-    caller = await resolve(deps, connection.headers.get("authorization"))
+    header = connection.headers.get("authorization")
+    if header is None and sessions.COOKIE in connection.cookies:
+        caller = await from_session(deps, connection)
+    else:
+        caller = await resolve(deps, header)
     if handler.opt.get("admin") and not caller.admin:
         raise forbidden()
     connection.state.caller = caller

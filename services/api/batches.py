@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
-from litestar import get, post
+from litestar import Request, Response, get, post
 from litestar.params import Parameter
 
 from schemas.messages import BatchStop
 from schemas.openai import Batch, BatchList, CreateBatchRequest
-from services.api import store
+from services.api import idempotency, store
 from services.api.admin import require_healthy_worker
 from services.api.auth import CallerParam
 from services.api.deps import DepsParam
@@ -76,7 +76,21 @@ def check_limits(limits: LimitSettings, active: int, queued: int, adding: int) -
 
 
 @post("/batches", status_code=200)
-async def create_batch(data: CreateBatchRequest, deps: DepsParam, caller: CallerParam) -> Batch:
+async def create_batch(
+    data: CreateBatchRequest, request: Request[Any, Any, Any], deps: DepsParam, caller: CallerParam
+) -> Batch | Response[bytes]:
+    """With an `Idempotency-Key`, a repeat gets the first response (idempotency.py)."""
+
+    async def run() -> tuple[Batch, None]:
+        return await _create_batch(data, deps, caller), None
+
+    key, body_hash = idempotency.key_of(request), idempotency.hash_of(_encoder.encode(data))
+    return await idempotency.once(  # type: ignore[no-any-return]
+        deps.pool, caller.project_id, key, "POST /v1/batches", body_hash, run
+    )
+
+
+async def _create_batch(data: CreateBatchRequest, deps: DepsParam, caller: CallerParam) -> Batch:
     # The endpoint and metadata were checked as the body decoded (their types: schemas/openai.py).
     started_ns = time.time_ns()  # the batch's trace begins here (shared.tracing)
     settings = deps.settings

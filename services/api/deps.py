@@ -36,6 +36,8 @@ class Deps:
     started_at: int
     # KV bucket `jetbatch_cancelled`: batches whose remaining requests workers must not run.
     cancelled: KeyValue | None = None
+    # KV bucket `jetbatch_worker_control`: operators' drain/resume/restart (worker_control.py).
+    control: KeyValue | None = None
     # Synchronous requests' own connection: on `nc` one would wait in the socket behind the
     # thousands of publishes of a batch being ingested (measured: p90 36 ms instead of 1 ms).
     nc_sync: NATS | None = None

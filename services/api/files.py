@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, cast, get_args
 
-from litestar import Request, delete, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
 from litestar.response import Stream
 
 from schemas.openai import DeletedFile, FileList, FilePurpose, OpenAIFile
-from services.api import store, uploads
+from services.api import idempotency, store, uploads
 from services.api.auth import CallerParam
 from services.api.deps import DepsParam
 from services.api.pages import list_page
+from shared.bus.objects import ObjectWriter
 from shared.domain import retention
 from shared.errors import InvalidRequest, NotFound
 from shared.ids import new_id
@@ -74,7 +75,35 @@ def _expires_at(fields: dict[str, str], created_at: int, purpose: str) -> int | 
 @post("/files", status_code=200, request_max_body_size=None)
 async def create_file(
     request: Request[Any, Any, Any], deps: DepsParam, caller: CallerParam
-) -> OpenAIFile:
+) -> OpenAIFile | Response[bytes]:
+    """With an `Idempotency-Key`, a repeat gets the first response (idempotency.py); its body is
+    read and hashed, never stored, to check it is the same upload."""
+
+    async def run() -> tuple[OpenAIFile, str]:
+        return await _create_file(request, deps, caller)
+
+    async def rehash() -> str:
+        upload = await uploads.receive(
+            request,
+            cast(ObjectWriter, uploads.NullWriter()),
+            max_file_bytes=deps.settings.max_file_bytes,
+            check_field=_check_field,
+        )
+        return upload_hash(upload, upload.fields.get("purpose", ""))
+
+    return await idempotency.once(  # type: ignore[no-any-return]
+        deps.pool, caller.project_id, idempotency.key_of(request), "POST /v1/files", None, run,
+        rehash,
+    )  # fmt: skip
+
+
+def upload_hash(upload: uploads.Upload, purpose: str) -> str:
+    return idempotency.hash_of(upload.filename, purpose, upload.size, upload.sha256)
+
+
+async def _create_file(
+    request: Request[Any, Any, Any], deps: DepsParam, caller: CallerParam
+) -> tuple[OpenAIFile, str]:
     """Multipart `file` + `purpose` (+ optional `expires_after`). The body limit is ours, not
     Litestar's: the file part is counted as it streams and refused past max_file_bytes (413)."""
     file_id = new_id("file-")
@@ -114,7 +143,7 @@ async def create_file(
         "file %s uploaded: %s, %d bytes, purpose %s, %d lines, models %s",
         file_id, upload.filename, upload.size, purpose, upload.line_count, upload.models,
     )  # fmt: skip
-    return store.file_from_row(row)
+    return store.file_from_row(row), upload_hash(upload, purpose)
 
 
 @get("/files/{file_id:str}")

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,11 +32,14 @@ from nats.aio.client import Client as NATS
 from schemas.messages import BatchEvent, InteractiveAbort, InteractiveRequest, RequestMessage
 from services.api import (
     admin,
+    admin_ui,
     auth,
+    batch_events,
     batches,
     files,
     interactive,
     lifecycle,
+    log_records,
     metrics,
     organization,
     project_members,
@@ -43,13 +47,14 @@ from services.api import (
     stats,
     validation,
     webhooks,
+    worker_control,
 )
 from services.api.children import SpareChild
 from services.api.deps import Deps, DepsParam, get_deps
 from services.api.exceptions import EXCEPTION_HANDLERS
 from services.api.http_limits import GuardedHttpTools, limits_middleware
 from services.api.tenants import any_keys
-from shared import bus, process, telemetry
+from shared import bus, logship, process, telemetry
 from shared.config import ConfigError, Settings
 from shared.db import connect_pool
 from shared.errors import Unavailable
@@ -115,6 +120,7 @@ def _lifespan(
             stack.push_async_callback(pool.close)
             nc = await bus.connect(nats_url, name=f"jetbatch-{SERVICE}")
             stack.push_async_callback(_close_nats, nc)
+            await stack.enter_async_context(logship.shipping(nc, SERVICE, settings.nats_replicas))
             js = nc.jetstream()
             await bus.ensure_streams(js, replicas=settings.nats_replicas)
             nc_sync = await bus.connect(nats_url, name=f"jetbatch-{SERVICE}-sync")
@@ -177,9 +183,12 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[
             *files.ROUTES,
             *batches.ROUTES,
+            *batch_events.ROUTES,
             *interactive.ROUTES,
             *webhooks.ROUTES,
             *admin.ROUTES,
+            *worker_control.ROUTES,
+            *log_records.ROUTES,
             *organization.ROUTES,
             *project_members.ROUTES,
         ],
@@ -188,7 +197,7 @@ def create_app(settings: Settings) -> Litestar:
         dependencies={"caller": Provide(auth.get_caller, sync_to_thread=False)},
     )
     return Litestar(
-        route_handlers=[healthz, *stats.ROUTES, *metrics.ROUTES, v1],
+        route_handlers=[healthz, *stats.ROUTES, *metrics.ROUTES, *admin_ui.ROUTES, v1],
         dependencies={"deps": Provide(get_deps, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=[_lifespan(settings, database_url, nats_url)],
@@ -216,6 +225,12 @@ class Server(uvicorn.Server):
             return
         with process.on_signals(lambda sig: self.handle_exit(sig, None)):
             yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Open progress streams end now, rather than hold the graceful shutdown to its timeout.
+        if isinstance(self.config.app, Litestar):
+            batch_events.close_streams(self.config.app)
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         log.info("%s: shutting down", signal.Signals(sig).name)

@@ -8,6 +8,7 @@ whatever the file size. The object exists only once the caller's block ends with
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class Upload:
     size: int
     line_count: int
     models: list[str]
+    sha256: str = ""  # of the file's content (idempotent uploads compare it)
 
 
 @dataclass
@@ -193,10 +195,15 @@ async def receive(
     except FormParserError as e:
         raise InvalidRequest(f"bad multipart body: {e}", param=FILE_FIELD) from None
     scanner = UploadScanner()
+    content = hashlib.sha256()
+
+    def scan(data: bytes) -> None:
+        scanner.feed(data)
+        content.update(data)
 
     async def store(chunks: list[bytes]) -> None:
         data = b"".join(chunks)
-        await anyio.to_thread.run_sync(scanner.feed, data)
+        await anyio.to_thread.run_sync(scan, data)
         await writer.write(data)
 
     # Every byte counts, not only the file's: preamble, part headers and epilogue too.
@@ -229,4 +236,12 @@ async def receive(
         size=form.file_bytes,
         line_count=scanner.line_count,
         models=list(scanner.models),
+        sha256=content.hexdigest(),
     )
+
+
+class NullWriter:
+    """An ObjectWriter that keeps nothing: a repeated idempotent upload is only hashed."""
+
+    async def write(self, data: bytes) -> None:
+        return None

@@ -5,7 +5,6 @@ requests in flight and aborted), which also updates the GPU gate."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -35,6 +34,11 @@ class Heartbeats:
         self.gate = gate
         self.started_at = int(time.time())
         self._tokens: deque[tuple[float, int]] = deque()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Beat now (its state changed), not at the next interval."""
+        self._wake.set()
 
     def beat(self) -> WorkerHeartbeat:
         w, intake = self.worker, self.worker.intake
@@ -68,6 +72,8 @@ class Heartbeats:
             kv_cache_tokens=sizing.kv_cache_tokens if sizing else None,
             interactive_in_flight=w.lane.in_flight,
             interactive_aborted=w.lane.aborted,
+            state=w.control.state,
+            control_id=w.control.control_id,
         )
         intake.metrics.heartbeat(beat)  # README: Metrics
         return beat
@@ -78,8 +84,11 @@ class Heartbeats:
                 await kv.put(self.worker.worker_id, _encoder.encode(self.beat()))
             except Exception as e:
                 log.warning("heartbeat not written: %s", e)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.worker.settings.heartbeat_interval_s)
+            self._wake.clear()
+            waits = [asyncio.ensure_future(e.wait()) for e in (stop, self._wake)]
+            await asyncio.wait(waits, timeout=self.worker.settings.heartbeat_interval_s)
+            for waiting in waits:
+                waiting.cancel()
 
     def count_tokens(self, n: int) -> None:
         if n:

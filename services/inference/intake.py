@@ -65,9 +65,10 @@ class Intake:
     # -- admission ------------------------------------------------------------------------------
     async def admit(self) -> int:
         """How many requests may be pulled now; waits a little while the answer is none."""
-        if not self.worker.gate.healthy:
-            # The GPU is over a threshold: take nothing new until it recovers (the heartbeat
-            # loop reads it). What is in flight finishes.
+        if not self.worker.gate.healthy or self.worker.control.draining:
+            # The GPU is over a threshold (the heartbeat loop reads it), or an operator drains
+            # this worker (control.py): take nothing new until that ends. What is in flight
+            # finishes.
             await asyncio.sleep(UNHEALTHY_POLL_S)
             return 0
         free = min(self.capacity - self.running, self.max_unacked - len(self.in_flight))

@@ -41,6 +41,7 @@ from schemas.messages import (
 )
 from services.inference import engine_args
 from services.inference.cancellations import Cancellations
+from services.inference.control import WorkerControl, control_id_for
 from services.inference.engine import Engine, EngineResult, make_engine
 from services.inference.engine_time import EngineClock
 from services.inference.gpu import GpuGate, GpuMonitor
@@ -48,7 +49,7 @@ from services.inference.heartbeats import Heartbeats
 from services.inference.intake import RESULTS_WINDOW, TAKE_SLICE, TAKE_SLICE_SYNC, Intake
 from services.inference.interactive import SyncLane
 from services.inference.results import engine_failure, result_for, stopped_result
-from shared import bus, config, process, telemetry
+from shared import bus, config, logship, process, telemetry
 from shared.consumer import Consumer, Runner
 from shared.domain import deadletters
 from shared.ids import stable_id
@@ -104,6 +105,7 @@ class Worker:
         engine: Engine,
         gpu: GpuMonitor,
         worker_id: str,
+        control_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.spec = spec
@@ -123,6 +125,15 @@ class Worker:
         self.runner: Runner[RequestMessage] = Runner(None, consumer, self._dead_letter)
         self.intake = Intake(self, self.runner)
         self.heartbeats = Heartbeats(self, gpu, self.gate)
+        # Operators' drain/resume/restart (control.py), keyed by an id stable across restarts.
+        self.control = WorkerControl(
+            control_id or worker_id,
+            socket.gethostname(),
+            os.getpid(),
+            self.heartbeats.started_at,
+            busy=lambda: bool(self.intake.in_flight) or self.intake.running > 0,
+        )
+        self.control.on_change = self.heartbeats.wake
         self.lane = SyncLane(self)
         self._dead_letters: deadletters.OnBus | None = None
 
@@ -284,6 +295,8 @@ async def run(
     config.require(settings, "inference", "nats_url")
     assert settings.nats_url is not None
     expose_metrics(settings, "inference", gpu_index)  # before the engine: a taken port stops it
+    host = socket.gethostname()
+    control_id = control_id_for(worker_id, host, subject_token(spec.name), gpu_index)
     worker_id = worker_id or f"{socket.gethostname()}-{subject_token(spec.name)}-{os.getpid()}"
     worker_id = "".join(c if c.isalnum() or c in "-_=" else "_" for c in worker_id)
     engine = make_engine(settings, spec)
@@ -293,13 +306,17 @@ async def run(
     nc = await bus.connect(settings.nats_url, name=f"inference:{worker_id}")
     nc_sync = None
     lane = Lane(f"inference-sync:{worker_id}")
+    shipping = logship.shipping(nc, "inference", settings.nats_replicas)
     try:
+        await shipping.__aenter__()
         js = nc.jetstream(publish_async_max_pending=8192)
         await bus.ensure_streams(js, replicas=settings.nats_replicas)
-        worker = Worker(settings, spec, engine, GpuMonitor(gpu_index), worker_id)
+        worker = Worker(settings, spec, engine, GpuMonitor(gpu_index), worker_id, control_id)
         worker.start(js)
-        # Before the first pull: a request of a batch cancelled while we were down must not run.
+        # Before the first pull: a request of a batch cancelled while we were down must not run,
+        # and a drained worker stays drained.
         await worker.cancellations.start(nc, js, settings.nats_replicas)
+        await worker.control.start(nc, js, stop, settings.nats_replicas)
         lane.start()
         nc_sync = await lane.call(
             bus.connect(settings.nats_url, name=f"inference-sync:{worker_id}")
@@ -312,6 +329,8 @@ async def run(
                 await lane.call(nc_sync.drain())
         lane.stop()
         with contextlib.suppress(Exception):
+            await shipping.__aexit__(None, None, None)
+        with contextlib.suppress(Exception):
             await nc.drain()
         await engine.stop()
 
@@ -323,6 +342,7 @@ async def _serve(worker: Worker, js: Any, kv: Any, stop: asyncio.Event) -> None:
         asyncio.create_task(worker.heartbeats.loop(kv, drained)),
         asyncio.create_task(worker.intake.keep_alive(drained)),
         asyncio.create_task(worker.cancellations.keep_in_sync(drained)),
+        asyncio.create_task(worker.control.keep_in_sync(drained)),
     ]
     puller = asyncio.create_task(worker.intake.pull(js, fetching))
     log.info(

@@ -30,7 +30,7 @@ from services.results_writer.lines import (
     result_record,
     unstorable,
 )
-from shared import bus, config, db, process
+from shared import bus, config, db, logship, process
 from shared.consumer import Batch, Consumer, Runner
 from shared.domain import deadletters
 from shared.metrics import expose as expose_metrics
@@ -153,6 +153,7 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
         nc = await bus.connect(settings.nats_url, name=SERVICE)
         # Exits run in reverse: NATS is drained (acks flushed) before the pool closes.
         stack.push_async_callback(nc.drain)
+        await stack.enter_async_context(logship.shipping(nc, SERVICE, settings.nats_replicas))
         js = nc.jetstream()
         await bus.ensure_streams(js, (bus.RESULTS, bus.EVENTS), replicas=settings.nats_replicas)
         writer = ResultsWriter(pool, js, await bus.files_bucket(js, settings.nats_replicas))

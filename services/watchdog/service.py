@@ -65,7 +65,7 @@ from schemas.messages import (
     subject_token,
 )
 from services.watchdog import metrics, store
-from shared import bus, config, db, process
+from shared import bus, config, db, logship, process
 from shared.bus import FileObjects
 from shared.consumer import Consumer, Delivery, Runner, sleep_unless
 from shared.domain import deadletters, retention
@@ -373,6 +373,7 @@ class Watchdog:
                 if time.monotonic() > deadline:
                     break
             await store.forget_old_rate_windows(conn, time.time())
+            await store.forget_old_idempotency_keys(conn, time.time())
 
     async def sweep_orphans(self) -> None:
         now = time.monotonic()
@@ -400,6 +401,7 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
         stack.push_async_callback(pool.close)
         nc = await bus.connect(settings.nats_url, name=SERVICE)
         stack.push_async_callback(_drain, nc)
+        await stack.enter_async_context(logship.shipping(nc, SERVICE, settings.nats_replicas))
         js = nc.jetstream()
         await bus.ensure_streams(js, replicas=settings.nats_replicas)
         watchdog = Watchdog(

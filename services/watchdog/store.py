@@ -148,3 +148,14 @@ async def forget_old_rate_windows(conn: asyncpg.Connection, now: float) -> int:
         "DELETE FROM rate_usage WHERE window_start < $1", int(now) - 2 * 86_400
     )
     return int(deleted.split()[-1])
+
+
+# Idempotency keys (README: Idempotency) answer repeats for 24 h, then go.
+IDEMPOTENCY_KEEP_S = 86_400
+
+
+async def forget_old_idempotency_keys(conn: asyncpg.Connection, now: float) -> int:
+    status = await conn.execute(
+        "DELETE FROM idempotency_keys WHERE created_at < $1", int(now - IDEMPOTENCY_KEEP_S)
+    )
+    return int(status.split()[-1])

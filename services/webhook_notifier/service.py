@@ -38,7 +38,7 @@ from schemas.messages import BatchEvent
 from schemas.projects import DEFAULT_PROJECT_ID
 from schemas.webhooks import WebhookEvent, WebhookEventData
 from services.webhook_notifier import metrics, sender, store
-from shared import bus, config, db, logs, process, telemetry, tracing
+from shared import bus, config, db, logs, logship, process, telemetry, tracing
 from shared.backoff import BACKOFF, Backoff
 from shared.config import Settings, WebhookSettings
 from shared.consumer import Batch, Consumer, Runner
@@ -423,6 +423,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         stack.push_async_callback(session.close)
         nc = await bus.connect(settings.nats_url, name=SERVICE)
         stack.push_async_callback(nc.drain)
+        await stack.enter_async_context(logship.shipping(nc, SERVICE, settings.nats_replicas))
         js = nc.jetstream()
         await bus.ensure_streams(js, (bus.EVENTS,), replicas=settings.nats_replicas)
         deliverer = Deliverer(pool, session, policy)

@@ -57,9 +57,11 @@ class Stream:
     retention: RetentionPolicy
     max_age_s: float = 0  # 0 = forever
     duplicate_window_s: float = 120
+    max_msgs: int | None = None  # None = no limit
 
     def config(self, replicas: int = 1) -> StreamConfig:
         return StreamConfig(
+            max_msgs=self.max_msgs,
             name=self.name,
             subjects=list(self.subjects),
             retention=self.retention,
@@ -93,6 +95,11 @@ DEADLETTERS = Stream(
     max_age_s=30 * DAY_S,
 )
 STREAMS = (REQUESTS, RESULTS, EVENTS, CONTROL, DEADLETTERS)
+# Limits, capped: every service's warning-and-worse log records (shared/logship.py), read by
+# the api's GET /v1/logs. Each service creates it when it starts shipping (not in STREAMS).
+LOGS = Stream(
+    "LOGS", ("jetbatch.logs.>",), RetentionPolicy.LIMITS, max_age_s=7 * DAY_S, max_msgs=10_000
+)
 
 WORKERS_BUCKET = "jetbatch_workers"
 WORKERS_TTL_S = 300
@@ -100,6 +107,10 @@ WORKERS_TTL_S = 300
 # schemas.messages.BatchStop. Kept longer than any request of such a batch waits in REQUESTS.
 CANCELLED_BUCKET = "jetbatch_cancelled"
 CANCELLED_TTL_S = 7 * DAY_S
+# Operators' commands to workers (drain, resume, restart): key = the worker's control id, value
+# = schemas.messages.WorkerCommand. The api writes it; workers only read and watch it.
+WORKER_CONTROL_BUCKET = "jetbatch_worker_control"
+WORKER_CONTROL_TTL_S = 0  # kept until replaced: a drain outlives any restart
 # A process starting while its NATS servers do (`jetbatch up`, compose) finds them within this.
 CONNECT_WAIT_S = 10.0
 
@@ -320,6 +331,12 @@ async def workers_kv(js: JetStreamContext, replicas: int = 1):  # type: ignore[n
 
 async def cancelled_kv(js: JetStreamContext, replicas: int = 1):  # type: ignore[no-untyped-def]
     return await through_elections(lambda: _bucket(js, CANCELLED_BUCKET, CANCELLED_TTL_S, replicas))
+
+
+async def worker_control_kv(js: JetStreamContext, replicas: int = 1):  # type: ignore[no-untyped-def]
+    return await through_elections(
+        lambda: _bucket(js, WORKER_CONTROL_BUCKET, WORKER_CONTROL_TTL_S, replicas)
+    )
 
 
 async def _bucket(js: JetStreamContext, bucket: str, ttl_s: float, replicas: int):  # type: ignore[no-untyped-def]

@@ -46,6 +46,8 @@ ROUTE_INPUTS: dict[str, str] = {
     "GET /v1/batches": "none",
     "GET /v1/batches/{batch_id:str}": "none",
     "POST /v1/batches/{batch_id:str}/cancel": "none",
+    # Server-sent events: only the status and the head of a 200 are read, then it is closed.
+    "GET /v1/batches/{batch_id:str}/events": "stream",
     # Webhook endpoints and deliveries
     "DELETE /v1/webhook_endpoints/{webhook_endpoint_id:str}": "none",
     "GET /v1/webhook_deliveries": "none",
@@ -60,6 +62,10 @@ ROUTE_INPUTS: dict[str, str] = {
     "GET /v1/dead_letters": "none",
     "GET /v1/dead_letters/{dead_letter_id:int}": "none",
     "GET /v1/workers": "none",
+    "POST /v1/workers/{worker_id:str}/drain": "none",
+    "POST /v1/workers/{worker_id:str}/resume": "none",
+    "POST /v1/workers/{worker_id:str}/restart": "none",
+    "GET /v1/logs": "none",
     "POST /v1/dead_letters/{dead_letter_id:int}/replay": "json",
     # Tenants: OpenAI's admin API (projects, keys, rate limits)
     "DELETE /v1/organization/admin_api_keys/{key_id:str}": "none",
@@ -91,6 +97,11 @@ ROUTE_INPUTS: dict[str, str] = {
     "GET /ready": "none",
     "GET /metrics": "none",
     "GET /v1/stats": "none",
+    # The admin page (HTML for a browser; its login and logout answer JSON)
+    "GET /admin": "none",
+    "POST /admin/login": "json",
+    "POST /admin/logout": "json",
+    "GET /admin/static/{name:str}": "none",
 }
 # Examples per route (each with one of three keys). 40 keeps the whole run to about a minute on
 # the 2-core dev box; FUZZ_EXAMPLES raises it for a longer hunt.
@@ -328,6 +339,14 @@ def test_no_input_gets_a_500(route: str, api: httpx.Client, known_ids: list[str]
         if kind == "multipart":
             content, headers["content-type"] = data.draw(multipart(), label="form")
         url = path + ("?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else "")
+        if kind == "stream":
+            with api.stream(method, url, headers=headers) as streamed:
+                if streamed.status_code == 200:
+                    assert streamed.headers["content-type"].startswith("text/event-stream")
+                    return
+                streamed.read()
+            assert_openai_error(streamed, f"{method} {url[:200]}")
+            return
         response = api.request(method, url, content=content, headers=headers)
         assert_openai_error(response, f"{method} {url[:200]}")
 

@@ -56,6 +56,13 @@ PUBLISH_PROBES = [
     "jetbatch.interactive.m.x.y",
     "$KV.jetbatch_cancelled.b",
     "$KV.jetbatch_workers.w",
+    "$KV.jetbatch_worker_control.w",
+    *(f"jetbatch.logs.{u}" for u in SERVICE_ROLES),
+    *(
+        f"$JS.API.{op}.{s}"
+        for s in ("LOGS", "KV_jetbatch_worker_control")
+        for op in ("STREAM.INFO", "STREAM.DELETE", "STREAM.PURGE", "DIRECT.GET", "CONSUMER.CREATE")
+    ),
     "$O.jetbatch_files.C.x",
     "$O.jetbatch_files.M.x",
     "$JS.API.INFO",
@@ -86,6 +93,7 @@ SUBSCRIBE_PROBES = [
     InteractiveAbort.subject_for("m", PROJECT),
     "$KV.jetbatch_cancelled.>",
     "$KV.jetbatch_workers.>",
+    "$KV.jetbatch_worker_control.>",
     "$JS.API.>",
     "_INBOX.x",
     *(f"{inbox_prefix(u)}.x" for u in (*USERS, PUBLISHER)),
@@ -174,7 +182,14 @@ async def test_every_publish_and_subscribe_outside_a_role_is_refused(
         assert abort in refused_pub and abort not in refused_sub
     else:
         assert abort in refused_sub
+    # Each service ships its own log records only; only the api commands workers.
+    for other in SERVICE_ROLES:
+        assert (f"jetbatch.logs.{other}" in refused_pub) == (other != user)
+    assert ("$KV.jetbatch_worker_control.w" in refused_pub) == (user != "api")
+    if user == "inference":
+        assert "$KV.jetbatch_worker_control.>" not in refused_sub
     if user == "api":
+        assert "$JS.API.DIRECT.GET.LOGS" not in refused_pub
         assert ResultMessage.subject_for("b", PROJECT) in refused_pub
         assert abort not in refused_pub
         assert InteractiveRequest.subject_for("m", PROJECT) not in refused_pub
