@@ -108,6 +108,8 @@ def inbox_prefix(user: str) -> str:
 
 
 ALL = (*STREAMS, *BUCKET_STREAMS)
+# The api asks the watchdog to replay a dead letter it may not publish (shared/domain/replay.py).
+WATCHDOG_REPLAY = "jetbatch.watchdog.replay"
 # Synchronous requests (`jetbatch.interactive.<model>.<project>`, and an older api's
 # `jetbatch.interactive.<model>`) and their aborts (`jetbatch.interactive.abort.<model>.<project>`):
 # the api sends both; workers only receive them (and answer requests on the api's reply
@@ -138,6 +140,7 @@ ROLES: dict[str, Role] = {
                 f"$O.{FILES}.>",
                 f"$KV.{CONTROL_KV}.>",
                 logs_subject(API),
+                WATCHDOG_REPLAY,
             ),  # fmt: skip
             manage=(*ALL, LOGS, _KV_CONTROL),
             consume=(CONTROL, _KV_WORKERS, _KV_CANCELLED, _OBJ_FILES, _KV_CONTROL, LOGS),
@@ -208,6 +211,9 @@ ROLES: dict[str, Role] = {
             purge=(RESULTS, _OBJ_FILES),
             delete=(REQUESTS, _OBJ_FILES),
             deny=("jetbatch.requests.>", "jetbatch.events.>"),
+            # The api's replays of results and control messages (shared/domain/replay.py).
+            subscribe=(WATCHDOG_REPLAY,),
+            responses=True,
         ),
     )
 }

@@ -5,8 +5,10 @@ for admin keys only (a project key gets a 403):
 - `GET /v1/dead_letters` (`?limit=&after=&batch_id=`), `GET /v1/dead_letters/{id}`: messages set
   aside because they could not be processed.
 - `POST /v1/dead_letters/{id}/replay`: publish a dead letter's message again, as it was, to its
-  subject. If it was a request whose batch is still in progress, the error line its dead letter
-  made is withdrawn first, so the replayed request's result takes its place.
+  subject (shared/domain/replay.py: requests by the api, results and control messages by the
+  watchdog, which alone may publish those). If it was a request whose batch is still in
+  progress, the error line its dead letter made is withdrawn first, so the replayed request's
+  result takes its place.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from services.api.auth import ADMIN
 from services.api.deps import DepsParam
 from services.api.pages import list_page
 from shared import bus
+from shared.domain import replay
 from shared.errors import InvalidRequest, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -152,36 +155,30 @@ async def replay_dead_letter(dead_letter_id: int, deps: DepsParam) -> DeadLetter
             f"only messages of {', '.join(sorted(REPLAYABLE_SOURCES))} can be replayed",
             param="dead_letter_id",
         )
-    headers = {
-        k: v
-        for k, v in (msgspec.json.decode(row["headers"]) if row["headers"] else {}).items()
-        if k.lower() != bus.MSG_ID.lower()
-    }
-    async with deps.pool.acquire() as conn, conn.transaction():
-        reopened = False
-        if row["batch_id"] and row["custom_id"] and row["source"] == bus.REQUESTS.name:
-            reopened = await store.reopen_dead_lettered_line(
-                conn, row["batch_id"], row["custom_id"]
-            )
-        # Published before the commit: if the publish fails nothing changed; if the commit
-        # fails, the request runs and its result is ignored (its error line stayed).
-        publisher = bus.Publisher(deps.js)
-        await publisher.publish(
-            row["subject"],
-            bytes(row["payload"]),
-            f"replay:{dead_letter_id}:{row['replay_count'] + 1}",
-            headers or None,
-        )
+    if row["source"] in replay.BY_WATCHDOG:  # subjects only the watchdog may publish
         try:
-            await publisher.flush()
-        except Exception as e:
-            raise Unavailable(f"could not publish the dead letter again: {e}") from None
-        updated = await store.mark_replayed(conn, dead_letter_id)
+            answer = await deps.nc.request(
+                replay.REPLAY_SUBJECT,
+                msgspec.json.encode(replay.ReplayRequest(dead_letter_id)),
+                timeout=replay.REPLAY_TIMEOUT_S,
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            raise Unavailable(
+                f"dead letter {dead_letter_id} is replayed by the watchdog, and no watchdog"
+                " answered; start one and try again",
+                code="watchdog_unavailable",
+            ) from None
+        failed = msgspec.json.decode(answer.data, type=replay.ReplayReply).error
+        if failed is not None:
+            raise Unavailable(f"the watchdog could not replay it: {failed}")
+        updated = await store.get_dead_letter(deps.pool, dead_letter_id)
+    else:
+        async with deps.pool.acquire() as conn:
+            try:
+                updated = await replay.replay(conn, deps.js, row)
+            except bus.PublishError as e:
+                raise Unavailable(f"could not publish the dead letter again: {e}") from None
     assert updated is not None
-    log.info(
-        "dead letter %d replayed to %s (batch_id=%s custom_id=%s, error line withdrawn: %s)",
-        dead_letter_id, row["subject"], row["batch_id"], row["custom_id"], reopened,
-    )  # fmt: skip
     return dead_letter_from_row(updated)
 
 

@@ -462,37 +462,3 @@ async def get_dead_letter(pool: asyncpg.Pool, dead_letter_id: int) -> Row | None
         "SELECT *, length(payload) AS payload_bytes FROM dead_letters WHERE id = $1",
         dead_letter_id,
     )
-
-
-async def mark_replayed(conn: asyncpg.Connection, dead_letter_id: int) -> Row | None:
-    return await conn.fetchrow(
-        "UPDATE dead_letters SET replayed_at = $2, replay_count = replay_count + 1"
-        " WHERE id = $1 RETURNING *, length(payload) AS payload_bytes",
-        dead_letter_id, now_s(),
-    )  # fmt: skip
-
-
-async def reopen_dead_lettered_line(
-    conn: asyncpg.Connection, batch_id: str, custom_id: str
-) -> bool:
-    """Before a replay: if the line's batch is still in progress and the line is the error line
-    its dead letter made, remove that line (and its count) so the replayed request's result
-    takes its place. Must run in the replay's transaction."""
-    row = await conn.fetchrow(
-        """
-        WITH b AS MATERIALIZED (
-            SELECT id FROM batches
-            WHERE id = $1 AND status = 'in_progress' AND ending IS NULL
-            FOR UPDATE
-        ), gone AS (
-            DELETE FROM request_results r USING b
-            WHERE r.batch_id = b.id AND r.custom_id = $2 AND r.error_code = 'dead_lettered'
-            RETURNING 1
-        )
-        UPDATE batches SET failed = failed - 1, updated_at = $3
-        FROM b WHERE batches.id = b.id AND EXISTS (SELECT 1 FROM gone)
-        RETURNING batches.id
-        """,
-        batch_id, custom_id, now_s(),
-    )  # fmt: skip
-    return row is not None

@@ -68,7 +68,7 @@ from services.watchdog import metrics, store
 from shared import bus, config, db, logship, process
 from shared.bus import FileObjects
 from shared.consumer import Consumer, Delivery, Runner, sleep_unless
-from shared.domain import deadletters, retention
+from shared.domain import deadletters, replay, retention
 from shared.ids import stable_id
 from shared.metrics import expose as expose_metrics
 
@@ -413,6 +413,7 @@ async def run(settings: config.Settings, stop: asyncio.Event) -> None:
             await bus.files_bucket(js, settings.nats_replicas),
         )
         dead_letters = Runner(js, CONSUMER, deadletters.InDatabase(pool))
+        await replay.serve(nc, pool, js)  # the api's replays of results and control messages
         log.info("watchdog: every %.1f s; dead letters from %s", settings.health.watchdog_interval_s,
                  bus.DEADLETTERS.name)  # fmt: skip
         await asyncio.gather(

@@ -11,7 +11,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import httpx
 import msgspec
 import nats
 import pytest
@@ -168,8 +170,34 @@ async def test_a_result_the_writer_cannot_use_is_a_dead_letter(
     assert detail["payload"] == "not a result"  # type: ignore[index]
 
 
-async def test_dlq_cli_lists_shows_and_replays(env: dict[str, str], js: JetStreamContext) -> None:
+async def test_a_result_is_replayed_by_the_watchdog_and_without_one_it_says_so(
+    env: dict[str, str], js: JetStreamContext
+) -> None:
+    """Only the watchdog may publish results (the api may not: shared/nats_auth.py), so the
+    api has it replay them."""
     async with running_system(env, start=("results_writer",)) as system:
+        await js.publish(ResultMessage.subject_for("batch_nowd"), b"{broken")
+        [letter] = await wait_until(lambda: dead_letters(system), "the dead letter")
+        async with httpx.AsyncClient(
+            base_url=system.base_url, headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as http:
+            refused = await http.post(f"/dead_letters/{letter['id']}/replay")
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "watchdog_unavailable"
+            system.start("watchdog")
+            replayed = await wait_until(
+                lambda: _replayed(http, letter["id"]), "the watchdog to replay it"
+            )
+    assert replayed["replay_count"] == 1
+
+
+async def _replayed(http: httpx.AsyncClient, letter_id: int) -> dict[str, Any] | None:
+    response = await http.post(f"/dead_letters/{letter_id}/replay")
+    return response.json() if response.status_code == 200 else None  # type: ignore[no-any-return]
+
+
+async def test_dlq_cli_lists_shows_and_replays(env: dict[str, str], js: JetStreamContext) -> None:
+    async with running_system(env, start=("results_writer", "watchdog")) as system:
         await js.publish(ResultMessage.subject_for("batch_cli"), b"{broken")
         [letter] = await wait_until(lambda: dead_letters(system), "the dead letter")
         cli_env = {**os.environ, "JETBATCH_API_URL": system.base_url, "JETBATCH_API_KEY": API_KEY}

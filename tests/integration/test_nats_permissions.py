@@ -28,6 +28,7 @@ from shared.embedded import EmbeddedNats
 from shared.nats_auth import (
     ALL,
     SERVICE_ROLES,
+    WATCHDOG_REPLAY,
     NatsAuth,
     inbox_prefix,
     publisher_user,
@@ -55,6 +56,7 @@ PUBLISH_PROBES = [
     InteractiveAbort.subject_for("m", PROJECT),
     "jetbatch.interactive.m.x.y",
     "$KV.jetbatch_cancelled.b",
+    WATCHDOG_REPLAY,
     "$KV.jetbatch_workers.w",
     "$KV.jetbatch_worker_control.w",
     *(f"jetbatch.logs.{u}" for u in SERVICE_ROLES),
@@ -92,6 +94,7 @@ SUBSCRIBE_PROBES = [
     "jetbatch.interactive.m.*",
     InteractiveAbort.subject_for("m", PROJECT),
     "$KV.jetbatch_cancelled.>",
+    WATCHDOG_REPLAY,
     "$KV.jetbatch_workers.>",
     "$KV.jetbatch_worker_control.>",
     "$JS.API.>",
@@ -195,6 +198,9 @@ async def test_every_publish_and_subscribe_outside_a_role_is_refused(
         assert InteractiveRequest.subject_for("m", PROJECT) not in refused_pub
     else:
         assert abort in refused_pub
+    # Only the api asks for replays of results and control messages, only the watchdog hears it.
+    assert (WATCHDOG_REPLAY in refused_pub) == (user not in ("api", "admin"))
+    assert (WATCHDOG_REPLAY in refused_sub) == (user not in ("watchdog", "admin"))
     if user == PUBLISHER:
         assert RequestMessage.subject_for("m", project=PROJECT) not in refused_pub
         assert RequestMessage.subject_for("m", project=OTHER) in refused_pub
