@@ -171,24 +171,26 @@ async def test_cancelled_batch_stops_being_published(
 async def test_an_expired_batch_returns_finished_work_and_expires_the_rest(
     env: dict[str, str], nats_url: str, database_url: str
 ) -> None:
-    env = {**env, "JETBATCH_COMPLETION_WINDOW_S": "2", "JETBATCH_MAX_IN_FLIGHT": "2"}
+    # 60 x 0.4 s / 2 = 12 s: three times its window, which is long enough for some lines to
+    # finish on a busy machine.
+    env = {**env, "JETBATCH_COMPLETION_WINDOW_S": "4", "JETBATCH_MAX_IN_FLIGHT": "2"}
     async with running_system(env) as system:
-        batch_id = await system.create(chat_jsonl(30))  # 30 x 0.4 s / 2 = 6 s: more than its window
+        batch_id = await system.create(chat_jsonl(60))
         created = await system.client.batches.retrieve(batch_id)
-        assert created.expires_at == created.created_at + 2
+        assert created.expires_at == created.created_at + 4
         batch = await system.wait_batch(batch_id, {"expired", "completed"})
     assert batch.status == "expired"
     assert batch.expired_at is not None and batch.expired_at >= batch.expires_at
     assert batch.completed_at is None and batch.finalizing_at is None
     assert batch.in_progress_at is not None
     counts = batch.request_counts
-    assert counts.total == 30 and counts.completed + counts.failed == 30
-    assert 0 < counts.completed < 30
+    assert counts.total == 60 and counts.completed + counts.failed == 60
+    assert 0 < counts.completed < 60
     output = await system.lines(batch.output_file_id)
     errors = await system.lines(batch.error_file_id)
     assert len(output) == counts.completed
     assert {x.error.code for x in errors if x.error} == {"batch_expired"}
-    check_exactly_once([x.custom_id for x in output + errors], {f"req-{i}" for i in range(30)})
+    check_exactly_once([x.custom_id for x in output + errors], {f"req-{i}" for i in range(60)})
     assert [e.type for e in await events(nats_url) if e.batch_id == batch_id] == ["batch.expired"]
     row = await fetchrow(database_url, "SELECT ending FROM batches WHERE id = $1", batch_id)
     assert row is not None and row["ending"] == "expired"
