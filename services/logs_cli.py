@@ -216,6 +216,10 @@ def main(argv: list[str], env: dict[str, str] | None = None) -> int:
         "--level", default="debug", type=str.lower, choices=[k.lower() for k in LEVELS],
         help="records at this level or above",
     )  # fmt: skip
+    parser.add_argument(
+        "--json", action="store_true",
+        help="one JSON object a record, then one with the counts (not with --follow)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logs_dir = config.load(dict(os.environ) if env is None else env).data_dir / "logs"
     paths = files_of(logs_dir, args.service) if logs_dir.is_dir() else []
@@ -225,6 +229,12 @@ def main(argv: list[str], env: dict[str, str] | None = None) -> int:
         return 1
     follower = Follower(logs_dir, args.service, args.level) if args.follow else None
     records = read(paths)
+    if args.json:
+        for record in select(records, args.level, args.tail):
+            print(msgspec.json.encode(record).decode())
+        errors, warnings = counts(records)
+        print(msgspec.json.encode({"errors": errors, "warnings": warnings}).decode())
+        return 0
     for record in select(records, args.level, args.tail):
         print(record.render())
     errors, warnings = counts(records)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -123,6 +124,7 @@ def parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--rotate", action="store_true", help="a new password")
     what.add_argument("--revoke", action="store_true", help="remove the project's publisher")
+    p.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     return p
 
 
@@ -146,10 +148,16 @@ def main(argv: list[str]) -> int:
         auth.save(path)
     reloaded = [n for n in nodes if n.reload(auth)]
     running = f"{len(reloaded)} of {len(nodes)} running server(s) reloaded"
+    addresses = ",".join(filter(None, (n.listen for n in nodes))) or "127.0.0.1:4222"
+    if args.json:
+        shown = {"user": user, "revoked": args.revoke, "servers_reloaded": len(reloaded)}
+        if not args.revoke:
+            shown |= {"url": auth.url(addresses, user), "inbox_prefix": inbox_prefix(user)}
+        print(json.dumps(shown))
+        return 0
     if args.revoke:
         print(f"revoked {user} ({running})")
         return 0
-    addresses = ",".join(filter(None, (n.listen for n in nodes))) or "127.0.0.1:4222"
     print(f"user:         {user} ({running})")
     print(f"url:          {auth.url(addresses, user)}")
     print(f"inbox_prefix: {inbox_prefix(user)}")

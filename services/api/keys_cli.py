@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,7 @@ def database(settings: config.Settings) -> Iterator[str]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jetbatch keys", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     sub = p.add_subparsers(dest="command")
     create = sub.add_parser("create", help="a new admin key, printed once (the default)")
     create.add_argument("--name", default="jetbatch keys")
@@ -121,13 +123,16 @@ def main(argv: list[str]) -> int:
         if command == "create":
             name = getattr(args, "name", "jetbatch keys")
             value = asyncio.run(create_admin_key(url, name, getattr(args, "expires_in", None)))
-            print(f"admin key (shown once): {value}")
+            print(json.dumps({"value": value}) if args.json else f"admin key (shown once): {value}")
         elif command == "list":
-            for r in asyncio.run(_list(url)):
+            rows = [dict(r) for r in asyncio.run(_list(url))]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for r in [] if args.json else rows:
                 print(f"{r['id']}  {r['redacted_value']}  {r['name']}  created {r['created_at']}")
         elif not asyncio.run(_revoke(url, args.key_id)):
             print(f"jetbatch keys: no live admin key {args.key_id}", file=sys.stderr)
             return 1
         else:
-            print(f"revoked {args.key_id}")
+            print(json.dumps({"revoked": args.key_id}) if args.json else f"revoked {args.key_id}")
     return 0

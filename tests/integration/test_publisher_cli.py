@@ -6,6 +6,7 @@ password away at once, connections included."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import asyncpg
@@ -114,3 +115,12 @@ async def test_an_archived_projects_publisher_is_revoked(
         assert publisher_user(DEFAULT_PROJECT_ID) in auth.passwords
     finally:
         await pool.close()
+
+
+def test_json_for_scripts(server: EmbeddedNats, capsys: pytest.CaptureFixture[str]) -> None:
+    assert publisher_cli.main([PROJECT, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["user"] == publisher_user(PROJECT) and shown["servers_reloaded"] == 1
+    assert shown["url"].startswith("nats://publisher_proj_pub:")
+    assert publisher_cli.main([PROJECT, "--revoke", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revoked"] is True

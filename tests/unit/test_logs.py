@@ -138,3 +138,15 @@ def test_jetbatch_logs_prints_the_tail_and_the_counts(
     assert "it failed" in out[0]
     assert out[-1] == "-- 1 errors, 1 warnings in api"
     assert logs_cli.main(["nothing"], env) == 1
+
+
+def test_jetbatch_logs_json_is_one_object_a_record_then_the_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_records(tmp_path / "logs" / "api.log", "json")
+    env = {"JETBATCH_DATA_DIR": str(tmp_path)}
+    assert logs_cli.main(["api", "--level", "warning", "--json"], env) == 0
+    *records, totals = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert totals == {"errors": 1, "warnings": 1}
+    assert [r["level"] for r in records] == ["WARNING", "ERROR"]
+    assert all(r["service"] == "api" for r in records)
