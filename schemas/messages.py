@@ -85,6 +85,9 @@ class RequestMessage(BusMessage, kw_only=True, frozen=True):
     model: str
     body: msgspec.Raw  # the request body, exactly as the client wrote it
     project: str = DEFAULT_PROJECT_ID
+    # The batch's priority, -10 (last) .. 10 (first): the worker maps it, aged by the time the
+    # message waited, onto the engine's (services/inference/priority.py).
+    priority: int = 0
 
     @staticmethod
     def subject_for(

@@ -118,12 +118,20 @@ class BatchUsage(msgspec.Struct, kw_only=True):
     output_tokens_details: OutputTokensDetails = msgspec.field(default_factory=OutputTokensDetails)
 
 
+# A batch's priority (jetbatch extension, README: Scheduling): -10 runs last, 10 first.
+BatchPriority = Annotated[int, Meta(ge=-10, le=10)]
+
+
 class CreateBatchRequest(msgspec.Struct, kw_only=True):
     input_file_id: str
     endpoint: Endpoint
+    # "24h" (OpenAI's only value); jetbatch also takes "<N>h" / "<N>d" from 1h to 7d
+    # (services/api/batch_options.py).
     completion_window: str
     metadata: Metadata | None = None
     output_expires_after: ExpiresAfter | None = None
+    # Extension field (SDKs send it with `extra_body`); or metadata `jetbatch_priority`.
+    priority: BatchPriority | None = None
 
 
 class Batch(msgspec.Struct, kw_only=True):
@@ -161,6 +169,8 @@ class Batch(msgspec.Struct, kw_only=True):
     # Extra field beyond OpenAI's: the GPU time its lines used, in GPU-seconds (README: Usage
     # and costs; each line's share of its engine's busy time times the worker's GPUs).
     gpu_seconds: float = 0.0
+    # Extra field beyond OpenAI's: the priority it was created with, -10 (last) .. 10 (first).
+    priority: int = 0
 
 
 class BatchList(msgspec.Struct, kw_only=True):

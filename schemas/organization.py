@@ -77,6 +77,8 @@ class Project(_Object):
     archived_at: int | None = None
     status: Literal["active", "archived"] = "active"
     object: Literal["organization.project"] = "organization.project"
+    # jetbatch extension: the highest batch priority its batches may ask for (-10 .. 10).
+    max_batch_priority: int = 0
 
 
 class ProjectList(_Object):
@@ -98,6 +100,8 @@ class UpdateProjectRequest(msgspec.Struct, kw_only=True):
     name: Name | None = None
     external_key_id: str | None = None
     geography: str | None = None
+    # jetbatch extension (SDKs send it with `extra_body`): see Project.max_batch_priority.
+    max_batch_priority: Annotated[int, Meta(ge=-10, le=10)] | None = None
 
 
 class ProjectWebhookSecret(_Object):

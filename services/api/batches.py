@@ -16,6 +16,7 @@ from schemas.openai import Batch, BatchList, CreateBatchRequest
 from services.api import idempotency, store
 from services.api.admin import require_healthy_worker
 from services.api.auth import CallerParam
+from services.api.batch_options import check_priority, requested_priority, window_s
 from services.api.deps import DepsParam
 from services.api.files import not_found as file_not_found
 from services.api.ingest import run_process_batch
@@ -29,8 +30,8 @@ from shared.ids import new_id
 log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 
-COMPLETION_WINDOW = "24h"
-# How long "24h" lasts is the operator's (JETBATCH_COMPLETION_WINDOW_S, default 86,400).
+# How long "24h" lasts is the operator's (JETBATCH_COMPLETION_WINDOW_S, default 86,400); other
+# windows (a jetbatch extension) scale with it (batch_options.py).
 CANCELLABLE = ("validating", "in_progress")
 
 
@@ -94,11 +95,8 @@ async def _create_batch(data: CreateBatchRequest, deps: DepsParam, caller: Calle
     # The endpoint and metadata were checked as the body decoded (their types: schemas/openai.py).
     started_ns = time.time_ns()  # the batch's trace begins here (shared.tracing)
     settings = deps.settings
-    if data.completion_window != COMPLETION_WINDOW:
-        raise InvalidRequest(
-            f'completion_window must be "{COMPLETION_WINDOW}"; got {data.completion_window!r}',
-            param="completion_window",
-        )
+    window = window_s(data.completion_window, settings.limits.completion_window_s)
+    priority = requested_priority(data)
     file_row = await store.get_file(deps.pool, data.input_file_id, caller.scope)
     if file_row is None:
         raise file_not_found(data.input_file_id, param="input_file_id")
@@ -126,6 +124,7 @@ async def _create_batch(data: CreateBatchRequest, deps: DepsParam, caller: Calle
         await store.lock_admission(conn, project_id)
         load = await store.open_load(conn, project_id)
         check_limits(settings.limits, *load, file_row["line_count"] or 0)
+        check_priority(priority, await store.max_batch_priority(conn, project_id), project_id)
         created_at = store.now_s()
         row = await store.insert_batch(
             conn,
@@ -134,13 +133,14 @@ async def _create_batch(data: CreateBatchRequest, deps: DepsParam, caller: Calle
             input_file_id=data.input_file_id,
             completion_window=data.completion_window,
             created_at=created_at,
-            expires_at=created_at + settings.limits.completion_window_s,
+            expires_at=created_at + window,
             metadata=data.metadata,
             output_expires_after=(
                 data.output_expires_after.seconds if data.output_expires_after else None
             ),
             project_id=project_id,
             api_key_id=caller.key_id,
+            priority=priority,
         )
     batch = store.batch_from_row(row)
     logs.bind(batch.id)  # this request's later records, and its ingestion task's

@@ -247,6 +247,7 @@ async def _publish(deps: DepsParam, row: store.Row, path: Path) -> None:
             endpoint=row["endpoint"],
             max_line_bytes=max_line_bytes(deps),
             project=row["project_id"],  # the batch's project: a token of its requests' subject
+            priority=row.get("priority") or 0,
             trace_line_ratio=(
                 deps.settings.observability.trace_line_ratio if tracing.enabled() else 0.0
             ),

@@ -130,6 +130,7 @@ def project_from_row(row: tenants.Row) -> Project:
         created_at=row["created_at"],
         archived_at=row["archived_at"],
         status="archived" if archived else "active",
+        max_batch_priority=row.get("max_batch_priority") or 0,
     )
 
 
@@ -164,9 +165,13 @@ async def retrieve_project(project_id: str, deps: DepsParam) -> Project:
 
 @post("/organization/projects/{project_id:str}", status_code=200, opt=ADMIN)
 async def modify_project(project_id: str, data: UpdateProjectRequest, deps: DepsParam) -> Project:
-    if data.name is None:
-        return project_from_row(await live_project(deps, project_id))
-    row = await tenants.rename_project(deps.pool, project_id, data.name)
+    """A new name, and/or (jetbatch extension) the highest priority its batches may ask for."""
+    row = await live_project(deps, project_id)
+    if data.max_batch_priority is not None:
+        row = await tenants.set_max_batch_priority(deps.pool, project_id, data.max_batch_priority)
+        log.info("project %s: max_batch_priority %d", project_id, data.max_batch_priority)
+    if data.name is not None:
+        row = await tenants.rename_project(deps.pool, project_id, data.name)
     if row is None:
         raise project_not_found(project_id)
     return project_from_row(row)

@@ -66,6 +66,7 @@ class PublishJob(msgspec.Struct, frozen=True, kw_only=True):
     headers: dict[str, str] | None = None  # trace context, on every message
     project: str = DEFAULT_PROJECT_ID  # the batch's: a token of the subject, a field of each
     trace_line_ratio: float = 0.0  # lines whose messages start a trace (shared.tracing)
+    priority: int = 0  # the batch's (README: Scheduling), a field of each message
 
     @property
     def subject(self) -> str:
@@ -96,6 +97,7 @@ class PublishJob(msgspec.Struct, frozen=True, kw_only=True):
                         model=self.model,
                         body=request.body,
                         project=self.project,
+                        priority=self.priority,
                     )
                     line_headers = sampler.start(index, request.custom_id)
                     headers = {**(self.headers or {}), **line_headers} if line_headers else None

@@ -173,6 +173,7 @@ def batch_from_row(row: Row) -> Batch:
         webhook_error=row.get("webhook_error"),
         stalled_at=row.get("stalled_at"),
         gpu_seconds=(row.get("gpu_ms") or 0) / 1000,
+        priority=row.get("priority") or 0,
     )
 
 
@@ -189,19 +190,20 @@ async def insert_batch(
     output_expires_after: int | None,
     project_id: str,
     api_key_id: str | None = None,
+    priority: int = 0,
 ) -> Row:
     # Only while the input file exists, whose row is locked (FOR SHARE) until the caller commits:
     # a concurrent delete of the file waits, then sees this batch and refuses
     # (shared/domain/retention.py); one that won the race leaves no row to insert from.
     row = await pool.fetchrow(
         "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, created_at,"
-        " expires_at, metadata, output_expires_after, updated_at, project_id, api_key_id)"
+        " expires_at, metadata, output_expires_after, updated_at, project_id, api_key_id, priority)"
         " SELECT $1, $2, $3, $4, 'validating', $5::bigint, $6::bigint, $7::jsonb, $8::integer,"
-        " $5::bigint, $9, $10 FROM files WHERE id = $3 AND deleted_at IS NULL AND project_id = $9"
+        " $5::bigint, $9, $10, $11 FROM files WHERE id = $3 AND deleted_at IS NULL AND project_id = $9"
         " FOR SHARE RETURNING *",
         batch_id, endpoint, input_file_id, completion_window, created_at, expires_at,
         msgspec.json.encode(metadata).decode() if metadata is not None else None,
-        output_expires_after, project_id, api_key_id,
+        output_expires_after, project_id, api_key_id, priority,
     )  # fmt: skip
     if row is None:
         raise NotFound(f"No such File object: {input_file_id}", param="input_file_id")
@@ -293,6 +295,12 @@ async def lock_admission(conn: asyncpg.Connection, project_id: str) -> None:
     await conn.execute(
         "SELECT pg_advisory_xact_lock($1, hashtext($2))", _ADMISSION_LOCK, project_id
     )
+
+
+async def max_batch_priority(conn: asyncpg.Connection, project_id: str) -> int:
+    """The highest priority the project's batches may ask for (infra/migrations/013)."""
+    value = await conn.fetchval("SELECT max_batch_priority FROM projects WHERE id = $1", project_id)
+    return int(value or 0)
 
 
 async def open_load(conn: asyncpg.Connection, project_id: str) -> tuple[int, int]:

@@ -179,6 +179,12 @@ async def rename_project(pool: asyncpg.Pool, project_id: str, name: str) -> Row 
     )
 
 
+async def set_max_batch_priority(pool: asyncpg.Pool, project_id: str, value: int) -> Row | None:
+    return await pool.fetchrow(
+        "UPDATE projects SET max_batch_priority = $2 WHERE id = $1 RETURNING *", project_id, value
+    )
+
+
 async def archive_project(pool: asyncpg.Pool, project_id: str, now: int) -> Row | None:
     """Archived: its keys are revoked at once; its open batches run to their end."""
     async with pool.acquire() as conn, conn.transaction():

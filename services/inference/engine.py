@@ -58,10 +58,16 @@ class Engine(Protocol):
     async def start(self) -> None: ...
 
     async def run(
-        self, endpoint: str, body: bytes, request_id: str, *, interactive: bool = False
+        self,
+        endpoint: str,
+        body: bytes,
+        request_id: str,
+        *,
+        interactive: bool = False,
+        batch_priority: int = 0,
     ) -> EngineResult:
         """`interactive`: a synchronous request, which goes ahead of the batch requests the
-        engine holds."""
+        engine holds. `batch_priority`: a batch request's batch priority, aged (priority.py)."""
         ...
 
     def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:

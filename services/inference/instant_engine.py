@@ -99,7 +99,13 @@ class InstantEngine:
         return self._answer(endpoint, body, request_id) if self._delay_s <= 0 else None
 
     async def run(
-        self, endpoint: str, body: bytes, request_id: str, *, interactive: bool = False
+        self,
+        endpoint: str,
+        body: bytes,
+        request_id: str,
+        *,
+        interactive: bool = False,
+        batch_priority: int = 0,  # no queue here: every request is answered in its turn
     ) -> EngineResult:
         if self._delay_s <= 0:
             return self._answer(endpoint, body, request_id)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 
 from schemas.messages import RequestMessage, ResultMessage, subject_token
-from services.inference.metrics import WorkerMetrics
+from services.inference.metrics import WorkerMetrics, published_at_ns
 from shared import bus, logs, tracing
 from shared.consumer import Delivery, Runner
 from shared.ids import new_id, stable_id
@@ -169,7 +169,7 @@ class Intake:
             started = time.monotonic()
             engine_span = tracing.start_child(span, f"engine {d.value.endpoint}")
             try:
-                result = await self.worker.handle(d.value, d.number)
+                result = await self.worker.handle(d.value, d.number, published_at_ns(d.msg))
             finally:
                 tracing.end(engine_span)
                 in_engine = False

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import msgspec
@@ -39,7 +40,7 @@ from schemas.messages import (
     ResultMessage,
     subject_token,
 )
-from services.inference import engine_args
+from services.inference import engine_args, priority
 from services.inference.cancellations import Cancellations
 from services.inference.control import WorkerControl, control_id_for
 from services.inference.engine import Engine, EngineResult, make_engine
@@ -145,8 +146,11 @@ class Worker:
         return _encoder.encode(result)
 
     # -- the handler: domain logic only ------------------------------------------------------
-    async def handle(self, req: RequestMessage, delivery: int) -> ResultMessage | None:
-        """Run one request. None = retry later (engine failure before the last delivery)."""
+    async def handle(
+        self, req: RequestMessage, delivery: int, published_ns: int = 0
+    ) -> ResultMessage | None:
+        """Run one request. None = retry later (engine failure before the last delivery).
+        `published_ns`: when it was published to REQUESTS (0: unknown), which ages its priority."""
         request_id = stable_id("req_", req.batch_id, req.custom_id)
         now = self.answer_now(req, request_id, delivery)
         if not isinstance(now, _NeedsEngine):
@@ -155,7 +159,13 @@ class Worker:
         running.add(request_id)
         started = self.engine_clock.start()
         try:
-            outcome = await self.engine.run(req.endpoint, bytes(req.body), request_id)
+            waited_s = time.time() - published_ns / 1e9 if published_ns else 0.0
+            outcome = await self.engine.run(
+                req.endpoint,
+                bytes(req.body),
+                request_id,
+                batch_priority=priority.aged(req.priority, waited_s),
+            )
             gpu_ms = self.engine_clock.stop(started)
             started = -1.0
             outcome = msgspec.structs.replace(outcome, gpu_ms=gpu_ms)

@@ -19,7 +19,8 @@ from typing import Any
 
 import msgspec
 
-from services.inference import engine_args
+from services.inference import engine_args, priority, vllm_embed
+from services.inference.coalesce import Coalescer
 from services.inference.engine import (
     CHAT,
     COMPLETIONS,
@@ -144,6 +145,8 @@ class VllmEngine:
         self._stack = contextlib.AsyncExitStack()
         self._in_flight = InFlight()
         self._handlers: dict[str, tuple[Any, Callable[[Any], Awaitable[Any]]]] = {}
+        # Batch embeddings lines in hand at once, as one engine request (vllm_embed.py).
+        self._embed_lines: Coalescer[Any, EngineResult] | None = None
         self._started = False
 
     def _serve_argv(self, on_cpu: bool) -> list[str]:
@@ -282,12 +285,20 @@ class VllmEngine:
             # EmbeddingRequest is a union (text input | chat messages); vLLM's router and
             # run_batch validate it through a TypeAdapter too.
             self._handlers[EMBEDDINGS] = (TypeAdapter(EmbeddingRequest).validate_json, embedding)
+            if vllm_embed.supported(embedding):
+                self._embed_lines = vllm_embed.coalescer(embedding, self._serve)
 
     def answer_now(self, endpoint: str, body: bytes, request_id: str) -> EngineResult | None:
         return None  # every request waits for the engine
 
     async def run(
-        self, endpoint: str, body: bytes, request_id: str, *, interactive: bool = False
+        self,
+        endpoint: str,
+        body: bytes,
+        request_id: str,
+        *,
+        interactive: bool = False,
+        batch_priority: int = 0,
     ) -> EngineResult:
         if not self._started:
             raise RuntimeError("engine not started")
@@ -317,9 +328,15 @@ class VllmEngine:
         if hasattr(request, "priority"):
             # The engine runs with `--scheduling-policy priority` (lower runs first): whatever a
             # line asks for, a synchronous request goes ahead of every batch request waiting in
-            # the engine, and a batch line cannot jump ahead of synchronous traffic.
-            priority = request.priority or 0
-            request.priority = min(priority, 0) - 1 if interactive else max(priority, 0)
+            # the engine, and a batch line stays in its batch's band (priority.py).
+            request.priority = priority.engine_priority(
+                request.priority or 0, interactive=interactive, batch_priority=batch_priority
+            )
+        key = vllm_embed.group_key(request) if endpoint == EMBEDDINGS else None
+        if key is not None and not interactive and self._embed_lines is not None:
+            # A synchronous request runs alone: it never waits for a group to fill.
+            lines = self._embed_lines
+            return await self._in_flight.run(request_id, lines.submit(key, request))
         return await self._in_flight.run(request_id, self._serve(serve, request))
 
     async def _serve(self, serve: Callable[[Any], Awaitable[Any]], request: Any) -> EngineResult:
@@ -362,6 +379,9 @@ class VllmEngine:
         tasks = self._in_flight.cancel_all()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._embed_lines is not None:
+            await self._embed_lines.close()
+            self._embed_lines = None
         self._handlers.clear()
         self._started = False
         await self._stack.aclose()  # AsyncLLM.shutdown(): stops the EngineCore process

@@ -5,9 +5,9 @@ and drains a worker; and `jetbatch submit --wait` gets a batch's output."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,7 +47,7 @@ def admin_nats_url(data_dir: Path) -> str:
 
 async def test_an_operator_watches_replays_drains_and_submits(
     up: System,
-    browser: Browser,
+    browser: Browser,  # noqa: F811 (the fixture imported above)
     contexts: list[BrowserContext],  # noqa: F811
 ) -> None:
     root = up.base_url.removesuffix("/v1")
@@ -107,14 +107,14 @@ async def test_an_operator_watches_replays_drains_and_submits(
     work = up.data_dir / "submitted"
     work.mkdir(exist_ok=True)
     (work / "few.jsonl").write_bytes(chat_jsonl(4, "cli"))
-    done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "submit", str(work / "few.jsonl"), "--wait"],
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "submit", str(work / "few.jsonl"), "--wait",
         cwd=REPO,
         env={**os.environ, "JETBATCH_API_URL": up.base_url, "JETBATCH_API_KEY": up.api_key},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, out.decode()
     lines = (work / "few.output.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["custom_id"] for line in lines) == [f"cli-{i}" for i in range(4)]

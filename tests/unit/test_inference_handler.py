@@ -37,6 +37,7 @@ class FailingEngine:
 
     def __init__(self, outcome: EngineResult | None = None) -> None:
         self.outcome = outcome
+        self.batch_priorities: list[int] = []
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -46,8 +47,15 @@ class FailingEngine:
         return None
 
     async def run(
-        self, endpoint: str, body: bytes, request_id: str, *, interactive: bool = False
+        self,
+        endpoint: str,
+        body: bytes,
+        request_id: str,
+        *,
+        interactive: bool = False,
+        batch_priority: int = 0,
     ) -> EngineResult:
+        self.batch_priorities.append(batch_priority)
         if self.outcome is None:
             raise RuntimeError("CUDA error: device-side assert")
         return self.outcome

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,3 +150,10 @@ def test_nats_pys_private_attributes_are_read_only_in_nats_private() -> None:
         )
     ]
     assert not found, f"nats-py internals read outside shared/bus/nats_private.py: {found}"
+
+
+def test_no_two_test_modules_share_a_name() -> None:
+    """tests/ folders are not packages: pytest imports test modules by their base name, so two
+    modules of one name in different folders fail the whole run at collection."""
+    names = Counter(p.name for p in (REPO / "tests").rglob("test_*.py"))
+    assert not [n for n, count in names.items() if count > 1]
