@@ -187,9 +187,11 @@ def test_on_the_cpu_the_engine_runs_eager_with_todays_settings() -> None:
         "max_num_seqs": 64,
         "max_model_len": 2048,
     }
-    assert engine_args.defaults(
-        spec("embed", DEFAULT_EMBED_MODEL), on_gpu=False, gpus=0, native_half=False
-    ) == {"enforce_eager": True, "max_num_seqs": 256, "dtype": "float32"}
+    # Embedding models run in fp32 on any CPU (their default fp16 is emulated even with bf16).
+    for native_half in (False, True):
+        assert engine_args.defaults(
+            spec("embed", DEFAULT_EMBED_MODEL), on_gpu=False, gpus=0, native_half=native_half
+        ) == {"enforce_eager": True, "max_num_seqs": 256, "dtype": "float32"}
 
 
 def test_on_a_gpu_cuda_graphs_stay_on_and_the_rest_is_vllms() -> None:
