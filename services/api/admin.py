@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import nats.errors
@@ -54,23 +54,32 @@ async def read_heartbeats(deps: DepsParam) -> list[WorkerHeartbeat]:
 
 async def _read_heartbeats_once(deps: DepsParam) -> list[WorkerHeartbeat]:
     beats: list[WorkerHeartbeat] = []
-    watcher = await deps.workers.watchall(ignore_deletes=True)
+    for key, value in await kv_values(deps.workers, "worker heartbeats"):
+        try:
+            beats.append(_heartbeat_decoder.decode(value))
+        except msgspec.DecodeError:
+            log.warning("undecodable heartbeat under key %s", key)
+    return beats
+
+
+async def kv_values(kv: Any, what: str) -> list[tuple[str, bytes]]:
+    """Every (key, value) of a KV bucket now, read with one watch; one that does not finish
+    within KV_READ_TIMEOUT_S gives what came, with a warning."""
+    values: list[tuple[str, bytes]] = []
+    watcher = await kv.watchall(ignore_deletes=True)
     try:
         while True:
             try:
                 entry = await watcher.updates(timeout=KV_READ_TIMEOUT_S)
             except nats.errors.TimeoutError:
-                log.warning("reading worker heartbeats timed out; the list may be short")
+                log.warning("reading %s timed out; the list may be short", what)
                 break
             if entry is None:  # the end of the initial values (also for an empty bucket)
                 break
-            try:
-                beats.append(_heartbeat_decoder.decode(entry.value or b""))
-            except msgspec.DecodeError:
-                log.warning("undecodable heartbeat under key %s", entry.key)
+            values.append((entry.key, entry.value or b""))
     finally:
         await watcher.stop()
-    return beats
+    return values
 
 
 def is_stale(beat: WorkerHeartbeat, now: float, stale_after_s: float) -> bool:

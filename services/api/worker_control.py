@@ -15,12 +15,11 @@ import time
 from typing import Any
 
 import msgspec
-import nats.errors
 from litestar import get, post
 
 from schemas.admin import WorkerList, WorkerStatus
 from schemas.messages import WorkerCommand, WorkerHeartbeat
-from services.api.admin import is_stale, read_heartbeats
+from services.api.admin import is_stale, kv_values, read_heartbeats
 from services.api.auth import ADMIN
 from services.api.deps import DepsParam
 from shared import bus
@@ -28,7 +27,6 @@ from shared.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
-KV_READ_TIMEOUT_S = 2.0
 
 _encoder = msgspec.json.Encoder()
 _command_decoder = msgspec.json.Decoder(WorkerCommand)
@@ -47,22 +45,11 @@ def control_key(beat: WorkerHeartbeat) -> str:
 async def read_commands(deps: DepsParam) -> dict[str, WorkerCommand]:
     """Every command in the control bucket, by control id."""
     commands: dict[str, WorkerCommand] = {}
-    watcher = await (await control_kv(deps)).watchall(ignore_deletes=True)
-    try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=KV_READ_TIMEOUT_S)
-            except nats.errors.TimeoutError:
-                log.warning("reading worker commands timed out; the list may be short")
-                break
-            if entry is None:  # the end of the initial values
-                break
-            try:
-                commands[entry.key] = _command_decoder.decode(entry.value or b"")
-            except msgspec.DecodeError:
-                log.warning("undecodable worker command under key %s", entry.key)
-    finally:
-        await watcher.stop()
+    for key, value in await kv_values(await control_kv(deps), "worker commands"):
+        try:
+            commands[key] = _command_decoder.decode(value)
+        except msgspec.DecodeError:
+            log.warning("undecodable worker command under key %s", key)
     return commands
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from shared import bus, config, db
 from shared.bus import FileObjects
 from shared.bus.objects import FILES_BUCKET
 from shared.domain import deadletters, retention
-from shared.embedded import free_port
 from shared.errors import NotFound
 from tests.helpers import API_KEY, CHAT, CHAT_MODEL, as_chunks, chat_jsonl, wait_until
 from tests.lifecycle_helpers import lifecycle_env, running_system
@@ -59,15 +57,8 @@ class Parts:
 
 
 @pytest.fixture
-def env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[str, str]:
-    return {
-        "JETBATCH_DATA_DIR": tempfile.mkdtemp(prefix="expiry-", dir=scratch_dir),
-        "JETBATCH_DATABASE_URL": database_url,
-        "JETBATCH_NATS_URL": nats_url,
-        "JETBATCH_ENGINE": "instant",
-        "JETBATCH_API_KEY": API_KEY,
-        "JETBATCH_API_PORT": str(free_port()),
-    }
+def env(base_api_env: dict[str, str]) -> dict[str, str]:
+    return base_api_env
 
 
 @pytest.fixture

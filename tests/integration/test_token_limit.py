@@ -7,7 +7,6 @@ the model, or the documented estimate where the model's directory is missing).""
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import asyncpg
@@ -18,7 +17,6 @@ from openai.types import Batch
 from services.api.tokens import TokenCounter
 from services.inference.models import model_path
 from shared import config
-from shared.embedded import free_port
 from tests.helpers import API_KEY, CHAT, CHAT_MODEL, chat_jsonl, default_models_dir, wait_until
 from tests.integration.test_projects import admin, api, project_with_key, user
 
@@ -27,18 +25,10 @@ RATE_LIMIT_ID = f"rl-{CHAT_MODEL}"
 
 
 @pytest.fixture
-def env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[str, str]:
-    values = {
-        "JETBATCH_DATA_DIR": tempfile.mkdtemp(prefix="token-limit-", dir=scratch_dir),
-        "JETBATCH_DATABASE_URL": database_url,
-        "JETBATCH_NATS_URL": nats_url,
-        "JETBATCH_ENGINE": "instant",
-        "JETBATCH_API_KEY": API_KEY,
-        "JETBATCH_API_PORT": str(free_port()),
-        "JETBATCH_MODELS": CHAT_MODEL,
-    }
-    values["JETBATCH_MODELS_DIR"] = str(default_models_dir())  # the real tokenizer
-    return values
+def env(base_api_env: dict[str, str]) -> dict[str, str]:
+    # The real tokenizer of the default chat model.
+    return {**base_api_env, "JETBATCH_MODELS": CHAT_MODEL,
+            "JETBATCH_MODELS_DIR": str(default_models_dir())}  # fmt: skip
 
 
 def input_tokens(env: dict[str, str], data: bytes) -> int:
