@@ -75,8 +75,11 @@ async def test_an_undecodable_request_is_dead_lettered_with_an_error_line(
     assert by_custom_id[None]["payload_bytes"] == len(b"\xff not json")
     assert result.custom_id == "order-3" and result.line == 3 and not result.ok
     assert result.error_code == "dead_lettered" and str(named["id"]) in (result.error_message or "")
-    info = await js.stream_info(bus.REQUESTS.name)
-    assert info.state.messages == 0  # termed: not redelivered
+
+    async def drained() -> bool:  # termed: not redelivered
+        return (await js.stream_info(bus.REQUESTS.name)).state.messages == 0
+
+    await wait_until(drained, "the terminated request to leave the work queue", timeout_s=10)
 
 
 async def test_a_request_that_kills_its_worker_every_time_is_dead_lettered_and_replayable(

@@ -29,6 +29,7 @@ from shared import bus, config
 from shared.embedded import EmbeddedNats
 from shared.lane import Lane
 from shared.nats_auth import NatsAuth, publisher_user
+from tests.helpers import wait_until
 
 CHAT = "SmolLM2-135M-Instruct"
 PROJECT = "proj_orders"
@@ -126,8 +127,12 @@ async def test_request_published_to_jetstream_comes_back_as_a_result(
         assert body["object"] == "chat.completion"
         assert body["choices"][0]["message"]["role"] == "assistant"
     # The work queue is empty: every request was acked after its result was stored.
-    info = await setup.jetstream().stream_info("REQUESTS")
-    assert info.state.messages == 0
+    sjs = setup.jetstream()
+
+    async def drained() -> bool:
+        return (await sjs.stream_info("REQUESTS")).state.messages == 0
+
+    await wait_until(drained, "the work queue to empty", timeout_s=10)
     await nc.close()
     await setup.close()
 
