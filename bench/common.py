@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 
 from shared.embedded import free_port, nats_server_binary
@@ -250,6 +251,23 @@ class System:
         import openai
 
         return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0, **kwargs)
+
+    def admin_client(self, **kwargs: Any):  # type: ignore[no-untyped-def]
+        """The SDK's admin client (`.admin.organization...`): JETBATCH_API_KEY is an admin key."""
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, admin_api_key=API_KEY, max_retries=0, **kwargs)
+
+    def project_client(self, name: str, **kwargs: Any) -> tuple[str, Any]:
+        """A new project with a service account: its id, and a client on the account's key."""
+        import openai
+
+        projects = self.admin_client().admin.organization.projects
+        project = projects.create(name=name)
+        account = projects.service_accounts.create(project.id, name=f"{name}-bot")
+        key = account.api_key.value
+        client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kwargs)
+        return project.id, client
 
     def processes(self) -> dict[str, psutil.Process]:
         """The service processes by name (api, results_writer, inference[...], nats, postgres)."""
@@ -553,6 +571,17 @@ class ForeignLoad:
                 f"{self.share:.0%} of the machine, while this was measured)",
                 flush=True,
             )
+
+
+class _OutputLine(msgspec.Struct):
+    custom_id: str  # the rest of the line is skipped, not decoded
+
+
+def output_ids(client: Any, file_id: str) -> list[str]:
+    """The custom_id of every line of an output (or error) file, downloaded through the SDK."""
+    decoder = msgspec.json.Decoder(_OutputLine)
+    content = client.files.content(file_id)
+    return [decoder.decode(line).custom_id for line in content.iter_lines() if line]
 
 
 def percentile(values: list[float], pct: float) -> float:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from bench.common import (
     EMBED_MODEL,
     REPO,
     ForeignLoad,
+    System,
     quiet_machine,
     running_system,
     scratch,
@@ -131,9 +133,20 @@ def _engine_setup(model: str) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
-def run_batch_baseline(model: str, input_path: Path, work: Path) -> dict[str, Any]:
-    """vLLM's run_batch on the file; its processing time from its own log lines."""
+def run_batch_baseline(
+    model: str,
+    input_path: Path,
+    work: Path,
+    extra_argv: Sequence[str] = (),
+    drop_env: Sequence[str] = (),
+) -> dict[str, Any]:
+    """vLLM's run_batch on the file (with `extra_argv` more, without the `drop_env` variables
+    jetbatch's engine would set); its processing time from its own log lines."""
     argv, env = _engine_setup(model)
+    argv = [*argv, *extra_argv]
+    for name in drop_env:
+        if name not in os.environ:
+            env.pop(name, None)
     output = work / f"run_batch-{model}.jsonl"
     cmd = [
         sys.executable,
@@ -186,9 +199,17 @@ def run_batch_baseline(model: str, input_path: Path, work: Path) -> dict[str, An
     }
 
 
-def jetbatch_run(model: str, endpoint: str, input_path: Path) -> dict[str, Any]:
+def jetbatch_run(
+    model: str,
+    endpoint: str,
+    input_path: Path,
+    env: dict[str, str] | None = None,
+    inspect: Callable[[System], None] | None = None,
+) -> dict[str, Any]:
+    """The file through a `jetbatch up` system (with `env` more), `batches.create` to the
+    output downloaded; `inspect(system)` runs after, while the system is still up."""
     start = time.perf_counter()
-    with running_system(f"engine-{model}", "vllm", model) as system:
+    with running_system(f"engine-{model}", "vllm", model, env=env) as system:
         startup = time.perf_counter() - start
         client = system.client(timeout=600)
         with open(input_path, "rb") as f:
@@ -204,6 +225,8 @@ def jetbatch_run(model: str, endpoint: str, input_path: Path) -> dict[str, Any]:
             raise RuntimeError(f"jetbatch batch ended {batch.status}: {batch.errors}")
         text = client.files.content(batch.output_file_id).text
         seconds = time.perf_counter() - t0
+        if inspect is not None:
+            inspect(system)
     lines = [json.loads(x) for x in text.splitlines() if x.strip()]
     ok, prompt, completion = _usage(lines)
     return {

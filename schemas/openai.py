@@ -171,6 +171,12 @@ class Batch(msgspec.Struct, kw_only=True):
     gpu_seconds: float = 0.0
     # Extra field beyond OpenAI's: the priority it was created with, -10 (last) .. 10 (first).
     priority: int = 0
+    # Extra fields beyond OpenAI's (README: Scheduling), while none of its lines has been
+    # dispatched yet: how many of its project's batches for the model are served before it, and
+    # when it should start at the model's current rate (null when no rate is known yet). Both
+    # null once it has started.
+    queue_position: int | None = None
+    estimated_start_at: int | None = None
 
 
 class BatchList(msgspec.Struct, kw_only=True):

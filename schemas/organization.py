@@ -79,6 +79,9 @@ class Project(_Object):
     object: Literal["organization.project"] = "organization.project"
     # jetbatch extension: the highest batch priority its batches may ask for (-10 .. 10).
     max_batch_priority: int = 0
+    # jetbatch extension: its weight in the fair share of each model's workers against other
+    # projects with work waiting (README: Scheduling); 1 by default.
+    share: float = 1.0
 
 
 class ProjectList(_Object):
@@ -89,11 +92,17 @@ class ProjectList(_Object):
     object: Literal["list"] = "list"
 
 
+# A project's fair-share weight (README: Scheduling): above 0.
+Share = Annotated[float, Meta(gt=0, le=1_000_000)]
+
+
 class CreateProjectRequest(msgspec.Struct, kw_only=True):
     name: Name
     # Accepted and ignored: OpenAI's data residency and external keys mean nothing here.
     external_key_id: str | None = None
     geography: str | None = None
+    # jetbatch extension (SDKs send it with `extra_body`): see Project.share.
+    share: Share | None = None
 
 
 class UpdateProjectRequest(msgspec.Struct, kw_only=True):
@@ -102,6 +111,8 @@ class UpdateProjectRequest(msgspec.Struct, kw_only=True):
     geography: str | None = None
     # jetbatch extension (SDKs send it with `extra_body`): see Project.max_batch_priority.
     max_batch_priority: Annotated[int, Meta(ge=-10, le=10)] | None = None
+    # jetbatch extension (SDKs send it with `extra_body`): see Project.share.
+    share: Share | None = None
 
 
 class ProjectWebhookSecret(_Object):

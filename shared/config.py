@@ -19,6 +19,7 @@ from msgspec import Meta
 
 from shared import settings_env
 from shared.config_sections import (
+    DispatchSettings,
     HealthSettings,
     LimitSettings,
     WebhookSettings,
@@ -225,6 +226,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
+    dispatch: DispatchSettings = msgspec.field(default_factory=DispatchSettings)
     observability: ObservabilitySettings = msgspec.field(default_factory=ObservabilitySettings)
     usage: UsageSettings = msgspec.field(default_factory=UsageSettings)
     instant_delay_s: Annotated[

@@ -220,3 +220,26 @@ class HealthSettings(msgspec.Struct, frozen=True, kw_only=True):
             " handing them back",
         ),
     ] = 30.0
+
+
+class DispatchSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How much of each model's work sits in REQUESTS ahead of its workers (README: Scheduling)."""
+
+    env_prefix: ClassVar[str] = "DISPATCH_"
+
+    ahead_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="each model's REQUESTS backlog is topped up to this many seconds of its"
+            " measured drain rate; another project's batch waits behind at most about this much",
+        ),
+    ] = 0.25
+    min_window: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="the smallest backlog a model is topped up to (and at least twice what its"
+            " live workers hold in their engines)",
+        ),
+    ] = 256

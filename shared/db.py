@@ -12,6 +12,9 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "infra" / "migrations"
 # Serialises concurrent `migrate` runs (several services may start at once).
 _MIGRATION_LOCK_KEY = 0x6A657462  # "jetb"
+# A batch's claim (services/api/store.claim, services/api/dispatcher.py): the advisory lock
+# (BATCH_CLAIM_NS, hashtext(batch_id)), held by the api process working on the batch.
+BATCH_CLAIM_NS = 0x6A62636C  # "jbcl"
 
 
 async def connect_pool(database_url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:

@@ -17,6 +17,8 @@ from nats.js.kv import KeyValue
 
 from services.api.children import SpareChild
 from services.api.concurrency import SyncSlots
+from services.api.dispatcher import Dispatcher
+from services.api.publishing import PublishingChild
 from services.api.rate_limits import RateLimiter
 from services.api.sync_usage import SyncUsage
 from shared.bus import FileObjects
@@ -41,11 +43,12 @@ class Deps:
     # Synchronous requests' own connection: on `nc` one would wait in the socket behind the
     # thousands of publishes of a batch being ingested (measured: p90 36 ms instead of 1 ms).
     nc_sync: NATS | None = None
-    # Pass 1 (validation) and pass 2 (publishing) of a batch's file run in child processes
-    # started ahead of need (validation.validate_in_child, publishing.publish_in_child), off the
-    # process serving HTTP. None = pass 1 in a thread, pass 2 in this event loop.
+    # Pass 1 (validation) of a batch's file runs in child processes started ahead of need
+    # (validation.validate_in_child), pass 2 (publishing) in one long-lived child
+    # (publishing.PublishingChild), off the process serving HTTP. None = pass 1 in a thread,
+    # pass 2 in this event loop.
     validators: SpareChild | None = None
-    publishers: SpareChild | None = None
+    publishing: PublishingChild | None = None
     # When the last synchronous request came in (time.monotonic()): background batch work hands
     # the event loop back more often while they keep coming (services/api/ingest.py).
     sync_seen: float = float("-inf")
@@ -59,7 +62,11 @@ class Deps:
     # What synchronous requests used, written every few seconds (sync_usage.py).
     sync_usage: SyncUsage = field(default_factory=SyncUsage)
 
+    # Which batch's lines go to REQUESTS when (services/api/dispatcher.py).
+    dispatcher: Dispatcher = field(init=False)
+
     def __post_init__(self) -> None:
+        self.dispatcher = Dispatcher(self, self.publishing)
         limits = self.settings.limits
         self.sync_slots = SyncSlots(limits.max_sync_requests, limits.max_sync_requests_per_key)
         self.rate_limiter = RateLimiter(self.pool)

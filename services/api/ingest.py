@@ -1,22 +1,23 @@
 """Batch ingestion, run in the background once `POST /v1/batches` has answered.
 
 Pass 1 streams the input file and validates every line (validating -> failed, with `errors`
-naming the lines; services/api/validation.py). Pass 2 streams it again and publishes one
-RequestMessage per line to REQUESTS (services/api/publishing.py), then sets `published_at`. Both
-run in child processes of the api, started ahead of need (`Deps.validators`,
-`Deps.publishers`), off the process serving HTTP.
-Emits `jetbatch.events.batch.<project>.failed` (a BatchEvent) for an invalid file, and for one over its
-project's batch queue limit for the model (`token_limit_exceeded`, services/api/token_limit.py:
-the validation counts the file's input tokens).
+naming the lines; services/api/validation.py), in a child process of the api started ahead of
+need (`Deps.validators`), off the process serving HTTP. Pass 2 hands the valid batch to the
+dispatcher (services/api/dispatcher.py), which publishes its lines to REQUESTS a window at a time
+in scheduling order, through the api's publishing child, then sets `published_at`.
+Emits `jetbatch.events.batch.<project>.failed` (a BatchEvent) for an invalid file, and for one
+over its project's batch queue limit for the model (`token_limit_exceeded`,
+services/api/token_limit.py: the validation counts the file's input tokens).
 
 `process_batch` is idempotent: run again on a batch a crashed api left in `validating` (or in
-`in_progress` without `published_at`), it redoes what is missing; JetStream's duplicate window
-drops re-published messages, and the results writer writes each custom_id once. The watchdog
-asks for that re-run (a `redrive` BatchCommand, services/api/lifecycle.py). One api process
-works on a batch at a time: it holds the batch's claim (store.claim), which dies with it.
+`in_progress` without `published_at`), it redoes what is missing, and dispatch resumes at the
+batch's cursor (`dispatched`); JetStream's duplicate window drops re-published messages, and the
+results writer writes each custom_id once. The watchdog asks for that re-run (a `redrive`
+BatchCommand, services/api/lifecycle.py). One api process works on a batch at a time: it holds
+the batch's claim (store.claim), which dies with it.
 
-A batch cancelled meanwhile stops being published (publishing.CHECK_CANCEL_S); one cancelled
-while validating keeps its line count, so its lines become batch_cancelled lines.
+A batch cancelled or expired meanwhile gets no more grants; one cancelled while validating keeps
+its line count, so its lines become batch_cancelled lines.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from schemas.openai import BatchError
 from services.api import metrics as api_metrics
 from services.api import store, token_limit
 from services.api.deps import DepsParam
-from services.api.publishing import PublishJob, publish_in_child
+from services.api.publishing import PublishJob
 from services.api.validation import (
     MESSAGE_OVERHEAD_BYTES,
     FileCheck,
@@ -48,15 +48,6 @@ from shared.bus import Publisher
 from shared.ids import stable_id
 
 log = logging.getLogger(__name__)
-
-# In-process pass 2 (tests, an api embedded without child processes) reads, parses and publishes
-# this many lines per turn of the event loop, then hands it back (bench/interactive.py measures
-# why). Inline rather than in a thread: a thread parsing lines would hold the GIL against the
-# event loop.
-YIELD_EVERY = 50
-# The same while synchronous requests keep coming (one within SYNC_RECENT_S).
-YIELD_EVERY_SYNC = 10
-SYNC_RECENT_S = 1.0
 
 _encoder = msgspec.json.Encoder()
 
@@ -102,20 +93,25 @@ async def redrive(deps: DepsParam, batch_id: str) -> None:
 
 
 async def process_batch(deps: DepsParam, batch_id: str) -> None:
-    """Validate batch `batch_id`'s input file and publish its requests; see the module docstring."""
+    """Validate batch `batch_id`'s input file, then dispatch its requests; see the module
+    docstring. Validation holds the batch's claim; dispatch takes it again on the dispatcher's
+    own connection, where every batch being dispatched holds its claim."""
     assert deps.settings.database_url is not None
     async with store.claim(deps.settings.database_url, batch_id) as claimed:
         if not claimed:
             log.info("batch %s: another api process is working on it", batch_id)
             return
-        await _process_claimed(deps, batch_id)
+        row = await _validate_claimed(deps, batch_id)
+    if row is not None:
+        await _publish(deps, row)
 
 
-async def _process_claimed(deps: DepsParam, batch_id: str) -> None:
+async def _validate_claimed(deps: DepsParam, batch_id: str) -> store.Row | None:
+    """The batch's row once it is valid and in progress with lines to dispatch; else None."""
     row = await store.get_batch(deps.pool, batch_id)
     if row is None:
         log.warning("batch %s: no such batch, nothing to process", batch_id)
-        return
+        return None
     validating = row["status"] == "validating"
     if not validating and (
         row["status"] != "in_progress"
@@ -123,20 +119,11 @@ async def _process_claimed(deps: DepsParam, batch_id: str) -> None:
         or row["ending"] is not None
     ):
         log.debug("batch %s: %s, nothing to process", batch_id, row["status"])
-        return
+        return None
+    if not validating:
+        return row
     async with input_copy(deps, row) as path:
-        if validating:
-            started = await _validate(deps, row, path)
-            if started is None:
-                return
-            row = started
-        if path is None:
-            # Deleted after validation: nothing to publish from; the watchdog sees it stuck.
-            log.error(
-                "batch %s: input file %s is gone, cannot publish", batch_id, row["input_file_id"]
-            )
-            return
-        await _publish(deps, row, path)
+        return await _validate(deps, row, path)
 
 
 @contextlib.asynccontextmanager
@@ -231,17 +218,14 @@ async def _failed(deps: DepsParam, failed: store.Row, errors: list[BatchError]) 
     await _emit_failed(deps, failed)
 
 
-async def _publish(deps: DepsParam, row: store.Row, path: Path) -> None:
-    """Pass 2 (services/api/publishing.py), then `published_at`."""
+async def _publish(deps: DepsParam, row: store.Row) -> None:
+    """Pass 2: the batch's lines to REQUESTS, as the dispatcher grants them
+    (services/api/dispatcher.py), which then sets `published_at`."""
     batch_id, model = row["id"], row["model"]
-
-    async def still_running() -> bool:
-        return await _still_running(deps, batch_id)
-
     # The batch's publish span; each sampled line's own publish is a trace of its own.
     with tracing.batch_span(f"{RequestMessage.subject_for(model, 'batch')} publish", batch_id):
         job = PublishJob(
-            path=str(path),
+            path="",  # the dispatcher's local copy of the input file
             batch_id=batch_id,
             model=model,
             endpoint=row["endpoint"],
@@ -252,44 +236,7 @@ async def _publish(deps: DepsParam, row: store.Row, path: Path) -> None:
                 deps.settings.observability.trace_line_ratio if tracing.enabled() else 0.0
             ),
         )
-        try:
-            with api_metrics.child_job("publishing"):
-                if deps.publishers is not None:
-                    assert deps.settings.nats_url is not None
-                    child = await deps.publishers.take()
-                    outcome = await publish_in_child(
-                        job, deps.settings.nats_url, still_running, child
-                    )
-                else:
-                    outcome = await job.run(deps.js, still_running, lambda: _slice(deps))
-            api_metrics.REQUESTS_PUBLISHED.labels(model).inc(outcome.published)
-        except FileNotFoundError:
-            log.error("batch %s: input file %s is gone, cannot publish", batch_id, job.path)
-            return
-        tracing.record_minted(f"{job.subject} publish", batch_id, outcome.traced)
-    if outcome.stopped:
-        log.info(
-            "batch %s cancelled or expired: publishing stopped after %d requests",
-            batch_id, outcome.published,
-        )  # fmt: skip
-        return
-    if outcome.published != row["total"]:
-        log.error(
-            "batch %s: published %d requests but validated %d (file changed?)",
-            batch_id, outcome.published, row["total"],
-        )  # fmt: skip
-    await store.mark_published(deps.pool, batch_id)
-    log.info("batch %s: %d requests published on %s", batch_id, outcome.published, job.subject)
-
-
-def _slice(deps: DepsParam) -> int:
-    recent = time.monotonic() - deps.sync_seen < SYNC_RECENT_S
-    return YIELD_EVERY_SYNC if recent else YIELD_EVERY
-
-
-async def _still_running(deps: DepsParam, batch_id: str) -> bool:
-    state = await store.batch_state(deps.pool, batch_id)
-    return state == ("in_progress", None)
+        await deps.dispatcher.dispatch(row, job)
 
 
 async def _emit_failed(deps: DepsParam, row: store.Row) -> None:

@@ -131,12 +131,15 @@ def project_from_row(row: tenants.Row) -> Project:
         archived_at=row["archived_at"],
         status="archived" if archived else "active",
         max_batch_priority=row.get("max_batch_priority") or 0,
+        share=float(row.get("share") or 1.0),
     )
 
 
 @post("/organization/projects", status_code=200, opt=ADMIN)
 async def create_project(data: CreateProjectRequest, deps: DepsParam) -> Project:
     row = await tenants.create_project(deps.pool, data.name, now_s())
+    if data.share is not None:
+        row = await tenants.set_share(deps.pool, row["id"], data.share) or row
     log.info("project %s created (%s)", row["id"], data.name)
     return project_from_row(row)
 
@@ -165,11 +168,15 @@ async def retrieve_project(project_id: str, deps: DepsParam) -> Project:
 
 @post("/organization/projects/{project_id:str}", status_code=200, opt=ADMIN)
 async def modify_project(project_id: str, data: UpdateProjectRequest, deps: DepsParam) -> Project:
-    """A new name, and/or (jetbatch extension) the highest priority its batches may ask for."""
+    """A new name, and/or (jetbatch extensions) the highest priority its batches may ask for and
+    its fair-share weight."""
     row = await live_project(deps, project_id)
     if data.max_batch_priority is not None:
         row = await tenants.set_max_batch_priority(deps.pool, project_id, data.max_batch_priority)
         log.info("project %s: max_batch_priority %d", project_id, data.max_batch_priority)
+    if data.share is not None:
+        row = await tenants.set_share(deps.pool, project_id, data.share)
+        log.info("project %s: share %g", project_id, data.share)
     if data.name is not None:
         row = await tenants.rename_project(deps.pool, project_id, data.name)
     if row is None:

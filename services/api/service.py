@@ -43,7 +43,6 @@ from services.api import (
     metrics,
     organization,
     project_members,
-    publishing,
     stats,
     validation,
     webhooks,
@@ -53,6 +52,7 @@ from services.api.children import SpareChild
 from services.api.deps import Deps, DepsParam, get_deps
 from services.api.exceptions import EXCEPTION_HANDLERS
 from services.api.http_limits import GuardedHttpTools, limits_middleware
+from services.api.publishing import PublishingChild
 from services.api.tenants import any_keys
 from shared import bus, logship, process, telemetry
 from shared.config import ConfigError, Settings
@@ -128,10 +128,10 @@ def _lifespan(
             # Batch-only work: niced, so it yields the CPU to the requests this process serves.
             nice = [str(settings.batch_nice)]
             validators = SpareChild(validation.CHILD_MODULE, nice)
-            publishers = SpareChild(publishing.CHILD_MODULE, nice)
-            for spare in (validators, publishers):
-                spare.start()
-                stack.push_async_callback(spare.close)
+            validators.start()
+            stack.push_async_callback(validators.close)
+            publishing_child = PublishingChild(nats_url, settings.batch_nice)
+            stack.push_async_callback(publishing_child.close)
             deps = Deps(
                 settings=settings,
                 pool=pool,
@@ -143,10 +143,13 @@ def _lifespan(
                 cancelled=await bus.cancelled_kv(js, settings.nats_replicas),
                 nc_sync=nc_sync,
                 validators=validators,
-                publishers=publishers,
+                publishing=publishing_child,
             )
             # Runs first at shutdown: background batch work still has its connections.
             stack.push_async_callback(deps.wait_for_tasks, GRACEFUL_SHUTDOWN_S)
+            # Before that: dispatch stops, so batches being dispatched end their tasks at once
+            # (they go on from their cursors wherever they are re-driven).
+            stack.push_async_callback(deps.dispatcher.close)
             # The watchdog's orders (re-drive, close out): services/api/lifecycle.py. Stopped
             # even before background batch work is waited for, so no new work starts meanwhile.
             control_stop = asyncio.Event()

@@ -23,6 +23,7 @@ from schemas.openai import (
     OpenAIFile,
     RequestCounts,
 )
+from shared.db import BATCH_CLAIM_NS
 from shared.errors import NotFound
 
 Order = Literal["asc", "desc"]
@@ -138,6 +139,7 @@ def _decode_errors(value: Any) -> BatchErrors | None:
 
 def batch_from_row(row: Row) -> Batch:
     metadata = row["metadata"]
+    waiting = row["status"] == "in_progress" and row.get("ending") is None
     return Batch(
         id=row["id"],
         endpoint=row["endpoint"],
@@ -174,6 +176,9 @@ def batch_from_row(row: Row) -> Batch:
         stalled_at=row.get("stalled_at"),
         gpu_seconds=(row.get("gpu_ms") or 0) / 1000,
         priority=row.get("priority") or 0,
+        # Only while it waits for dispatch (a batch cancelled meanwhile keeps the columns).
+        queue_position=row.get("queue_position") if waiting else None,
+        estimated_start_at=row.get("estimated_start_at") if waiting else None,
     )
 
 
@@ -324,7 +329,7 @@ async def open_load(conn: asyncpg.Connection, project_id: str) -> tuple[int, int
 
 # Claims: one api process works on a batch at a time ------------------------------------------
 
-_CLAIM_NS = 0x6A62636C  # "jbcl"
+CLAIM_NS = BATCH_CLAIM_NS
 
 
 @asynccontextmanager
@@ -336,9 +341,7 @@ async def claim(database_url: str, batch_id: str) -> AsyncIterator[bool]:
     conn = await asyncpg.connect(database_url)
     try:
         held = bool(
-            await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, hashtext($2))", _CLAIM_NS, batch_id
-            )
+            await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", CLAIM_NS, batch_id)
         )
         yield held
     finally:

@@ -185,6 +185,12 @@ async def set_max_batch_priority(pool: asyncpg.Pool, project_id: str, value: int
     )
 
 
+async def set_share(pool: asyncpg.Pool, project_id: str, share: float) -> Row | None:
+    return await pool.fetchrow(
+        "UPDATE projects SET share = $2 WHERE id = $1 RETURNING *", project_id, share
+    )
+
+
 async def archive_project(pool: asyncpg.Pool, project_id: str, now: int) -> Row | None:
     """Archived: its keys are revoked at once; its open batches run to their end."""
     async with pool.acquire() as conn, conn.transaction():

@@ -14,7 +14,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -49,6 +49,16 @@ _CPU_ENV_DEFAULTS = {
 }
 # No hub downloads at run time: models are local directories (services/inference/models.py).
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def cpu_env_defaults(engine_settings: Mapping[str, Any]) -> dict[str, str]:
+    """_CPU_ENV_DEFAULTS for an engine with these settings. A models file's
+    `kv_cache_memory_bytes` sizes the KV cache itself: vLLM's CPU platform lets its legacy
+    VLLM_CPU_KVCACHE_SPACE override that engine argument, so that default is left out then."""
+    if engine_settings.get("kv_cache_memory_bytes") is None:
+        return dict(_CPU_ENV_DEFAULTS)
+    return {k: v for k, v in _CPU_ENV_DEFAULTS.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+
 
 # Imported in a worker thread, for two reasons: ~10 s of imports must not stall the event loop
 # (heartbeats go on), and vLLM keeps the exception of an optional import that fails (torchcodec,
@@ -229,11 +239,11 @@ class VllmEngine:
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
+        args = self._serve_args(on_cpu)
         if on_cpu:
             # vllm.envs reads these lazily, and the EngineCore child inherits them.
-            for key, value in _CPU_ENV_DEFAULTS.items():
+            for key, value in cpu_env_defaults(self.engine_settings).items():
                 os.environ.setdefault(key, value)
-        args = self._serve_args(on_cpu)
         started = time.monotonic()
         client = await self._start_client(args)
         try:

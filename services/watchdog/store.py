@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from shared.db import BATCH_CLAIM_NS
+
 OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
 
 
@@ -58,17 +60,24 @@ async def stopping(conn: asyncpg.Connection) -> list[Stopping]:
 
 
 async def redrive_due(conn: asyncpg.Connection, before: int) -> list[str]:
-    """Batches an api should have validated and published by now: still `validating`, or in
-    progress without `published_at`, since before `before`."""
+    """Batches an api should have validated and published by now: still `validating` since
+    before `before`, or in progress without `published_at` since then and claimed by no api (a
+    batch waits for dispatch as long as its place in the queue says, in the claim of the api
+    dispatching it; one whose api died has no claim: PostgreSQL dropped it with the session)."""
     rows = await conn.fetch(
         """
-        SELECT id FROM batches
+        SELECT id FROM batches b
         WHERE (status = 'validating' AND created_at <= $1)
            OR (status = 'in_progress' AND ending IS NULL AND published_at IS NULL
-               AND in_progress_at <= $1)
+               AND in_progress_at <= $1
+               AND NOT EXISTS (
+                   SELECT 1 FROM pg_locks l
+                   WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                     AND l.classid = $2::bigint::oid AND l.objid = hashtext(b.id)::oid))
         ORDER BY id
         """,
         before,
+        BATCH_CLAIM_NS,
     )
     return [r["id"] for r in rows]
 

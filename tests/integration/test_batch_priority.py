@@ -173,3 +173,23 @@ async def test_a_shortened_24h_window_scales_the_other_windows(
                 completion_window=window,  # type: ignore[arg-type]
             )
             assert batch.expires_at == batch.created_at + seconds, window
+
+
+async def test_a_projects_share_is_set_by_an_admin_and_must_be_above_zero(api: str) -> None:
+    org = openai.AsyncOpenAI(base_url=api, admin_api_key=API_KEY, max_retries=0)
+    projects = org.admin.organization.projects
+    created = await projects.create(name="weighted", extra_body={"share": 3})
+    assert (created.model_extra or {})["share"] == 3
+    assert ((await projects.retrieve(DEFAULT_PROJECT_ID)).model_extra or {})["share"] == 1
+    halved = await projects.update(created.id, extra_body={"share": 0.5})
+    assert (halved.model_extra or {})["share"] == 0.5
+    for bad in (0, -1, 2_000_000, "many"):
+        with pytest.raises(openai.BadRequestError) as refusal:
+            await projects.update(created.id, extra_body={"share": bad})
+        error = refusal.value.body
+        assert isinstance(error, dict) and error["param"] == "share", (bad, error)
+        assert error["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as refusal:
+        await projects.create(name="nothing", extra_body={"share": 0})
+    assert refusal.value.body["param"] == "share"  # type: ignore[index]
+    assert ((await projects.retrieve(created.id)).model_extra or {})["share"] == 0.5

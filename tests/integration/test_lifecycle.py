@@ -4,6 +4,7 @@ PostgreSQL. Driven with the openai SDK; every output and error line is decoded a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from schemas.messages import BatchEvent, BatchStop, RequestMessage
 from schemas.projects import DEFAULT_PROJECT_ID
-from services.api import ingest, publishing, store
+from services.api import ingest, store
 from services.api.deps import Deps
 from shared import bus, config
 from shared.db import connect_pool
@@ -120,10 +121,11 @@ async def test_a_batch_cancelled_while_validating_ends_cancelled_with_every_line
     assert {x.error.code for x in errors if x.error} == {"batch_cancelled"}
 
 
-async def test_cancelled_batch_stops_being_published(
+async def test_dispatch_keeps_a_window_in_requests_and_stops_at_a_cancel(
     env: dict[str, str], database_url: str, nats_url: str
 ) -> None:
     settings = config.load({**env, "JETBATCH_MAX_BATCH_LINES": "50000"})
+    window = settings.dispatch.min_window  # no worker yet: nothing drains, no capacity known
     content = chat_jsonl(5_000)
     pool = await connect_pool(database_url)
     nc = await bus.connect(nats_url, "test")
@@ -139,8 +141,8 @@ async def test_cancelled_batch_stops_being_published(
         )
         await pool.execute(
             "INSERT INTO batches (id, endpoint, model, input_file_id, completion_window, status,"
-            " created_at, total, cancelling_at) VALUES ('batch_big', $1, $2, 'file-big', '24h',"
-            " 'cancelling', 1, 5000, 1)",
+            " created_at, in_progress_at, total) VALUES ('batch_big', $1, $2, 'file-big', '24h',"
+            " 'in_progress', 1, 1, 5000)",
             CHAT,
             CHAT_MODEL,
         )
@@ -155,11 +157,21 @@ async def test_cancelled_batch_stops_being_published(
         )
         row = await store.get_batch(pool, "batch_big")
         assert row is not None
-        async with ingest.input_copy(deps, row) as path:
-            assert path is not None
-            await ingest._publish(deps, row, path)  # as if cancelled while it was publishing
+        dispatching = asyncio.create_task(ingest._publish(deps, row))
+
+        async def dispatched() -> int:
+            return await pool.fetchval("SELECT dispatched FROM batches WHERE id = 'batch_big'")
+
+        assert await wait_until(dispatched, "the first grant") == window
+        await asyncio.sleep(0.5)  # ten ticks: the window is full, no more is granted
+        assert await dispatched() == window
+        await pool.execute(
+            "UPDATE batches SET status = 'cancelling', cancelling_at = 2 WHERE id = 'batch_big'"
+        )
+        await asyncio.wait_for(dispatching, 5)  # the dispatcher let it go
+        await deps.dispatcher.close()
         info = await js.stream_info(bus.REQUESTS.name)
-        assert info.state.messages == publishing.CHECK_CANCEL_EVERY  # stopped at the first check
+        assert info.state.messages == window
         raw = await js.get_msg(bus.REQUESTS.name, 1)
         assert msgspec.json.decode(raw.data or b"", type=RequestMessage).batch_id == "batch_big"
         assert (await store.get_batch(pool, "batch_big"))["published_at"] is None  # type: ignore[index]

@@ -153,6 +153,8 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "JETBATCH_REDRIVE_AFTER_S": ("health.redrive_after_s", "4", 4),
     "JETBATCH_VALIDATION_TIMEOUT_S": ("health.validation_timeout_s", "30", 30),
     "JETBATCH_CLOSE_GRACE_S": ("health.close_grace_s", "0", 0),
+    "JETBATCH_DISPATCH_AHEAD_S": ("dispatch.ahead_s", "2.5", 2.5),
+    "JETBATCH_DISPATCH_MIN_WINDOW": ("dispatch.min_window", "64", 64),
     "JETBATCH_REQUIRE_HEALTHY_WORKER": ("health.require_healthy_worker", "on", True),
     "JETBATCH_GPU_MAX_MEMORY_PCT": ("health.gpu_max_memory_pct", "0", 0),
     "JETBATCH_GPU_MAX_TEMPERATURE_C": ("health.gpu_max_temperature_c", "85", 85),

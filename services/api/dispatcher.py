@@ -1,0 +1,336 @@
+"""Dispatch: a batch's lines reach REQUESTS a window at a time, in scheduling order (README:
+Scheduling).
+
+Each model's REQUESTS backlog (its messages in the work queue: waiting, or in a worker and not
+yet acked) is kept near a window: about DISPATCH_AHEAD_S of the model's measured drain rate, and
+at least twice what its live workers hold in their engines (so no worker ever waits for work) and
+the configured minimum. Every tick, the room left in the window is split among the model's
+batches by services/api/schedule.allocate (projects by fair share, a project's batches by
+priority, deadline, age) and each batch this api dispatches gets a grant of that many lines,
+published by the api's publishing child (services/api/publishing.py). A small batch of another
+project therefore waits behind one window of work, never behind a whole 50,000-line batch.
+
+Every api replica runs a dispatcher for the batches it claimed; all read the same rows, so they
+split the same room the same way. A batch's claim (the advisory lock of store.claim) is held on
+one connection per dispatcher, for all its batches, and dies with the api. Crash safety: a
+batch's cursor (`batches.dispatched`) moves only once the stream holds its lines; a re-drive
+resumes at the cursor, and what was published past it again is dropped by the stream's duplicate
+window (and by the results writer, which writes each line once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import msgspec
+
+from schemas.messages import RequestMessage, WorkerHeartbeat, subject_token
+from services.api import dispatch_store, schedule, store
+from services.api.publishing import FILE_GONE, Grant, GrantDone, LinePublisher, PublishJob
+from shared import bus, tracing
+
+if TYPE_CHECKING:
+    from services.api.deps import Deps
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05  # how often a dispatcher tops up its models' windows
+# In-process publishing (tests, an api without children) reads, parses and publishes this many
+# lines per turn of the event loop, then hands it back (bench/interactive.py measures why);
+# fewer while synchronous requests keep coming (one within SYNC_RECENT_S).
+YIELD_EVERY = 50
+YIELD_EVERY_SYNC = 10
+SYNC_RECENT_S = 1.0
+MAX_GRANT = 5_000  # lines per grant: one grant's publish holds the child this long at most
+RATE_EVERY_S = 1.0  # a model's drain rate is measured over this long
+BEATS_EVERY_S = 2.0  # workers' capacity is read this often
+PLACES_EVERY_S = 2.0  # waiting batches' queue places are written this often
+
+
+@dataclass(eq=False)
+class _Local:
+    """A batch this dispatcher claimed."""
+
+    row: store.Row
+    job: PublishJob
+    cursor: int  # lines already in REQUESTS
+    files: AsyncExitStack
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    @property
+    def model(self) -> str:
+        return self.job.model
+
+
+@dataclass
+class _Drain:
+    """A model's measured drain rate (lines/s leaving its backlog)."""
+
+    backlog: int = 0
+    granted: int = 0  # lines granted since `since`
+    since: float = field(default_factory=time.monotonic)
+    lines_per_s: float = 0.0
+
+    def observe(self, backlog: int) -> None:
+        now = time.monotonic()
+        if now - self.since < RATE_EVERY_S:
+            return
+        drained = max(0, self.backlog + self.granted - backlog)
+        rate = drained / (now - self.since)
+        self.lines_per_s = rate if self.lines_per_s == 0 else 0.5 * self.lines_per_s + 0.5 * rate
+        self.backlog, self.granted, self.since = backlog, 0, now
+
+
+class Dispatcher:
+    def __init__(self, deps: Deps, publisher: Any = None) -> None:
+        self.deps = deps
+        # The api's publishing child, or in-process publishing (tests, an api without children).
+        self._publisher = publisher or LinePublisher(deps.js, self._slice)
+        self._local: dict[str, _Local] = {}
+        self._claims: asyncpg.Connection | None = None
+        self._claims_lock = asyncio.Lock()
+        self._adopting = asyncio.Lock()
+        self._loop: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._drains: dict[str, _Drain] = {}
+        self._capacity: dict[str, int] = {}
+        self._beats_at = float("-inf")
+        self._places_at = float("-inf")
+
+    def _slice(self) -> int:
+        recent = time.monotonic() - self.deps.sync_seen < SYNC_RECENT_S
+        return YIELD_EVERY_SYNC if recent else YIELD_EVERY
+
+    # Claims -------------------------------------------------------------------------------
+
+    async def _claim(self, batch_id: str, take: bool) -> bool:
+        assert self.deps.settings.database_url is not None
+        async with self._claims_lock:
+            if self._claims is None or self._claims.is_closed():
+                self._claims = await asyncpg.connect(self.deps.settings.database_url)
+            fn = "pg_try_advisory_lock" if take else "pg_advisory_unlock"
+            sql = f"SELECT {fn}($1, hashtext($2))"
+            return bool(await self._claims.fetchval(sql, store.CLAIM_NS, batch_id))
+
+    # Batches ------------------------------------------------------------------------------
+
+    async def dispatch(self, row: store.Row, job: PublishJob) -> None:
+        """Dispatch batch `row` (in progress, validated) until all its lines are in REQUESTS, it
+        stops running, or this api stops. Returns at once when another api holds its claim."""
+        batch_id = row["id"]
+        async with self._adopting:  # a claim is re-entrant on its connection: one adoption
+            local = self._local.get(batch_id)
+            if local is None:
+                if not await self._claim(batch_id, True):
+                    log.info("batch %s: another api process is dispatching it", batch_id)
+                    return
+                local = await self._adopt(row, job)
+                if local is None:
+                    return
+        await asyncio.shield(local.done)
+
+    async def _adopt(self, row: store.Row, job: PublishJob) -> _Local | None:
+        files = AsyncExitStack()
+        try:
+            fresh = await store.get_batch(self.deps.pool, row["id"])
+            if fresh is None or (fresh["status"], fresh["ending"]) != ("in_progress", None):
+                raise _NotRunning
+            if fresh["published_at"] is not None:
+                raise _NotRunning
+            from services.api.ingest import input_copy  # noqa: PLC0415 - ingest imports this
+
+            path = await files.enter_async_context(input_copy(self.deps, fresh))
+            if path is None:
+                log.error(
+                    "batch %s: input file %s is gone, cannot publish",
+                    row["id"],
+                    row["input_file_id"],
+                )
+                raise _NotRunning
+        except BaseException as e:
+            await files.aclose()
+            await self._claim(row["id"], False)
+            if isinstance(e, _NotRunning):
+                return None
+            raise
+        local = _Local(
+            fresh, msgspec.structs.replace(job, path=str(path)), fresh["dispatched"], files
+        )
+        self._local[row["id"]] = local
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._run(), name="dispatcher")
+        self._wake.set()
+        return local
+
+    async def _finish(self, local: _Local) -> None:
+        batch_id = local.job.batch_id
+        if self._local.pop(batch_id, None) is None:
+            return
+        try:
+            await self._publisher_drop(batch_id)
+            await local.files.aclose()
+            await self._claim(batch_id, False)
+        finally:
+            if not local.done.done():
+                local.done.set_result(None)
+
+    async def _publisher_drop(self, batch_id: str) -> None:
+        dropped = self._publisher.drop(batch_id)
+        if asyncio.iscoroutine(dropped):
+            await dropped
+
+    async def close(self) -> None:
+        """Stop dispatching (the api stops): claims end with the connection; batches left go on
+        from their cursors wherever they are re-driven."""
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        for local in list(self._local.values()):
+            with contextlib.suppress(Exception):
+                await self._finish(local)
+        if self._claims is not None:
+            await self._claims.close()
+
+    # The loop -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while self._local:
+            self._wake.clear()
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatching failed; trying again")
+                await asyncio.sleep(1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+
+    async def _tick(self) -> None:
+        now = time.time()
+        await self._read_capacity()
+        write_places = time.monotonic() - self._places_at >= PLACES_EVERY_S
+        for model in {local.model for local in self._local.values()}:
+            candidates, started = await dispatch_store.candidates(self.deps.pool, model)
+            running = {c.batch_id for c in candidates}
+            for local in [x for x in self._local.values() if x.model == model]:
+                if local.job.batch_id not in running:  # cancelled, expired, or done elsewhere
+                    await self._finish(local)
+                elif local.cursor >= local.row["total"]:  # re-driven after its last grant
+                    await self._published(local)
+            drain = self._drains.setdefault(model, _Drain())
+            backlog = await self._backlog(model)
+            drain.observe(backlog)
+            if write_places:
+                await self._write_places(candidates, started, drain.lines_per_s, now)
+            room = self.window(model) - backlog
+            if room <= 0:
+                continue
+            grants = schedule.allocate(candidates, room, now)
+            for local in [x for x in self._local.values() if x.model == model]:
+                lines = min(grants.get(local.job.batch_id, 0), MAX_GRANT)
+                if lines > 0:
+                    drain.granted += await self._grant(local, lines)
+        if write_places:
+            self._places_at = time.monotonic()
+
+    def window(self, model: str) -> int:
+        """How many of the model's lines REQUESTS may hold (README: Scheduling)."""
+        dispatch = self.deps.settings.dispatch
+        drain = self._drains.get(model)
+        rate = 0.0 if drain is None else drain.lines_per_s
+        return max(
+            dispatch.min_window, 2 * self._capacity.get(model, 0), int(rate * dispatch.ahead_s)
+        )
+
+    async def _backlog(self, model: str) -> int:
+        """The model's messages in REQUESTS: waiting, or in a worker and not yet acked."""
+        info = await self.deps.js.stream_info(
+            bus.REQUESTS.name, subjects_filter=f"jetbatch.requests.{subject_token(model)}.>"
+        )
+        return sum((info.state.subjects or {}).values())
+
+    async def _read_capacity(self) -> None:
+        if time.monotonic() - self._beats_at < BEATS_EVERY_S:
+            return
+        from services.api.admin import is_stale, kv_values  # noqa: PLC0415 - admin imports deps
+
+        self._beats_at = time.monotonic()
+        capacity: dict[str, int] = {}
+        stale_s = self.deps.settings.health.worker_stale_s
+        for _, raw in await kv_values(self.deps.workers, "worker heartbeats"):
+            with contextlib.suppress(msgspec.DecodeError):
+                beat = msgspec.json.decode(raw, type=WorkerHeartbeat)
+                if not is_stale(beat, time.time(), stale_s):
+                    capacity[beat.model] = capacity.get(beat.model, 0) + beat.capacity
+        self._capacity = capacity
+
+    async def _write_places(
+        self,
+        candidates: list[schedule.Candidate],
+        started: set[str],
+        lines_per_s: float,
+        now: float,
+    ) -> None:
+        places = schedule.queue_places(candidates, started, lines_per_s, now)
+        mine = {b: p for b, p in places.items() if b in self._local and b not in started}
+        await dispatch_store.set_queue_places(self.deps.pool, mine)
+
+    async def _grant(self, local: _Local, lines: int) -> int:
+        """Publish `lines` more of the batch's lines; returns how many went out."""
+        batch_id = local.job.batch_id
+        grant = Grant(job=local.job, start=local.cursor, count=lines)
+        from services.api import metrics as api_metrics  # noqa: PLC0415 - it imports deps
+
+        try:
+            with api_metrics.child_job("publishing"):
+                done: GrantDone = await self._publisher.run(grant)
+        except Exception:
+            log.exception(
+                "batch %s: publishing lines from %d failed; retrying", batch_id, local.cursor
+            )
+            await self._publisher_drop(batch_id)
+            return 0
+        if done.error == FILE_GONE:
+            log.error("batch %s: input file %s is gone, cannot publish", batch_id, local.job.path)
+            await self._finish(local)
+            return 0
+        if done.error is not None:
+            log.warning("batch %s: publishing failed (%s); retrying", batch_id, done.error)
+            return 0
+        local.cursor += done.published
+        await dispatch_store.set_dispatched(self.deps.pool, batch_id, local.cursor)
+        api_metrics.REQUESTS_PUBLISHED.labels(local.model).inc(done.published)
+        tracing.record_minted(f"{local.job.subject} publish", batch_id, done.traced)
+        if done.eof or local.cursor >= local.row["total"]:
+            await self._published(local)
+        return done.published
+
+    async def _published(self, local: _Local) -> None:
+        """Every line of the batch is in REQUESTS: `published_at`, and it is done here."""
+        batch_id, total = local.job.batch_id, local.row["total"]
+        if local.cursor != total:
+            log.error(
+                "batch %s: published %d requests but validated %d (file changed?)",
+                batch_id, local.cursor, total,
+            )  # fmt: skip
+        await store.mark_published(self.deps.pool, batch_id)
+        log.info(
+            "batch %s: %d requests published on %s",
+            batch_id, local.cursor, RequestMessage.subject_for(local.model, "batch"),
+        )  # fmt: skip
+        await self._finish(local)
+
+
+class _NotRunning(Exception):
+    """The batch is no longer one to dispatch."""

@@ -1,0 +1,171 @@
+"""Dispatch in scheduling order (README: Scheduling), through the official openai SDK against the
+whole system on a slow instant engine: a small batch of another project, or a high-priority one
+of the same project, finishes while a big batch is still running; REQUESTS holds a window, not
+the big batch; a waiting batch shows its queue place; every line comes back exactly once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import openai
+import pytest
+
+from services.api import store
+from services.watchdog.store import redrive_due
+from shared import bus
+from tests.helpers import API_KEY, CHAT, chat_jsonl, wait_until
+from tests.lifecycle_helpers import System, check_exactly_once, lifecycle_env, running_system
+
+BIG = 1_500  # lines: 4 in flight x 0.05 s = 80 lines/s, so about 19 s alone
+
+
+def admin(base_url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url, admin_api_key=API_KEY, max_retries=0)
+
+
+async def project_client(system: System, name: str, **update: Any) -> openai.AsyncOpenAI:
+    projects = admin(system.base_url).admin.organization.projects
+    created = await projects.create(name=name)
+    if update:
+        await projects.update(created.id, extra_body=update)
+    account = await projects.service_accounts.create(created.id, name=name)
+    assert account.api_key is not None
+    return openai.AsyncOpenAI(
+        base_url=system.base_url, api_key=account.api_key.value, max_retries=0
+    )
+
+
+async def submit(client: openai.AsyncOpenAI, lines: int, prefix: str, **extra: Any) -> str:
+    f = await client.files.create(file=("in.jsonl", chat_jsonl(lines, prefix)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=f.id, endpoint=CHAT, completion_window="24h", extra_body=extra or None
+    )
+    return batch.id
+
+
+async def reaches(client: openai.AsyncOpenAI, batch_id: str, check: Any, what: str) -> Any:
+    last: list[Any] = []
+
+    async def reached() -> Any:
+        batch = await client.batches.retrieve(batch_id)
+        last[:] = [batch]
+        return batch if check(batch) else None
+
+    try:
+        return await wait_until(reached, f"{batch_id}: {what}", timeout_s=30, interval_s=0.1)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last seen: {last}") from None
+
+
+async def finished(
+    system: System, client: openai.AsyncOpenAI, batch_id: str, prefix: str, lines: int
+) -> None:
+    batch = await reaches(client, batch_id, lambda b: b.status == "completed", "completed")
+    ids = [line.custom_id for line in await system.lines(batch.output_file_id)]
+    check_exactly_once(ids, {f"{prefix}-{i}" for i in range(lines)})
+
+
+def progressed(batch: Any) -> bool:
+    return bool(batch.request_counts and batch.request_counts.completed)
+
+
+@pytest.fixture
+async def env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[str, str]:
+    # The session's nats-server is shared: what earlier tests left in REQUESTS would be drained
+    # first by this test's slow worker, and counted in the window.
+    nc = await nats.connect(nats_url)
+    try:
+        await bus.ensure_streams(nc.jetstream())
+        await nc.jetstream().purge_stream(bus.REQUESTS.name)
+    finally:
+        await nc.close()
+    return lifecycle_env(
+        database_url, nats_url, scratch_dir,
+        JETBATCH_INSTANT_DELAY_S="0.05",
+        JETBATCH_MAX_IN_FLIGHT="4",
+        JETBATCH_DISPATCH_MIN_WINDOW="16",
+        JETBATCH_DISPATCH_AHEAD_S="0.5",
+        JETBATCH_MAX_ACTIVE_BATCHES="20",
+    )  # fmt: skip
+
+
+async def requests_in_stream(nats_url: str) -> int:
+    nc = await nats.connect(nats_url)
+    try:
+        return (await nc.jetstream().stream_info(bus.REQUESTS.name)).state.messages
+    finally:
+        await nc.close()
+
+
+async def test_a_small_batch_of_another_project_runs_beside_a_big_one(
+    env: dict[str, str], nats_url: str
+) -> None:
+    async with running_system(env) as system:
+        team_a = await project_client(system, "team-a")
+        team_b = await project_client(system, "team-b")
+        big = await submit(team_a, BIG, "a")
+        await reaches(team_a, big, progressed, "progress")
+        # REQUESTS holds a window of the big batch's lines, not all of them.
+        assert await requests_in_stream(nats_url) < BIG // 2
+        queued = await submit(team_a, 20, "q")  # behind the big one in its own project
+        waiting = await reaches(
+            team_a,
+            queued,
+            lambda b: (b.model_extra or {}).get("queue_position") is not None,
+            "its place",
+        )
+        assert (waiting.model_extra or {})["queue_position"] == 1
+        assert (waiting.model_extra or {})["estimated_start_at"] >= waiting.created_at
+        small = await submit(team_b, 20, "b")
+        await finished(system, team_b, small, "b", 20)
+        big_now = await team_a.batches.retrieve(big)
+        assert big_now.status == "in_progress"
+        assert big_now.request_counts is not None and big_now.request_counts.completed < BIG // 2
+        queued_now = await team_a.batches.retrieve(queued)
+        assert queued_now.request_counts is not None and queued_now.request_counts.completed == 0
+        await team_a.batches.cancel(big)
+        await finished(system, team_a, queued, "q", 20)
+
+
+async def test_a_high_priority_batch_of_the_same_project_goes_first(
+    env: dict[str, str],
+) -> None:
+    async with running_system(env) as system:
+        team = await project_client(system, "team", max_batch_priority=10)
+        big = await submit(team, BIG, "a")
+        await reaches(team, big, progressed, "progress")
+        urgent = await submit(team, 20, "u", priority=10)
+        await finished(system, team, urgent, "u", 20)
+        big_now = await team.batches.retrieve(big)
+        assert big_now.status == "in_progress"
+        assert big_now.request_counts is not None and big_now.request_counts.completed < BIG // 2
+        await team.batches.cancel(big)
+        await reaches(team, big, lambda b: b.status == "cancelled", "cancelled")
+
+
+async def test_a_batch_waiting_for_dispatch_is_re_driven_only_when_no_api_claims_it(
+    database_url: str,
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Ids whose lock keys (hashtext) are positive and negative: pg_locks shows them unsigned.
+        ids = [f"batch_wait{i}" for i in range(40)]
+        signs = {await conn.fetchval("SELECT hashtext($1) < 0", i): i for i in ids}
+        for batch_id in signs.values():
+            await conn.execute(
+                "INSERT INTO batches (id, endpoint, model, input_file_id, completion_window,"
+                " status, created_at, in_progress_at, total) VALUES"
+                " ($1, $2, 'm', 'file-x', '24h', 'in_progress', 1, 1, 10)",
+                batch_id,
+                CHAT,
+            )
+            async with store.claim(database_url, batch_id) as claimed:
+                assert claimed
+                assert batch_id not in await redrive_due(conn, 100)  # its api dispatches it
+            assert batch_id in await redrive_due(conn, 100)  # that api is gone
+        assert len(signs) == 2
+    finally:
+        await conn.close()
