@@ -234,7 +234,7 @@ class DispatchSettings(msgspec.Struct, frozen=True, kw_only=True):
             description="each model's REQUESTS backlog is topped up to this many seconds of its"
             " measured drain rate; another project's batch waits behind at most about this much",
         ),
-    ] = 0.25
+    ] = 0.1
     min_window: Annotated[
         int,
         Meta(

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.05  # how often a dispatcher tops up its models' windows
+TICK_S = 0.025  # how often a dispatcher tops up its models' windows
 # In-process publishing (tests, an api without children) reads, parses and publishes this many
 # lines per turn of the event loop, then hands it back (bench/interactive.py measures why);
 # fewer while synchronous requests keep coming (one within SYNC_RECENT_S).
