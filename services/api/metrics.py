@@ -75,6 +75,8 @@ FLEET_METRICS = (
      " consumer's num_pending; absent before its first worker)", ("model",)),
     ("jetbatch_queue_unacked", "gauge", "Requests taken by a worker, result not yet stored"
      " (the consumer's num_ack_pending)", ("model",)),
+    ("jetbatch_dispatch_waiting", "gauge", "Lines of batches in progress not yet dispatched to"
+     " REQUESTS (README: Scheduling)", ("model", "project")),
     ("jetbatch_batches", "gauge", "Batches by status (PostgreSQL)", ("model", "project", "status")),
     ("jetbatch_lines", "counter", "Lines of batches with a result, by outcome finished or failed"
      " (PostgreSQL)", ("model", "project", "outcome")),
@@ -178,6 +180,10 @@ SELECT coalesce(model, '') AS model, project_id, status, count(*) AS batches,
 FROM batches GROUP BY 1, 2, 3
 """
 DEAD_LETTERS_SQL = "SELECT source, count(*) AS n FROM dead_letters GROUP BY 1"
+WAITING_SQL = """
+SELECT model, project_id, sum(total - dispatched) AS lines FROM batches
+WHERE status = 'in_progress' AND published_at IS NULL AND ending IS NULL GROUP BY 1, 2
+"""
 WEBHOOKS_SQL = """
 SELECT status, count(*) AS n FROM webhook_deliveries WHERE status IN ('pending', 'dead')
 GROUP BY 1
@@ -189,6 +195,7 @@ async def database_families(deps: Deps) -> list[Metric]:
         batch_rows = await conn.fetch(BATCHES_SQL)
         dead_rows = await conn.fetch(DEAD_LETTERS_SQL)
         webhook_rows = await conn.fetch(WEBHOOKS_SQL)
+        waiting_rows = await conn.fetch(WAITING_SQL)
     batches = _family("jetbatch_batches")
     lines = _family("jetbatch_lines")
     totals: dict[tuple[str, str, str], int] = {}
@@ -207,7 +214,10 @@ async def database_families(deps: Deps) -> list[Metric]:
     webhook_dead.add_metric([], by_status.get("dead", 0))
     webhook_pending = _family("jetbatch_webhook_pending")
     webhook_pending.add_metric([], by_status.get("pending", 0))
-    return [batches, lines, dead, webhook_dead, webhook_pending]
+    waiting = _family("jetbatch_dispatch_waiting")
+    for r in waiting_rows:
+        waiting.add_metric([r["model"] or "", r["project_id"]], r["lines"] or 0)
+    return [batches, lines, dead, webhook_dead, webhook_pending, waiting]
 
 
 async def worker_families(deps: Deps) -> list[Metric]:

@@ -124,13 +124,16 @@ async def test_a_batch_cancelled_while_validating_ends_cancelled_with_every_line
 async def test_dispatch_keeps_a_window_in_requests_and_stops_at_a_cancel(
     env: dict[str, str], database_url: str, nats_url: str
 ) -> None:
-    settings = config.load({**env, "JETBATCH_MAX_BATCH_LINES": "50000"})
+    settings = config.load(
+        {**env, "JETBATCH_MAX_BATCH_LINES": "50000", "JETBATCH_DISPATCH_MIN_WINDOW": "256"}
+    )
     window = settings.dispatch.min_window  # no worker yet: nothing drains, no capacity known
     content = chat_jsonl(5_000)
     pool = await connect_pool(database_url)
     nc = await bus.connect(nats_url, "test")
     js = nc.jetstream()
     await bus.ensure_streams(js)
+    await js.purge_stream(bus.REQUESTS.name)  # what earlier tests left would count in the window
     storage = await bus.files_bucket(js)
     await storage.put("file-big", as_chunks(content))
     try:

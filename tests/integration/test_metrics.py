@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import asyncpg
 import httpx
@@ -23,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.messages import WorkerHeartbeat, subject_token
 from services.api.deps import Deps
-from services.api.metrics import queue_families
+from services.api.metrics import database_families, queue_families
 from shared import bus, config, nats_auth
 from shared.db import connect_pool
 from shared.embedded import EmbeddedNats, free_port
@@ -203,3 +204,24 @@ async def test_a_service_process_serves_its_metrics_on_its_port(
             if child.returncode is None:
                 child.kill()
     assert child.returncode == 0
+
+
+async def test_lines_behind_the_dispatch_window_are_counted_as_waiting(database_url: str) -> None:
+    pool = await connect_pool(database_url)
+    try:
+        await pool.execute(
+            "INSERT INTO batches (id, endpoint, model, input_file_id, completion_window, status,"
+            " created_at, in_progress_at, total, dispatched) VALUES"
+            " ('batch_waiting', $1, $2, 'file-x', '24h', 'in_progress', 1, 1, 600, 256),"
+            " ('batch_sent', $1, $2, 'file-x', '24h', 'in_progress', 1, 1, 50, 50)",
+            CHAT,
+            CHAT_MODEL,
+        )
+        await pool.execute("UPDATE batches SET published_at = 2 WHERE id = 'batch_sent'")
+        families = await database_families(SimpleNamespace(pool=pool))  # type: ignore[arg-type]
+    finally:
+        await pool.close()
+    waiting = next(f for f in families if f.name == "jetbatch_dispatch_waiting")
+    assert [(s.labels, s.value) for s in waiting.samples] == [
+        ({"model": CHAT_MODEL, "project": "proj_default"}, 344)
+    ]
