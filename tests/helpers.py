@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Final, TypeVar, overload
 
+import openai
+
 # The models the instant and vLLM engines serve by default (shared.config).
 CHAT_MODEL: Final = "SmolLM2-135M-Instruct"
 EMBED_MODEL: Final = "all-MiniLM-L6-v2"
@@ -192,3 +194,19 @@ def default_models_dir() -> Path:
     models = Path(__file__).resolve().parent.parent / ".jetbatch" / "models"
     prepare_models(Settings(models_cache_dir=models))
     return models
+
+
+def admin_client(base_url: str, key: str = API_KEY) -> openai.AsyncOpenAI:
+    """The SDK's admin client (`.admin.organization...`) on an admin key."""
+    return openai.AsyncOpenAI(base_url=base_url, admin_api_key=key, max_retries=0)
+
+
+async def project_with_key(org: openai.AsyncOpenAI, name: str) -> tuple[str, str]:
+    """(project id, its service account's key) made through the admin client."""
+    project = await org.admin.organization.projects.create(name=name)
+    assert project.object == "organization.project" and project.status == "active"
+    account = await org.admin.organization.projects.service_accounts.create(
+        project.id, name=f"{name}-bot"
+    )
+    assert account.api_key is not None and account.api_key.value.startswith("sk-svcacct-")
+    return project.id, account.api_key.value

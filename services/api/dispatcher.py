@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import msgspec
 
-from schemas.messages import RequestMessage, WorkerHeartbeat, subject_token
+from schemas.messages import RequestMessage, subject_token
 from services.api import dispatch_store, schedule, store
 from services.api.publishing import FILE_GONE, Grant, GrantDone, LinePublisher, PublishJob
 from shared import bus, tracing
@@ -51,7 +51,7 @@ SYNC_RECENT_S = 1.0
 MAX_GRANT = 5_000  # lines per grant: one grant's publish holds the child this long at most
 RATE_EVERY_S = 1.0  # a model's drain rate is measured over this long
 BEATS_EVERY_S = 2.0  # workers' capacity is read this often
-PLACES_EVERY_S = 2.0  # waiting batches' queue places are written this often
+PLACES_EVERY_S = 2.0  # queue places written (and cancels noticed with a full window) this often
 
 
 @dataclass(eq=False)
@@ -221,6 +221,12 @@ class Dispatcher:
         await self._read_capacity()
         write_places = time.monotonic() - self._places_at >= PLACES_EVERY_S
         for model in {local.model for local in self._local.values()}:
+            drain = self._drains.setdefault(model, _Drain())
+            backlog = await self._backlog(model)
+            drain.observe(backlog)
+            room = self.window(model) - backlog
+            if room <= 0 and not write_places:
+                continue  # a full window: nothing to grant, no query (most ticks of a big batch)
             candidates, started = await dispatch_store.candidates(self.deps.pool, model)
             running = {c.batch_id for c in candidates}
             for local in [x for x in self._local.values() if x.model == model]:
@@ -228,12 +234,8 @@ class Dispatcher:
                     await self._finish(local)
                 elif local.cursor >= local.row["total"]:  # re-driven after its last grant
                     await self._published(local)
-            drain = self._drains.setdefault(model, _Drain())
-            backlog = await self._backlog(model)
-            drain.observe(backlog)
             if write_places:
                 await self._write_places(candidates, started, drain.lines_per_s, now)
-            room = self.window(model) - backlog
             if room <= 0:
                 continue
             grants = schedule.allocate(candidates, room, now)
@@ -263,16 +265,14 @@ class Dispatcher:
     async def _read_capacity(self) -> None:
         if time.monotonic() - self._beats_at < BEATS_EVERY_S:
             return
-        from services.api.admin import is_stale, kv_values  # noqa: PLC0415 - admin imports deps
+        from services.api.admin import is_stale, read_heartbeats  # noqa: PLC0415 - admin imports deps
 
         self._beats_at = time.monotonic()
         capacity: dict[str, int] = {}
-        stale_s = self.deps.settings.health.worker_stale_s
-        for _, raw in await kv_values(self.deps.workers, "worker heartbeats"):
-            with contextlib.suppress(msgspec.DecodeError):
-                beat = msgspec.json.decode(raw, type=WorkerHeartbeat)
-                if not is_stale(beat, time.time(), stale_s):
-                    capacity[beat.model] = capacity.get(beat.model, 0) + beat.capacity
+        now, stale_s = time.time(), self.deps.settings.health.worker_stale_s
+        for beat in await read_heartbeats(self.deps):
+            if not is_stale(beat, now, stale_s):
+                capacity[beat.model] = capacity.get(beat.model, 0) + beat.capacity
         self._capacity = capacity
 
     async def _write_places(

@@ -33,7 +33,6 @@ import sys
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
@@ -102,11 +101,19 @@ class GrantDone(msgspec.Struct, frozen=True):
 FILE_GONE = "file_gone"
 
 
+_NULL = msgspec.Raw(b"null")
+
+
+class _Message(msgspec.Struct):
+    role: str = ""
+    content: msgspec.Raw = _NULL  # kept raw: hashed, never decoded
+
+
 class _Head(msgspec.Struct):
     """What a body's prefix key is read from (chat: messages; completions: prompt)."""
 
-    messages: list[dict[str, Any]] | None = None
-    prompt: Any = None
+    messages: list[_Message] | None = None
+    prompt: msgspec.Raw = _NULL
 
 
 _head_decoder = msgspec.json.Decoder(_Head)
@@ -114,22 +121,22 @@ _head_decoder = msgspec.json.Decoder(_Head)
 
 def prefix_key(body: msgspec.Raw) -> bytes:
     """A digest of what a request's rendered prompt starts with: its system (or developer)
-    messages when it has them, else the leading PREFIX_CHARS of its first message or prompt.
-    Lines with the same key share their prompt's first tokens."""
+    messages when it has them, else the leading PREFIX_CHARS bytes of its first message or
+    prompt (as JSON). Lines with the same key share their prompt's first tokens."""
     try:
         head = _head_decoder.decode(body)
     except msgspec.DecodeError:
         return b""
+    digest = hashlib.blake2b(digest_size=8)
     if head.messages:
-        system = [
-            m.get("content") for m in head.messages if m.get("role") in ("system", "developer")
-        ]
-        lead: Any = system or str(head.messages[0].get("content"))[:PREFIX_CHARS]
-    elif head.prompt is not None:
-        lead = str(head.prompt)[:PREFIX_CHARS]
+        system = [bytes(m.content) for m in head.messages if m.role in ("system", "developer")]
+        for content in system or [bytes(head.messages[0].content)[:PREFIX_CHARS]]:
+            digest.update(content + b"\0")
+    elif bytes(head.prompt) != b"null":
+        digest.update(bytes(head.prompt)[:PREFIX_CHARS])
     else:
         return b""
-    return hashlib.blake2b(_encoder.encode(lead), digest_size=8).digest()
+    return digest.digest()
 
 
 def grouped_by_prefix(

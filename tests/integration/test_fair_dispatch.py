@@ -16,26 +16,18 @@ import pytest
 from services.api import store
 from services.watchdog.store import redrive_due
 from shared import bus
-from tests.helpers import API_KEY, CHAT, chat_jsonl, wait_until
+from tests.helpers import CHAT, admin_client, chat_jsonl, project_with_key, wait_until
 from tests.lifecycle_helpers import System, check_exactly_once, lifecycle_env, running_system
 
 BIG = 1_500  # lines: 4 in flight x 0.05 s = 80 lines/s, so about 19 s alone
 
 
-def admin(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url, admin_api_key=API_KEY, max_retries=0)
-
-
 async def project_client(system: System, name: str, **update: Any) -> openai.AsyncOpenAI:
-    projects = admin(system.base_url).admin.organization.projects
-    created = await projects.create(name=name)
+    org = admin_client(system.base_url)
+    project_id, key = await project_with_key(org, name)
     if update:
-        await projects.update(created.id, extra_body=update)
-    account = await projects.service_accounts.create(created.id, name=name)
-    assert account.api_key is not None
-    return openai.AsyncOpenAI(
-        base_url=system.base_url, api_key=account.api_key.value, max_retries=0
-    )
+        await org.admin.organization.projects.update(project_id, extra_body=update)
+    return openai.AsyncOpenAI(base_url=system.base_url, api_key=key, max_retries=0)
 
 
 async def submit(client: openai.AsyncOpenAI, lines: int, prefix: str, **extra: Any) -> str:

@@ -26,7 +26,7 @@ from services.webhook_notifier import store as notifier_store
 from shared import config, db
 from shared.config import WebhookSettings
 from shared.embedded import free_port
-from tests.helpers import API_KEY, CHAT, CHAT_MODEL, chat_jsonl
+from tests.helpers import API_KEY, CHAT, CHAT_MODEL, admin_client, chat_jsonl, project_with_key
 from tests.lifecycle_helpers import lifecycle_env, running_system
 
 
@@ -51,23 +51,8 @@ async def api(env: dict[str, str], **overrides: str) -> AsyncIterator[str]:
         yield base_url
 
 
-def admin(base_url: str, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url, admin_api_key=key, max_retries=0)
-
-
 def user(base_url: str, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
-
-
-async def project_with_key(org: openai.AsyncOpenAI, name: str) -> tuple[str, str]:
-    """(project id, its service account's key) made through the admin client."""
-    project = await org.admin.organization.projects.create(name=name)
-    assert project.object == "organization.project" and project.status == "active"
-    account = await org.admin.organization.projects.service_accounts.create(
-        project.id, name=f"{name}-bot"
-    )
-    assert account.api_key is not None and account.api_key.value.startswith("sk-svcacct-")
-    return project.id, account.api_key.value
 
 
 async def error_of(call: Any) -> tuple[int, dict[str, Any]]:
@@ -82,7 +67,7 @@ async def test_two_projects_cannot_see_cancel_download_or_list_each_others_work(
     env: dict[str, str],
 ) -> None:
     async with api(env) as base_url:
-        org = admin(base_url, API_KEY)
+        org = admin_client(base_url)
         _, key_a = await project_with_key(org, "team-a")
         _, key_b = await project_with_key(org, "team-b")
         a, b = user(base_url, key_a), user(base_url, key_b)
@@ -129,7 +114,7 @@ async def test_two_projects_cannot_see_cancel_download_or_list_each_others_work(
 async def test_limits_count_per_project(env: dict[str, str]) -> None:
     # JETBATCH_MAX_ACTIVE_BATCHES=1: one open batch per project, not one for everybody.
     async with api(env) as base_url:
-        org = admin(base_url, API_KEY)
+        org = admin_client(base_url)
         _, key_a = await project_with_key(org, "a")
         _, key_b = await project_with_key(org, "b")
         for key in (key_a, key_b):
@@ -146,7 +131,7 @@ async def test_webhook_endpoints_and_deliveries_are_isolated(
     env: dict[str, str], database_url: str
 ) -> None:
     async with api(env) as base_url:
-        org = admin(base_url, API_KEY)
+        org = admin_client(base_url)
         project_a, key_a = await project_with_key(org, "a")
         project_b, key_b = await project_with_key(org, "b")
         a, b = user(base_url, key_a), user(base_url, key_b)
@@ -214,14 +199,14 @@ async def test_webhook_endpoints_and_deliveries_are_isolated(
 
 async def test_a_revoked_key_is_refused_on_the_next_call_on_every_api(env: dict[str, str]) -> None:
     async with api(env) as first, api(env, JETBATCH_API_PORT=str(free_port())) as second:
-        org = admin(first, API_KEY)
+        org = admin_client(first)
         project_id, key = await project_with_key(org, "team")
         for base_url in (first, second):
             assert (await user(base_url, key).files.list()).data == []
         [listed] = (await org.admin.organization.projects.api_keys.list(project_id)).data
         assert listed.redacted_value.endswith(key[-4:]) and key not in listed.redacted_value
         assert listed.owner.type == "service_account"
-        deleted = await admin(second, API_KEY).admin.organization.projects.api_keys.delete(
+        deleted = await admin_client(second).admin.organization.projects.api_keys.delete(
             listed.id, project_id=project_id
         )
         assert deleted.deleted
@@ -232,11 +217,11 @@ async def test_a_revoked_key_is_refused_on_the_next_call_on_every_api(env: dict[
         # An admin key made through the API, revoked the same way.
         made = await org.admin.organization.admin_api_keys.create(name="ops")
         assert made.value.startswith("sk-admin-")
-        ops = admin(second, made.value)
+        ops = admin_client(second, made.value)
         assert project_id in [p.id for p in (await ops.admin.organization.projects.list()).data]
         await org.admin.organization.admin_api_keys.delete(made.id)
         with pytest.raises(openai.AuthenticationError):
-            await admin(first, made.value).admin.organization.projects.list()
+            await admin_client(first, made.value).admin.organization.projects.list()
 
         # A key past its expiry is refused like a revoked one.
         account = await org.admin.organization.projects.service_accounts.create(
@@ -258,9 +243,9 @@ async def test_a_revoked_key_is_refused_on_the_next_call_on_every_api(env: dict[
 
 async def test_a_project_key_on_an_operator_route_is_a_403(env: dict[str, str]) -> None:
     async with api(env) as base_url:
-        _, key = await project_with_key(admin(base_url, API_KEY), "team")
+        _, key = await project_with_key(admin_client(base_url), "team")
         with pytest.raises(openai.PermissionDeniedError) as raised:
-            await admin(base_url, key).admin.organization.projects.list()
+            await admin_client(base_url, key).admin.organization.projects.list()
         body = raised.value.body
         assert isinstance(body, dict)
         assert (body["type"], body["param"], body["code"]) == (
@@ -282,7 +267,7 @@ async def test_archiving_a_project_revokes_its_keys_and_lets_its_open_batches_fi
 ) -> None:
     env = lifecycle_env(database_url, nats_url, scratch_dir)
     async with running_system(env, start=("results_writer",)) as system:
-        org = admin(system.base_url, API_KEY)
+        org = admin_client(system.base_url)
         project_id, key = await project_with_key(org, "leaving")
         client = user(system.base_url, key)
         f = await client.files.create(file=("in.jsonl", chat_jsonl(5)), purpose="batch")
@@ -321,15 +306,15 @@ async def test_jetbatch_api_key_still_works_as_an_admin_of_the_default_project(
         f = await client.files.create(file=("in.jsonl", chat_jsonl(1)), purpose="batch")
         assert (await client.files.retrieve(f.id)).id == f.id
         assert (await client.get("/workers", cast_to=httpx.Response)).status_code == 200
-        projects = await admin(base_url, API_KEY).admin.organization.projects.list()
+        projects = await admin_client(base_url).admin.organization.projects.list()
         assert DEFAULT_PROJECT_ID in [p.id for p in projects.data]
-        limits = await admin(
-            base_url, API_KEY
+        limits = await admin_client(
+            base_url
         ).admin.organization.projects.rate_limits.list_rate_limits(DEFAULT_PROJECT_ID)
         [limit] = limits.data
         assert (limit.id, limit.model) == (f"rl-{CHAT_MODEL}", CHAT_MODEL)
-        updated = await admin(
-            base_url, API_KEY
+        updated = await admin_client(
+            base_url
         ).admin.organization.projects.rate_limits.update_rate_limit(
             limit.id, project_id=DEFAULT_PROJECT_ID, batch_1_day_max_input_tokens=1000
         )
@@ -355,7 +340,7 @@ async def test_without_any_key_the_api_is_open_until_the_first_key_is_made(
         value = await create_admin_key(database_url, "jetbatch keys")  # `jetbatch keys`
         with pytest.raises(openai.AuthenticationError):
             await anyone.files.list()
-        assert (await admin(base_url, value).admin.organization.projects.list()).data
+        assert (await admin_client(base_url, value).admin.organization.projects.list()).data
 
 
 async def test_jetbatch_up_makes_the_first_admin_key_once_and_keeps_it_private(

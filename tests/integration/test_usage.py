@@ -18,21 +18,10 @@ from openai.types.admin.organization.usage_completions_response import (
 )
 
 from shared.domain.retention import prune_results
-from tests.helpers import API_KEY, CHAT, CHAT_MODEL, chat_jsonl
+from tests.helpers import API_KEY, CHAT, CHAT_MODEL, admin_client, chat_jsonl, project_with_key
 from tests.lifecycle_helpers import lifecycle_env, running_system
 
 IN_PRICE, OUT_PRICE, GPU_HOUR = 1000.0, 2000.0, 3600.0  # per million tokens; per GPU-hour
-
-
-def admin(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url, admin_api_key=API_KEY, max_retries=0)
-
-
-async def project_with_key(org: openai.AsyncOpenAI, name: str) -> tuple[str, str]:
-    project = await org.admin.organization.projects.create(name=name)
-    account = await org.admin.organization.projects.service_accounts.create(project.id, name=name)
-    assert account.api_key is not None
-    return project.id, account.api_key.value
 
 
 async def test_a_batch_shows_in_usage_costs_stats_and_gpu_seconds_through_the_sdk(
@@ -44,7 +33,7 @@ async def test_a_batch_shows_in_usage_costs_stats_and_gpu_seconds_through_the_sd
         JETBATCH_INSTANT_DELAY_S="0.05",  # requests go through the engine and take time there
     )  # fmt: skip
     async with running_system(env) as system:
-        org = admin(system.base_url)
+        org = admin_client(system.base_url)
         project_id, key = await project_with_key(org, "usage")
         _, other_key = await project_with_key(org, "other")
         user = openai.AsyncOpenAI(base_url=system.base_url, api_key=key, max_retries=0)
@@ -129,7 +118,7 @@ async def test_usage_is_the_same_before_and_after_a_batch_is_pruned(
     try:
         await _insert_batch(conn, "batch_usage_a", "key_a", now)
         await _insert_batch(conn, "batch_usage_b", "key_b", now)
-        org = admin(api)
+        org = admin_client(api)
 
         async def figures() -> list[tuple[Any, ...]]:
             page = await org.admin.organization.usage.completions(
@@ -151,7 +140,7 @@ async def test_usage_is_the_same_before_and_after_a_batch_is_pruned(
 
 
 async def test_usage_and_costs_refuse_project_keys_and_name_bad_parameters(api: str) -> None:
-    org = admin(api)
+    org = admin_client(api)
     _, key = await project_with_key(org, "nosy")
     nosy = openai.AsyncOpenAI(base_url=api, admin_api_key=key, max_retries=0)
     start = int(time.time()) - 3600
@@ -212,7 +201,7 @@ async def test_synchronous_requests_show_in_usage_as_batch_false(
             )
     # The api wrote its sums when it stopped; an api started afresh reads them back.
     async with running_system(env) as system:
-        page = await admin(system.base_url).admin.organization.usage.completions(
+        page = await admin_client(system.base_url).admin.organization.usage.completions(
             start_time=since, group_by=["batch", "model"], batch=False
         )
     [result] = [r for bucket in page.data for r in bucket.results]
