@@ -17,8 +17,7 @@ from schemas.projects import DEFAULT_PROJECT_ID
 from services.api.rate_limits import RateLimiter, estimate_tokens
 from services.watchdog import store as watchdog_store
 from shared.errors import RateLimited
-from tests.helpers import API_KEY, CHAT_MODEL, chat_body, wait_until
-from tests.integration.test_projects import admin, project_with_key
+from tests.helpers import API_KEY, CHAT_MODEL, admin_client, chat_body, project_with_key, wait_until
 from tests.lifecycle_helpers import lifecycle_env, running_system
 
 MINUTE = 1_800_000_000  # a minute's start, unix seconds
@@ -98,7 +97,7 @@ async def test_through_the_sdk_a_projects_limit_is_its_own(
 ) -> None:
     env = lifecycle_env(database_url, nats_url, scratch_dir)
     async with running_system(env, start=("worker:w1",)) as system:
-        org = admin(system.base_url, API_KEY)
+        org = admin_client(system.base_url)
         project, key = await project_with_key(org, "limited")
         await org.admin.organization.projects.rate_limits.update_rate_limit(
             f"rl-{CHAT_MODEL}", project_id=project, max_requests_per_1_minute=2

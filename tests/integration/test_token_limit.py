@@ -17,8 +17,16 @@ from openai.types import Batch
 from services.api.tokens import TokenCounter
 from services.inference.models import model_path
 from shared import config
-from tests.helpers import API_KEY, CHAT, CHAT_MODEL, chat_jsonl, default_models_dir, wait_until
-from tests.integration.test_projects import admin, api, project_with_key, user
+from tests.helpers import (
+    CHAT,
+    CHAT_MODEL,
+    admin_client,
+    chat_jsonl,
+    default_models_dir,
+    project_with_key,
+    wait_until,
+)
+from tests.integration.test_projects import api, user
 
 REPO = Path(__file__).resolve().parents[2]
 RATE_LIMIT_ID = f"rl-{CHAT_MODEL}"
@@ -83,7 +91,7 @@ async def test_a_batch_over_the_limit_fails_and_one_within_it_runs(
     small_tokens, big_tokens = input_tokens(env, small), input_tokens(env, big)
     assert small_tokens < 100 < big_tokens
     async with api(env) as base_url:
-        org = admin(base_url, API_KEY)
+        org = admin_client(base_url)
         project_id, key = await project_with_key(org, "limited")
         client = user(base_url, key)
         await set_limit(org, project_id, 100)
@@ -101,7 +109,7 @@ async def test_the_limit_counts_the_projects_other_queued_batches(
     tokens = input_tokens(env, data)
     limit = 2 * tokens - 1  # room for one of them, not two
     async with api(env) as base_url:
-        org = admin(base_url, API_KEY)
+        org = admin_client(base_url)
         project_id, key = await project_with_key(org, "queue")
         other_id, other_key = await project_with_key(org, "other")
         client, other = user(base_url, key), user(base_url, other_key)
