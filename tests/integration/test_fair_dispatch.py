@@ -72,6 +72,10 @@ async def env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[str, 
     try:
         await bus.ensure_streams(nc.jetstream())
         await nc.jetstream().purge_stream(bus.REQUESTS.name)
+        # ... and earlier tests' workers' heartbeats (fresh for a minute) would count in the
+        # model's capacity, hence its window.
+        await bus.workers_kv(nc.jetstream())
+        await nc.jetstream().purge_stream("KV_jetbatch_workers")
     finally:
         await nc.close()
     return lifecycle_env(
