@@ -44,8 +44,8 @@ def lifecycle_env(
         "JETBATCH_WATCHDOG_INTERVAL_S": "0.2",
         "JETBATCH_CLOSE_GRACE_S": "1",
         "JETBATCH_REDRIVE_AFTER_S": "2",
-        # Lines earlier tests left in the session's REQUESTS must not fill the dispatch window
-        # (tests of the window set it).
+        # Tests wait for whole batches to be published, some before a worker runs: no dispatch
+        # window (tests of the window set one).
         "JETBATCH_DISPATCH_MIN_WINDOW": "1000000",
     }
     env.update(overrides)

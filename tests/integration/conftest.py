@@ -27,9 +27,9 @@ def base_api_env(database_url: str, nats_url: str, scratch_dir: Path) -> dict[st
         "JETBATCH_ENGINE": "instant",
         "JETBATCH_API_KEY": API_KEY,
         "JETBATCH_API_PORT": str(free_port()),
-        # The session's nats-server is shared and these apis run without workers: lines earlier
-        # tests left in REQUESTS must not fill the dispatch window of the next test's batches
-        # (tests of the window set it: test_fair_dispatch.py, test_lifecycle.py).
+        # These apis mostly run without a worker, and their tests wait for a batch to be
+        # published whole: no dispatch window (tests of the window set one: test_fair_dispatch.py,
+        # test_lifecycle.py).
         "JETBATCH_DISPATCH_MIN_WINDOW": "1000000",
     }
 

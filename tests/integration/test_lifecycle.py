@@ -133,9 +133,6 @@ async def test_dispatch_keeps_a_window_in_requests_and_stops_at_a_cancel(
     nc = await bus.connect(nats_url, "test")
     js = nc.jetstream()
     await bus.ensure_streams(js)
-    await js.purge_stream(bus.REQUESTS.name)  # what earlier tests left would count in the window
-    await bus.workers_kv(js)
-    await js.purge_stream("KV_jetbatch_workers")  # as would their workers' heartbeats
     storage = await bus.files_bucket(js)
     await storage.put("file-big", as_chunks(content))
     try:
