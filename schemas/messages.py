@@ -14,7 +14,14 @@ import msgspec
 
 from schemas.projects import DEFAULT_PROJECT_ID
 
-Priority = Literal["interactive", "batch"]
+# The last token of a request's subject: its class on the worker. "dispatched": a line of an API
+# batch, published by the api's dispatcher in scheduling order; "batch": a line another service
+# published straight to JetStream (README "Publishing to JetStream directly"). A worker reads the
+# two classes through two consumers and gives each at least half its engine while both wait, so
+# direct publishers are a fair-share class of their own ("interactive" is an old token).
+Priority = Literal["interactive", "batch", "dispatched"]
+DISPATCHED: Priority = "dispatched"
+DIRECT: Priority = "batch"
 
 
 _NOT_IN_A_TOKEN = re.compile(r"[.*> \t]")
@@ -94,6 +101,27 @@ class RequestMessage(BusMessage, kw_only=True, frozen=True):
         model: str, priority: Priority = "batch", *, project: str = DEFAULT_PROJECT_ID
     ) -> str:
         return RequestMessage.subject_with(model=model, project=project, priority=priority)
+
+    @staticmethod
+    def class_filters(model: str) -> dict[str, tuple[str, ...]]:
+        """A worker's consumer filters for `model`, by class: what the api dispatched, and
+        everything else (direct publishers' lines and those of the subjects before projects)."""
+        base = f"jetbatch.requests.{subject_token(model)}"
+        return {
+            DISPATCHED: (f"{base}.*.{DISPATCHED}",),
+            DIRECT: (f"{base}.*.{DIRECT}", f"{base}.*.interactive", f"{base}.*"),
+        }
+
+    @staticmethod
+    def class_durables(model: str) -> dict[str, str]:
+        """The workers' durable consumer for each class of `model`'s requests."""
+        token = subject_token(model)
+        return {DISPATCHED: f"inference-{token}", DIRECT: f"inference-{token}-direct"}
+
+    @staticmethod
+    def dispatched(subject: str) -> bool:
+        """Whether a request's subject is of the api's dispatched class."""
+        return subject.endswith(f".{DISPATCHED}")
 
     @staticmethod
     def project_in(subject: str) -> str:

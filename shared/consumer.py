@@ -81,6 +81,8 @@ class Consumer(Generic[M]):
     concurrency: int = 1  # one-at-a-time handlers running at once
     keep_alive: bool = False  # extend the ack wait while a handler runs
     bound: Mapping[str, str] = field(default_factory=dict)
+    # Filters that narrow the type's subjects (one class of them); empty: the type's own.
+    filters: tuple[str, ...] = ()
 
     @property
     def types(self) -> tuple[type[BusMessage], ...]:
@@ -88,9 +90,18 @@ class Consumer(Generic[M]):
 
     @property
     def filter_subject(self) -> str | None:
+        if self.filters:
+            return ", ".join(self.filters)
         if isinstance(self.message, tuple):
             return None
         return self.message.filter_subject(**self.bound)
+
+    @property
+    def server_filter(self) -> str | tuple[str, ...] | None:
+        """What the server filters the stream with: one subject, several, or none."""
+        if len(self.filters) > 1:
+            return self.filters
+        return self.filter_subject
 
     def describe(self) -> str:
         """One line for README's layout section."""
@@ -265,7 +276,7 @@ class Runner(Generic[M]):
             c = self.consumer
             self._pull = await through_elections(
                 functools.partial(
-                    durable_fast_pull, self.js, c.stream, c.durable, c.filter_subject,
+                    durable_fast_pull, self.js, c.stream, c.durable, c.server_filter,
                     ack_wait_s=c.ack_wait_s, max_deliver=c.max_deliver,
                     max_ack_pending=c.max_ack_pending,
                 )
@@ -412,11 +423,14 @@ class Runner(Generic[M]):
         *,
         admit: Callable[[], Awaitable[int]],
         slice_size: Callable[[], int] = lambda: 64,
+        fetched: Callable[[list[Msg]], None] | None = None,
     ) -> None:
         """Fetch as much as `admit()` allows (it waits while nothing can be taken) and hand it
         to `take` decoded, a slice at a time: between slices the event loop runs whatever else
         is ready, so a latency-sensitive callback waits for one slice, never a whole fetch.
-        Undecodable messages are rejected here; `take` settles the others itself."""
+        Undecodable messages are rejected here; `take` settles the others itself. `fetched`
+        sees each fetch's messages before they are handed on (the next `admit()` comes after
+        all of them were)."""
         await self.bind()
         try:
             while not stop.is_set():
@@ -424,6 +438,8 @@ class Runner(Generic[M]):
                 if free <= 0 or stop.is_set():
                     continue
                 msgs = await self.fetch(min(free, self.consumer.fetch), stop)
+                if fetched is not None:
+                    fetched(msgs)
                 await self.take(take, msgs, slice_size())
         finally:
             await self.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from schemas.messages import InteractiveAbort, InteractiveRequest, subject_token
+from schemas.messages import DIRECT, InteractiveAbort, InteractiveRequest, subject_token
 from schemas.projects import DEFAULT_PROJECT_ID
 
 # Streams and buckets (mirrors shared.bus.streams; a test checks they agree).
@@ -229,7 +229,8 @@ def publisher_role(project: str) -> Role:
     results = f"jetbatch.results.{token}.>"
     return Role(
         publisher_user(project),
-        publish=(f"jetbatch.requests.*.{token}.>",),
+        # Its lines are the direct class (schemas.messages.Priority): never the dispatched one.
+        publish=(f"jetbatch.requests.*.{token}.{DIRECT}",),
         subscribe=(results,),
         extra_api=(
             "$JS.API.STREAM.NAMES",

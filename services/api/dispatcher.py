@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import msgspec
 
-from schemas.messages import RequestMessage, subject_token
+from schemas.messages import DISPATCHED, RequestMessage
 from services.api import dispatch_store, schedule, store
 from services.api.publishing import FILE_GONE, Grant, GrantDone, LinePublisher, PublishJob
 from shared import bus, tracing
@@ -257,9 +257,10 @@ class Dispatcher:
 
     async def _backlog(self, model: str) -> int:
         """The model's messages in REQUESTS: waiting, or in a worker and not yet acked."""
-        info = await self.deps.js.stream_info(
-            bus.REQUESTS.name, subjects_filter=f"jetbatch.requests.{subject_token(model)}.>"
-        )
+        # Only the lines dispatched here: direct publishers' are a class of their own, which the
+        # workers balance against this one (schemas.messages.Priority).
+        (dispatched,) = RequestMessage.class_filters(model)[DISPATCHED]
+        info = await self.deps.js.stream_info(bus.REQUESTS.name, subjects_filter=dispatched)
         return sum((info.state.subjects or {}).values())
 
     async def _read_capacity(self) -> None:
@@ -327,7 +328,7 @@ class Dispatcher:
         await store.mark_published(self.deps.pool, batch_id)
         log.info(
             "batch %s: %d requests published on %s",
-            batch_id, local.cursor, RequestMessage.subject_for(local.model, "batch"),
+            batch_id, local.cursor, RequestMessage.subject_for(local.model, DISPATCHED),
         )  # fmt: skip
         await self._finish(local)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import anyio.to_thread
 import msgspec
 
-from schemas.messages import BatchEvent, RequestMessage
+from schemas.messages import DISPATCHED, BatchEvent, RequestMessage
 from schemas.openai import BatchError
 from services.api import metrics as api_metrics
 from services.api import store, token_limit
@@ -223,7 +223,7 @@ async def _publish(deps: DepsParam, row: store.Row) -> None:
     (services/api/dispatcher.py), which then sets `published_at`."""
     batch_id, model = row["id"], row["model"]
     # The batch's publish span; each sampled line's own publish is a trace of its own.
-    with tracing.batch_span(f"{RequestMessage.subject_for(model, 'batch')} publish", batch_id):
+    with tracing.batch_span(f"{RequestMessage.subject_for(model, DISPATCHED)} publish", batch_id):
         job = PublishJob(
             path="",  # the dispatcher's local copy of the input file
             batch_id=batch_id,

@@ -164,13 +164,21 @@ async def queue_families(deps: Deps) -> list[Metric]:
         queue.add_metric([model, project], count)
     undelivered = _family("jetbatch_queue_undelivered")
     unacked = _family("jetbatch_queue_unacked")
-    for token, model in names.items():
-        try:
-            consumer = await deps.js.consumer_info(bus.REQUESTS.name, f"inference-{token}")
-        except Exception:  # no worker of the model has run yet: no consumer
-            continue
-        undelivered.add_metric([model], consumer.num_pending or 0)
-        unacked.add_metric([model], consumer.num_ack_pending or 0)
+    for model in names.values():
+        pending = ack_pending = 0
+        found = False
+        # Both classes' consumers: what the api dispatched and what was published directly.
+        for durable in RequestMessage.class_durables(model).values():
+            try:
+                consumer = await deps.js.consumer_info(bus.REQUESTS.name, durable)
+            except Exception:  # no worker of the model has run yet: no consumer
+                continue
+            found = True
+            pending += consumer.num_pending or 0
+            ack_pending += consumer.num_ack_pending or 0
+        if found:
+            undelivered.add_metric([model], pending)
+            unacked.add_metric([model], ack_pending)
     return [queue, undelivered, unacked]
 
 

@@ -1,5 +1,5 @@
 """Pass 2 of a batch's ingestion, a grant at a time: lines `start .. start+count` of a file pass 1
-found valid, one RequestMessage each, to REQUESTS `jetbatch.requests.<model>.<project>.batch`,
+found valid, one RequestMessage each, to REQUESTS `jetbatch.requests.<model>.<project>.dispatched`,
 msg id `<batch_id>:<line>`, pipelined (shared.bus.Publisher). The dispatcher
 (services/api/dispatcher.py) decides which batch gets how many lines when (README: Scheduling).
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import msgspec
 from nats.js import JetStreamContext
 
-from schemas.messages import RequestMessage
+from schemas.messages import DISPATCHED, RequestMessage
 from schemas.openai import RequestLine
 from schemas.projects import DEFAULT_PROJECT_ID
 from services.api.children import Child, spawn
@@ -71,7 +71,7 @@ class PublishJob(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def subject(self) -> str:
-        return RequestMessage.subject_for(self.model, "batch", project=self.project)
+        return RequestMessage.subject_for(self.model, DISPATCHED, project=self.project)
 
 
 class Grant(msgspec.Struct, frozen=True, tag=True):

@@ -1,7 +1,7 @@
 """api: OpenAI-compatible Files, Batches, Models and synchronous inference (Litestar).
 
 Reads: PostgreSQL (files, batches), file bytes under the data dir, KV bucket `jetbatch_workers`
-(heartbeats). Emits: REQUESTS `jetbatch.requests.<model>.<project>.batch` (one RequestMessage
+(heartbeats). Emits: REQUESTS `jetbatch.requests.<model>.<project>.dispatched` (one RequestMessage
 per input line, msg id `<batch_id>:<line>`), EVENTS `jetbatch.events.batch.<project>.failed` (invalid input
 file), core requests on `jetbatch.interactive.<model>.<project>` (synchronous calls) and their aborts on
 `jetbatch.interactive.abort.<model>.<project>` (a call the api stopped waiting for). Routes live in

@@ -1,19 +1,23 @@
-"""The worker's intake: pulls as much as the engine can hold (the runner's pull mode with an
-admission hook), starts each request, and publishes its result then acks it, in groups when
-answers need no waiting. Drains and hands back on shutdown."""
+"""The worker's intake: pulls as much as the engine can hold from each class's consumer (the
+dispatched lines and the direct ones, split by shares.py), starts each request, and publishes
+its result then acks it, in groups when answers need no waiting. Drains and hands back on
+shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
-from schemas.messages import RequestMessage, ResultMessage, subject_token
+from schemas.messages import DIRECT, DISPATCHED, RequestMessage, ResultMessage, subject_token
 from services.inference.metrics import WorkerMetrics, published_at_ns
+from services.inference.shares import Shares
 from shared import bus, logs, tracing
 from shared.consumer import Delivery, Runner
 from shared.ids import new_id, stable_id
@@ -48,13 +52,18 @@ Ready = list[tuple[Delivery[RequestMessage], ResultMessage | None]]
 class Intake:
     """Engine slots, slices and results for one worker."""
 
-    def __init__(self, worker: Worker, runner: Runner[RequestMessage]) -> None:
+    def __init__(self, worker: Worker, runners: Mapping[str, Runner[RequestMessage]]) -> None:
         self.worker = worker
-        self.runner = runner
+        self.runners = runners  # by class: DISPATCHED first, then DIRECT (bound in that order)
+        self.runner = runners[DISPATCHED]
         self.capacity = worker.settings.max_in_flight or worker.engine.capacity
         self.max_unacked = self.capacity + RESULTS_WINDOW
         self.in_flight: dict[str, Msg] = {}  # every message not acked yet
         self.running = 0  # of those, requests in the engine (or about to enter it)
+        self.shares = Shares((DISPATCHED, DIRECT), self.capacity)  # `running`, by class
+        # By class: lines fetched and not yet started (`running`), or slots an admission
+        # reserved for the fetch under way.
+        self._held: dict[str, int] = dict.fromkeys(self.shares.running, 0)
         self.sync_seen = -SYNC_RECENT_S  # when the last synchronous request came in
         self.results: bus.AckAfterPublish | None = None  # set by pull
         self.completed = 0
@@ -63,15 +72,26 @@ class Intake:
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- admission ------------------------------------------------------------------------------
-    async def admit(self) -> int:
-        """How many requests may be pulled now; waits a little while the answer is none."""
+    async def admit(self, cls: str = DISPATCHED) -> int:
+        """How many requests of class `cls` may be pulled now; waits a little while the answer
+        is none."""
         if not self.worker.gate.healthy or self.worker.control.draining:
             # The GPU is over a threshold (the heartbeat loop reads it), or an operator drains
             # this worker (control.py): take nothing new until that ends. What is in flight
             # finishes.
             await asyncio.sleep(UNHEALTHY_POLL_S)
             return 0
-        free = min(self.capacity - self.running, self.max_unacked - len(self.in_flight))
+        # This class's last fetch was handed on whole before this admission (Runner.pull).
+        self._held[cls] = 0
+        taken = self.running + sum(self._held.values())
+        free = min(self.capacity - taken, self.max_unacked - len(self.in_flight))
+        if len(self.in_flight) < self.max_unacked:
+            waiting = self.shares.waiting(cls)
+            free = self.shares.allowance(cls, free)
+            # A look for one line is not reserved: it may wait a second for a line that may
+            # never come, and the other class must not lose a slot meanwhile.
+            if waiting and free > 0:
+                self._held[cls] = min(free, FETCH_MAX)
         if free <= 0:
             self._slot_free.clear()
             with contextlib.suppress(TimeoutError):
@@ -90,12 +110,39 @@ class Intake:
         return TAKE_SLICE_SYNC if sync else TAKE_SLICE
 
     async def pull(self, js, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+        """One pull loop per class, on the engine's slots as `shares` splits them."""
         self.results = bus.AckAfterPublish(js)
-        await self.runner.pull(self.take_slice, stop, admit=self.admit, slice_size=self.slice_size)
+        for runner in self.runners.values():
+            # In this order: the dispatched class's durable, older than the direct one, read
+            # the whole model before; narrowed first, it no longer overlaps the new one.
+            await runner.bind()
+        await asyncio.gather(
+            *(
+                runner.pull(
+                    self.take_slice,
+                    stop,
+                    admit=functools.partial(self.admit, cls),
+                    slice_size=self.slice_size,
+                    fetched=functools.partial(self._fetched, cls),
+                )
+                for cls, runner in self.runners.items()
+            )
+        )
+
+    def _fetched(self, cls: str, msgs: list[Msg]) -> None:
+        # Held until each slice starts (take_slice), so the other class's admission counts them.
+        self._held[cls] = len(msgs)
+        self.shares.fetched(cls, _pending(msgs[-1]) if msgs else 0)
 
     async def take(self, msgs: list[Msg]) -> None:
         """Start on a pulled chunk, a slice at a time (what `pull` does with each fetch)."""
-        await self.runner.take(self.take_slice, msgs, self.slice_size())
+        if msgs:
+            await self._runner(msgs[0]).take(self.take_slice, msgs, self.slice_size())
+
+    def _runner(self, msg: Msg) -> Runner[RequestMessage]:
+        if DIRECT not in self.runners or RequestMessage.dispatched(msg.subject):
+            return self.runner
+        return self.runners[DIRECT]
 
     # -- one slice ------------------------------------------------------------------------------
     async def take_slice(self, deliveries: list[Delivery[RequestMessage]]) -> None:
@@ -104,12 +151,15 @@ class Intake:
         self.running += len(deliveries)
         ready: Ready = []
         for d in deliveries:
+            cls = _class(d.msg)
+            self.shares.running[cls] += 1
+            self._held[cls] = max(0, self._held[cls] - 1)
             req = d.value
             if subject_token(req.project) != RequestMessage.project_in(d.subject):
                 # NATS let its publisher publish under the subject's project only: a body
                 # naming another is a forgery (its result would land in that project's batch).
-                self.running -= 1
-                self._spawn(self.runner.reject(d, "project differs from the subject's"))
+                self._release_slot(d.msg)
+                self._spawn(self._runner(d.msg).reject(d, "project differs from the subject's"))
                 continue
             now = self.worker.answer_now(
                 req, stable_id("req_", req.batch_id, req.custom_id), d.number
@@ -119,7 +169,7 @@ class Intake:
                 self._spawn(self.process(d))
                 continue
             self.in_flight[d.msg.reply or new_id("m")] = d.msg
-            self._release_slot()
+            self._release_slot(d.msg)
             ready.append((d, now))  # type: ignore[arg-type]
         if ready:
             self._spawn(self._publish_ready(ready))
@@ -139,10 +189,11 @@ class Intake:
                 results.append(result)
         try:
             for d in retry:
-                await self.runner.retry(d)
+                await self._runner(d.msg).retry(d)
             failed = await self.results.publish_many_then_ack(items)
             self.completed += len(items) - len(failed)
-            self.runner.counts.add("acked", len(items) - len(failed))
+            if items:
+                self._runner(items[0][3]).counts.add("acked", len(items) - len(failed))
             for index, result in enumerate(results):
                 if index not in failed:
                     self.metrics.published(result, items[index][3])
@@ -151,7 +202,7 @@ class Intake:
                 log.warning(
                     "result of %s not published (%r); it will be redelivered", msg.subject, error
                 )
-                await self.runner.retry(msg, REPUBLISH_DELAY_S)
+                await self._runner(msg).retry(msg, REPUBLISH_DELAY_S)
         finally:
             for d, _ in ready:
                 self.in_flight.pop(d.msg.reply or "", None)
@@ -173,10 +224,10 @@ class Intake:
             finally:
                 tracing.end(engine_span)
                 in_engine = False
-                self._release_slot()
+                self._release_slot(d.msg)
                 self.metrics.request_seconds.observe(time.monotonic() - started)
             if result is None:
-                await self.runner.retry(d)
+                await self._runner(d.msg).retry(d)
                 return
             # Acked once RESULTS holds the result; results finishing together share one round
             # trip to the server.
@@ -189,23 +240,24 @@ class Intake:
                 headers=tracing.headers_of(span),
             )
             self.completed += 1
-            self.runner.counts.add("acked")
+            self._runner(d.msg).counts.add("acked")
             self.metrics.published(result, d.msg)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("request on %s not handled; it will be redelivered", d.subject)
             with contextlib.suppress(Exception):
-                await self.runner.retry(d, REPUBLISH_DELAY_S)
+                await self._runner(d.msg).retry(d, REPUBLISH_DELAY_S)
         finally:
             tracing.end(span)
             if in_engine:
-                self._release_slot()
+                self._release_slot(d.msg)
             self.in_flight.pop(token, None)
             self._slot_free.set()
 
-    def _release_slot(self) -> None:
+    def _release_slot(self, msg: Msg) -> None:
         self.running -= 1
+        self.shares.running[_class(msg)] -= 1
         self._slot_free.set()
 
     # -- keeping and giving back ------------------------------------------------------------------
@@ -248,3 +300,15 @@ class Intake:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _class(msg: Msg) -> str:
+    return DISPATCHED if RequestMessage.dispatched(msg.subject) else DIRECT
+
+
+def _pending(msg: Msg) -> int:
+    """How many messages waited on the consumer behind `msg` when it was delivered."""
+    try:
+        return int(msg.metadata.num_pending or 0)
+    except Exception:  # not a JetStream delivery (tests)
+        return 0

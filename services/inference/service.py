@@ -1,8 +1,12 @@
 """inference: runs request messages through the engine, one process per GPU per model.
 
-Consumes: CONSUMER below, per model: REQUESTS `jetbatch.requests.<model>.>` as durable
-  `inference-<model>`, RequestMessage, ack_wait = JETBATCH_REQUEST_ACK_WAIT_S, max_deliver =
-  JETBATCH_REQUEST_MAX_DELIVER, at most `engine.capacity` in the engine (intake.py).
+Consumes: CONSUMER and CONSUMER_DIRECT below, per model: REQUESTS
+  `jetbatch.requests.<model>.*.dispatched` (the api's lines) as durable `inference-<model>`, and
+  the lines other services publish straight to JetStream (`...<model>.*.batch`, and the
+  subjects before projects) as `inference-<model>-direct`; RequestMessage, ack_wait =
+  JETBATCH_REQUEST_ACK_WAIT_S, max_deliver = JETBATCH_REQUEST_MAX_DELIVER; at most
+  `engine.capacity` in the engine, each class at least half of it while both wait (intake.py,
+  shares.py).
 Serves: core NATS `jetbatch.interactive.<model>.<project>` (queue group `inference-<model>`), request/reply,
   for the synchronous API: interactive requests go straight to the engine, never behind the
   queue (interactive.py); and `jetbatch.interactive.abort.<model>.<project>` (every worker), the api's
@@ -34,6 +38,8 @@ import msgspec
 from nats.aio.msg import Msg
 
 from schemas.messages import (
+    DIRECT,
+    DISPATCHED,
     BatchStop,
     DeadLetterMessage,
     RequestMessage,
@@ -57,36 +63,60 @@ from shared.ids import stable_id
 from shared.lane import Lane
 from shared.metrics import expose as expose_metrics
 
-__all__ = ["CONSUMER", "CONSUMERS", "EMITS", "TAKE_SLICE", "TAKE_SLICE_SYNC", "Worker", "run"]
+__all__ = [
+    "CONSUMER",
+    "CONSUMERS",
+    "CONSUMER_DIRECT",
+    "EMITS",
+    "TAKE_SLICE",
+    "TAKE_SLICE_SYNC",
+    "Worker",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
-# Filled in per model at start (consumer_for): the model, and the settings named above.
+# Filled in per model at start (consumers_for): the model, and the settings named above.
 CONSUMER = Consumer(
     stream=bus.REQUESTS,
-    durable="inference-MODEL",
+    durable=RequestMessage.class_durables("MODEL")[DISPATCHED],
     message=RequestMessage,
     bound={"model": "MODEL"},
+    filters=RequestMessage.class_filters("MODEL")[DISPATCHED],
     ack_wait_s=60,
     max_deliver=5,
     fetch=512,
     max_ack_pending=10_000,
 )
-CONSUMERS = (CONSUMER,)
+CONSUMER_DIRECT = dataclasses.replace(
+    CONSUMER,
+    durable=RequestMessage.class_durables("MODEL")[DIRECT],
+    filters=RequestMessage.class_filters("MODEL")[DIRECT],
+)
+CONSUMERS = (CONSUMER, CONSUMER_DIRECT)
 EMITS = (ResultMessage, DeadLetterMessage, "WorkerHeartbeat into KV `jetbatch_workers`")
 
 _encoder = msgspec.json.Encoder()
 
 
-def consumer_for(settings: config.Settings, spec: config.ModelSpec, capacity: int) -> Consumer:
-    return dataclasses.replace(
-        CONSUMER,
-        durable=f"inference-{subject_token(spec.name)}",
-        bound={"model": spec.name},
-        ack_wait_s=settings.request_ack_wait_s,
-        max_deliver=settings.request_max_deliver,
-        max_ack_pending=max(CONSUMER.max_ack_pending, (capacity + RESULTS_WINDOW) * 2),
-    )
+def consumers_for(
+    settings: config.Settings, spec: config.ModelSpec, capacity: int
+) -> dict[str, Consumer]:
+    """The model's consumer of each class, dispatched first (Intake.pull binds in this order)."""
+    durables = RequestMessage.class_durables(spec.name)
+    filters = RequestMessage.class_filters(spec.name)
+    return {
+        cls: dataclasses.replace(
+            CONSUMER,
+            durable=durables[cls],
+            bound={"model": spec.name},
+            filters=filters[cls],
+            ack_wait_s=settings.request_ack_wait_s,
+            max_deliver=settings.request_max_deliver,
+            max_ack_pending=max(CONSUMER.max_ack_pending, (capacity + RESULTS_WINDOW) * 2),
+        )
+        for cls in (DISPATCHED, DIRECT)
+    }
 
 
 class _NeedsEngine:
@@ -121,10 +151,13 @@ class Worker:
         # Each request's share of the engine, times the GPUs this worker owns (`--gpu`).
         self.engine_clock = EngineClock(gpus=engine_args.visible_gpus())
         self.capacity = settings.max_in_flight or engine.capacity
-        consumer = consumer_for(settings, spec, self.capacity)
-        # The connection comes with `start`; until then the runner only decodes (unit tests).
-        self.runner: Runner[RequestMessage] = Runner(None, consumer, self._dead_letter)
-        self.intake = Intake(self, self.runner)
+        # The connection comes with `start`; until then the runners only decode (unit tests).
+        self.runners: dict[str, Runner[RequestMessage]] = {
+            cls: Runner(None, consumer, self._dead_letter)
+            for cls, consumer in consumers_for(settings, spec, self.capacity).items()
+        }
+        self.runner = self.runners[DISPATCHED]
+        self.intake = Intake(self, self.runners)
         self.heartbeats = Heartbeats(self, gpu, self.gate)
         # Operators' drain/resume/restart (control.py), keyed by an id stable across restarts.
         self.control = WorkerControl(
@@ -139,7 +172,8 @@ class Worker:
         self._dead_letters: deadletters.OnBus | None = None
 
     def start(self, js: Any) -> None:
-        self.runner.js = js
+        for runner in self.runners.values():
+            runner.js = js
         self._dead_letters = deadletters.OnBus(js)
 
     def encode(self, result: ResultMessage) -> bytes:

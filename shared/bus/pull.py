@@ -159,7 +159,7 @@ async def durable_fast_pull(
     js: JetStreamContext,
     stream: Stream,
     durable: str,
-    filter_subject: str | None,
+    filter_subject: str | tuple[str, ...] | None,
     *,
     ack_wait_s: float,
     max_deliver: int,

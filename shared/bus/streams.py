@@ -359,16 +359,19 @@ async def durable_consumer(
     js: JetStreamContext,
     stream: Stream,
     durable: str,
-    filter_subject: str | None,
+    filter_subject: str | tuple[str, ...] | None,
     *,
     ack_wait_s: float,
     max_deliver: int,
     max_ack_pending: int,
 ) -> None:
-    """A durable pull consumer, created or updated to this config (None: the whole stream)."""
+    """A durable pull consumer, created or updated to this config (None: the whole stream;
+    several subjects: NATS 2.10's `filter_subjects`)."""
+    several = isinstance(filter_subject, tuple)
     config = ConsumerConfig(
         durable_name=durable,
-        filter_subject=filter_subject,
+        filter_subject=None if several else filter_subject,  # type: ignore[arg-type]
+        filter_subjects=list(filter_subject) if several else None,  # type: ignore[arg-type]
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait_s,

@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai.types import Batch
 
-from schemas.messages import BatchEvent, RequestMessage
+from schemas.messages import DISPATCHED, BatchEvent, RequestMessage
 from services.api import ingest
 from services.api.deps import Deps
 from shared import bus, config
@@ -102,7 +102,7 @@ async def test_a_valid_batch_publishes_one_request_per_line(
     await published_at(database_url, created.id)
     assert await request_count(js) == 25
 
-    subject = RequestMessage.subject_for(CHAT_MODEL, "batch")
+    subject = RequestMessage.subject_for(CHAT_MODEL, DISPATCHED)
     for seq in (1, 25):
         raw = await js.get_msg(bus.REQUESTS.name, seq)
         assert raw.subject == subject

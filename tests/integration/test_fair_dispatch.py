@@ -1,7 +1,9 @@
 """Dispatch in scheduling order (README: Scheduling), through the official openai SDK against the
 whole system on a slow instant engine: a small batch of another project, or a high-priority one
 of the same project, finishes while a big batch is still running; REQUESTS holds a window, not
-the big batch; a waiting batch shows its queue place; every line comes back exactly once."""
+the big batch; a waiting batch shows its queue place; lines published straight to JetStream are
+a class of their own, so a flood of them does not hold a batch back; every line comes back
+exactly once."""
 
 from __future__ import annotations
 
@@ -11,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import nats
 import openai
 import pytest
 
+from schemas.messages import DIRECT, RequestMessage, ResultMessage
 from services.api import store
 from services.watchdog.store import redrive_due
 from shared import bus
-from tests.helpers import CHAT, admin_client, chat_jsonl, project_with_key, wait_until
+from tests.helpers import CHAT, CHAT_MODEL, admin_client, chat_jsonl, project_with_key, wait_until
 from tests.lifecycle_helpers import System, check_exactly_once, lifecycle_env, running_system
 
 BIG = 1_500  # lines: 4 in flight x 0.05 s = 80 lines/s, so about 19 s alone
@@ -118,6 +122,60 @@ async def test_a_small_batch_of_another_project_runs_beside_a_big_one(
         assert queued_now.request_counts is not None and queued_now.request_counts.completed == 0
         await team_a.batches.cancel(big)
         await finished(system, team_a, queued, "q", 20)
+
+
+async def direct_results(js: nats.js.JetStreamContext, batch_id: str) -> list[ResultMessage]:
+    subject = ResultMessage.subject_for(batch_id)
+    info = await js.stream_info(bus.RESULTS.name, subjects_filter=subject)
+    if not (info.state.subjects or {}).get(subject):
+        return []
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    try:
+        count = info.state.subjects[subject]
+        return [
+            msgspec.json.decode((await sub.next_msg(timeout=5)).data, type=ResultMessage)
+            for _ in range(count)
+        ]
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_flood_published_straight_to_jetstream_does_not_hold_a_batch_back(
+    env: dict[str, str], nats_url: str
+) -> None:
+    """Direct lines are their own class on the worker: with both classes waiting, each holds
+    half the engine. Before, a batch's lines waited behind the whole flood."""
+    flood = 800  # 80 lines/s alone: about 10 s
+    async with running_system(env) as system:
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream()
+        try:
+            for line in range(flood):
+                req = RequestMessage(
+                    batch_id="ext-flood", line=line, custom_id=f"f-{line}", endpoint=CHAT,
+                    model=CHAT_MODEL, body=msgspec.Raw(b'{"model":"m","messages":[]}'),
+                )  # fmt: skip
+                await js.publish(
+                    RequestMessage.subject_for(CHAT_MODEL, DIRECT),
+                    msgspec.json.encode(req),
+                    headers={bus.MSG_ID: req.msg_id},
+                )
+            await wait_until(
+                lambda: direct_results(js, "ext-flood"), "the flood to start", interval_s=0.1
+            )
+            small = await submit(system.client, 20, "s")
+            await finished(system, system.client, small, "s", 20)
+            done = len(await direct_results(js, "ext-flood"))
+            assert done < flood * 3 // 4, f"{done} of the flood's {flood} lines ran first"
+
+            async def all_back() -> bool:
+                return len(await direct_results(js, "ext-flood")) >= flood
+
+            await wait_until(all_back, "the whole flood", timeout_s=60, interval_s=0.5)
+            results = await direct_results(js, "ext-flood")
+            check_exactly_once([r.custom_id for r in results], {f"f-{i}" for i in range(flood)})
+        finally:
+            await nc.close()
 
 
 async def test_a_high_priority_batch_of_the_same_project_goes_first(

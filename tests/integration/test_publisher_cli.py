@@ -14,7 +14,7 @@ import nats
 import nats.errors
 import pytest
 
-from schemas.messages import RequestMessage
+from schemas.messages import DISPATCHED, RequestMessage
 from schemas.projects import DEFAULT_PROJECT_ID
 from services import publisher_cli
 from shared import bus
@@ -68,6 +68,10 @@ async def test_a_publisher_added_rotated_and_revoked_while_the_server_runs(
     assert ack.stream == "REQUESTS"
     with pytest.raises(nats.errors.Error):  # another project's subject: no permission
         await js.publish(RequestMessage.subject_for("m", project="proj_other"), b"{}", timeout=1)
+    with pytest.raises(nats.errors.Error):  # the api's class: only the api dispatches there
+        await js.publish(
+            RequestMessage.subject_for("m", DISPATCHED, project=PROJECT), b"{}", timeout=1
+        )
     assert credentials(capsys)["url"] == url  # asked again: the same password
 
     rotated = credentials(capsys, "--rotate")["url"]

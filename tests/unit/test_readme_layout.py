@@ -19,5 +19,6 @@ def test_every_service_declares_its_consumers_and_what_it_emits() -> None:
     table = layout.markdown()
     for name in layout.SERVICES:
         assert f"`services/{name}`" in table
-    assert "REQUESTS `jetbatch.requests.MODEL.>` as `inference-MODEL`" in table
+    assert "REQUESTS `jetbatch.requests.MODEL.*.dispatched` as `inference-MODEL`" in table
+    assert "`jetbatch.requests.MODEL.*.batch, " in table
     assert "RESULTS `jetbatch.results.>` as `results_writer`" in table
