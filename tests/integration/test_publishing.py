@@ -81,7 +81,9 @@ async def test_grants_publish_every_line_once_with_its_message_id(
         assert [r.line for r in requests] == list(range(300))
         assert [r.custom_id for r in requests] == [f"req-{i}" for i in range(300)]
         assert {r.batch_id for r in requests} == {"batch_pub"}
-        assert all(m.subject == RequestMessage.subject_for(CHAT_MODEL, DISPATCHED) for m in messages)
+        assert all(
+            m.subject == RequestMessage.subject_for(CHAT_MODEL, DISPATCHED) for m in messages
+        )
         assert [(m.headers or {})[bus.MSG_ID] for m in messages] == [r.msg_id for r in requests]
         assert all((m.headers or {}).get("traceparent") for m in messages)
 
