@@ -17,6 +17,8 @@ from nats.js.api import ConsumerConfig
 from nats.js.errors import KeyNotFoundError
 
 from schemas.messages import (
+    DIRECT,
+    DISPATCHED,
     DeadLetterMessage,
     InteractiveRequest,
     RequestMessage,
@@ -187,6 +189,43 @@ async def test_request_the_engine_rejects_comes_back_as_an_error_result(nats_url
     assert not result.ok
     assert 400 <= result.status_code < 500
     assert "error" in msgspec.json.decode(result.response_body)
+    await nc.close()
+
+
+async def test_an_upgraded_worker_splits_the_old_consumer_and_loses_no_request(
+    nats_url: str,
+) -> None:
+    """Before the classes, one durable read the whole model and the api published on `.batch`:
+    the new worker narrows that durable to the dispatched class, creates the direct one, and
+    every request already queued (old subjects, before-projects ones too) comes back once."""
+    settings = settings_for(nats_url)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    durables = RequestMessage.class_durables(CHAT)
+    await js.add_consumer(
+        bus.REQUESTS.name,
+        ConsumerConfig(
+            durable_name=durables[DISPATCHED], filter_subject=f"jetbatch.requests.{CHAT}.>"
+        ),
+    )
+    subjects = [
+        RequestMessage.subject_for(CHAT, DIRECT),  # the api's, before
+        RequestMessage.legacy_subject.format(model=CHAT, priority="batch"),  # before projects
+        RequestMessage.subject_for(CHAT, DISPATCHED),  # the api's, now
+    ]
+    for i in range(9):
+        req = chat_request(i)
+        await js.publish(
+            subjects[i % 3], msgspec.json.encode(req), headers={"Nats-Msg-Id": req.msg_id}
+        )
+    async with running_worker(settings, CHAT):
+        results = await read_results(js, "ext-orders-1", 9)
+        narrowed = await js.consumer_info(bus.REQUESTS.name, durables[DISPATCHED])
+        direct = await js.consumer_info(bus.REQUESTS.name, durables[DIRECT])
+    assert sorted(r.custom_id for r in results) == [f"order-{i}" for i in range(9)]
+    assert narrowed.config.filter_subject == RequestMessage.class_filters(CHAT)[DISPATCHED][0]
+    assert direct.config.filter_subjects == list(RequestMessage.class_filters(CHAT)[DIRECT])
     await nc.close()
 
 
