@@ -4,18 +4,25 @@ CPUs are about half idle: the engine's window, not the machine, bounds the pace)
 `batches.create` (with --lines, at the same point of A's run) project B submits 20 lines. B's
 time from `batches.create` to completed with its output downloaded is set against B's 20 lines
 alone on the idle system, and A's lines/s against A alone. The same again with the 20 lines as
-A's own batch at priority 10. Every run is on one `jetbatch up` system; projects and keys are
-made through the admin API.
-Targets: the small batch within 3x its time alone, A losing at most 10% of its lines/s."""
+A's own batch at priority 10. Then D, a direct publisher (a service that skips HTTP and
+publishes RequestMessages straight to `jetbatch.requests.<model>.<project>.batch`, a fair-share
+class of its own on the workers), floods the default project with the same 50,000 lines as fast
+as it can, timed from its first publish to its last ResultMessage in RESULTS: alone, then with
+B's 20 lines created 5 s after D's first publish (scaled as above); B against B alone, D's
+lines/s against D alone. Every run is on one `jetbatch up` system; projects and keys are made
+through the admin API, D publishes with the embedded server's admin credentials.
+Targets: the small batch within 3x its time alone, A (or D) losing at most 10% of its lines/s."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -23,6 +30,7 @@ import psutil
 from bench.common import (
     CHAT_MODEL,
     ForeignLoad,
+    admin_nats_url,
     cpu_delta,
     cpu_seconds,
     output_ids,
@@ -34,6 +42,9 @@ from bench.common import (
     write_chat_file,
     write_result,
 )
+from bench.raw import request_messages
+from schemas.messages import DIRECT, RequestMessage, ResultMessage
+from shared import bus
 
 LINES = 50_000
 SMALL_LINES = 20
@@ -46,6 +57,11 @@ DELAY_S = 0.04
 TARGET_FACTOR = 3.0
 TARGET_LOSS = 0.10
 TIMEOUT_S = 900
+DIRECT_BATCH = "bench-direct"  # the direct publisher's batch ids start so (one per run)
+RESULTS_POLL_S = 0.025  # how often D's results in RESULTS are counted
+# The runs beside a big one: which small batch, and which small batch's time alone it is set
+# against.
+BESIDE = {"b": "b", "high": "high", "b_direct": "b"}
 
 
 class _MachineBusy:
@@ -129,19 +145,96 @@ class _Beside:
     big_lines_done: int  # the big batch's finished lines when the small one was downloaded
 
 
+def _small_after(big: _Run, pending: Future[Any], small: _Job, after_s: float) -> _Run:
+    """Once the big run has started (in `pending`), the small batch `after_s` after its start."""
+    while not big.created.wait(0.1):
+        if pending.done():
+            pending.result()  # raises what stopped it
+    time.sleep(max(0.0, big.started + after_s - time.perf_counter()))
+    return _complete(small)
+
+
 def _beside(big: _Job, small: _Job, after_s: float) -> _Beside:
     big_run = _Run(big)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(_complete, big, big_run)
-        while not big_run.created.wait(0.1):
-            if pending.done():
-                pending.result()  # raises what stopped it
-        time.sleep(max(0.0, big_run.started + after_s - time.perf_counter()))
-        small_run = _complete(small)
+        small_run = _small_after(big_run, pending, small, after_s)
         counts = big.client.batches.retrieve(big_run.batch_id).request_counts
         done = counts.completed + counts.failed if counts is not None else 0
         pending.result()
     return _Beside(big_run, small_run, done)
+
+
+@dataclass(frozen=True)
+class _Direct:
+    """D: a service that skips HTTP and publishes the big file's lines as RequestMessages on the
+    direct subject of the default project (README: Publishing to JetStream directly), here with
+    the embedded server's admin credentials."""
+
+    url: str
+    path: Path
+
+
+@dataclass
+class _Flood:
+    """One direct flood: its run (started at the first publish, completed and done when RESULTS
+    holds every line's result) and the results counted in RESULTS on the way."""
+
+    run: _Run
+    published: float = 0.0  # every PubAck in
+    seen: list[tuple[float, int]] = field(default_factory=list)  # (perf_counter, results)
+
+    @property
+    def publish_s(self) -> float:
+        return self.published - self.run.started
+
+    def done_by(self, when: float) -> int:
+        return max((n for t, n in self.seen if t <= when), default=0)
+
+
+async def _publish_and_count(flood: _Flood, url: str, messages: list[Any], batch_id: str) -> None:
+    """Every message published as fast as bus.Publisher goes (core publishes, PubAcks counted in
+    bulk), then the batch's results counted in RESULTS (its subject's count) until all are in."""
+    nc = await bus.connect(url, "bench-direct-publisher")
+    try:
+        js = nc.jetstream()
+        publisher = bus.Publisher(js)
+        subject = RequestMessage.subject_for(CHAT_MODEL, DIRECT)
+        results = ResultMessage.subject_for(batch_id)
+        flood.run.started = time.perf_counter()
+        flood.run.created.set()
+        for m in messages:
+            await publisher.publish(subject, m.payload, m.msg_id)
+        await publisher.flush()
+        flood.published = time.perf_counter()
+        while not flood.seen or flood.seen[-1][1] < len(messages):
+            if time.perf_counter() - flood.run.started > TIMEOUT_S:
+                raise TimeoutError(f"D: {flood.seen[-1][1]} of {len(messages)} results in")
+            await asyncio.sleep(RESULTS_POLL_S)
+            info = await js.stream_info(bus.RESULTS.name, subjects_filter=results)
+            flood.seen.append((time.perf_counter(), sum((info.state.subjects or {}).values())))
+        flood.run.completed = flood.run.done = flood.seen[-1][0]
+    finally:
+        await nc.close()
+
+
+def _messages(direct: _Direct, batch_id: str) -> tuple[_Flood, list[Any]]:
+    """A flood not started yet, and its messages (built before the timing starts)."""
+    messages = request_messages(direct.path, batch_id)
+    return _Flood(_Run(_Job("D", None, "", len(messages)))), messages
+
+
+def _beside_direct(
+    direct: _Direct, batch_id: str, small: _Job, after_s: float
+) -> tuple[_Beside, _Flood]:
+    flood, messages = _messages(direct, batch_id)
+    _settle()
+    with ThreadPoolExecutor(1) as pool:
+        count = _publish_and_count(flood, direct.url, messages, batch_id)
+        pending = pool.submit(asyncio.run, count)
+        small_run = _small_after(flood.run, pending, small, after_s)
+        pending.result()
+    return _Beside(flood.run, small_run, flood.done_by(small_run.done)), flood
 
 
 def _settle() -> None:
@@ -150,8 +243,11 @@ def _settle() -> None:
     quiet_machine(wait_s=120)
 
 
-def _round(jobs: dict[str, _Job], system: Any, attempt: int, after_s: float) -> dict[str, Any]:
-    """The four runs once: each small batch alone, the big one alone, then each beside it."""
+def _round(
+    jobs: dict[str, _Job], system: Any, direct: _Direct, attempt: int, after_s: float
+) -> dict[str, Any]:
+    """The six runs once: each small batch alone, the big one alone, then each beside it; then
+    the direct flood alone and beside B."""
     figures: dict[str, Any] = {}
     for key in ("b", "high"):
         _settle()
@@ -177,7 +273,30 @@ def _round(jobs: dict[str, _Job], system: Any, attempt: int, after_s: float) -> 
         print(f"  round {attempt}: {jobs['a'].label} + {jobs[key].label}...", flush=True)
         both = _beside(jobs["a"], jobs[key], after_s)
         figures[f"with_{key}"] = _paired(both, figures[f"{key}_alone_s"], alone.lines_per_s)
+    _round_direct(figures, jobs["b"], direct, attempt, after_s)
     return figures
+
+
+def _round_direct(
+    figures: dict[str, Any], small: _Job, direct: _Direct, attempt: int, after_s: float
+) -> None:
+    """D alone, then D + B (B against its time alone in this round, D against D alone)."""
+    batch_id = f"{DIRECT_BATCH}-{attempt}-alone"
+    alone, messages = _messages(direct, batch_id)
+    _settle()
+    print(f"  round {attempt}: D (direct publisher) alone...", flush=True)
+    asyncio.run(_publish_and_count(alone, direct.url, messages, batch_id))
+    figures.update(
+        d_alone_s=round(alone.run.seconds, 3),
+        d_alone_lines_per_s=round(alone.run.lines_per_s, 1),
+        d_alone_publish_s=round(alone.publish_s, 3),
+    )
+    print(f"  round {attempt}: D + {small.label}...", flush=True)
+    both, flood = _beside_direct(direct, f"{DIRECT_BATCH}-{attempt}-b", small, after_s)
+    figures["with_b_direct"] = {
+        **_paired(both, figures["b_alone_s"], alone.run.lines_per_s),
+        "big_publish_s": round(flood.publish_s, 3),
+    }
 
 
 def _paired(both: _Beside, small_alone_s: float, big_alone_per_s: float) -> dict[str, Any]:
@@ -211,18 +330,23 @@ def _figures(
         "cpu_busy_fraction": _median(rounds, "cpu_busy_fraction"),
         "jetbatch_cpu_fraction": _median(rounds, "jetbatch_cpu_fraction"),
         "a_alone_lines_per_s": _median(rounds, "a_alone_lines_per_s"),
+        "d_alone_lines_per_s": _median(rounds, "d_alone_lines_per_s"),
+        "d_alone_publish_s": _median(rounds, "d_alone_publish_s"),
         "target_factor": TARGET_FACTOR,
         "target_loss": TARGET_LOSS,
     }
     # Only a small batch created while the big one still ran says anything about fairness.
-    met = all(r[f"with_{k}"]["small_created_while_big_ran"] for r in rounds for k in ("b", "high"))
+    met = all(r[f"with_{k}"]["small_created_while_big_ran"] for r in rounds for k in BESIDE)
     figures["small_created_while_big_ran"] = met
-    for key in ("b", "high"):
-        figures[f"{key}_alone_s"] = _median(rounds, f"{key}_alone_s")
+    for key, small in BESIDE.items():
+        figures[f"{small}_alone_s"] = _median(rounds, f"{small}_alone_s")
         for name in ("small_s", "small_factor", "big_lines_per_s", "big_loss"):
             figures[f"with_{key}_{name}"] = _median(rounds, f"with_{key}", name)
-        met = met and figures[f"with_{key}_small_factor"] <= TARGET_FACTOR
-        met = met and figures[f"with_{key}_big_loss"] <= TARGET_LOSS
+        figures[f"with_{key}_meets_targets"] = (
+            figures[f"with_{key}_small_factor"] <= TARGET_FACTOR
+            and figures[f"with_{key}_big_loss"] <= TARGET_LOSS
+        )
+        met = met and figures[f"with_{key}_meets_targets"]
     figures["meets_targets"] = met
     return figures
 
@@ -231,24 +355,31 @@ def _verdict(value: float, target: float) -> str:
     return "met" if value <= target else "NOT met"
 
 
-def _rows_beside(key: str, label: str, f: dict[str, Any], last: dict[str, Any]) -> list[Any]:
+def _rows_beside(
+    key: str, label: str, f: dict[str, Any], last: dict[str, Any], big: str = "A"
+) -> list[Any]:
     factor, loss = f[f"with_{key}_small_factor"], f[f"with_{key}_big_loss"]
     seen = last[f"with_{key}"]
+    start = f"{big}'s create" if big == "A" else f"{big}'s first publish"
+    # The small batch's time alone, shown with the first run set against it.
+    alone: list[tuple[str, str]] = []
+    if BESIDE[key] == key:
+        alone.append((f"{label} alone (idle system)", f"{f[f'{key}_alone_s']:.2f} s"))
     return [
-        (f"{label} alone (idle system)", f"{f[f'{key}_alone_s']:.2f} s"),
+        *alone,
         (
-            f"{label}, {f['start_after_s']:g} s after A's create",
+            f"{label}, {f['start_after_s']:g} s after {start}",
             f"{f[f'with_{key}_small_s']:.2f} s = {factor:.2f}x alone "
             f"(target <= {TARGET_FACTOR}x: {_verdict(factor, TARGET_FACTOR)})",
         ),
         (
-            "  last round: done / A done (s after A's create)",
+            f"  last round: done / {big} done (s after {start})",
             f"{seen['small_done_after_big_create_s']:.2f} / "
-            f"{seen['big_done_after_big_create_s']:.2f}; A's lines done by then: "
+            f"{seen['big_done_after_big_create_s']:.2f}; {big}'s lines done by then: "
             f"{seen['big_lines_done_when_small_done']:,}",
         ),
         (
-            f"A beside {label}",
+            f"{big} beside {label}",
             f"{f[f'with_{key}_big_lines_per_s']:,.0f} lines/s, loss {loss:.1%} "
             f"(target <= {TARGET_LOSS:.0%}: {_verdict(loss, TARGET_LOSS)})",
         ),
@@ -271,6 +402,16 @@ def _show(f: dict[str, Any], rounds: list[dict[str, Any]]) -> None:
             ("  CPU seconds by process (last round)", last["cpu_s_by_process"]),
             *_rows_beside("b", "B (another project)", f, last),
             *_rows_beside("high", f"A's own, priority {HIGH_PRIORITY}", f, last),
+            (
+                "D alone (direct publisher, default project)",
+                f"{f['d_alone_lines_per_s']:,.0f} lines/s",
+            ),
+            (
+                "  D's publish (all PubAcks in)",
+                f"{f['d_alone_publish_s']:.2f} s = "
+                f"{f['lines'] / f['d_alone_publish_s']:,.0f} msg/s",
+            ),
+            *_rows_beside("b_direct", "B (another project)", f, last, big="D"),
         ],
     )
     if not f["small_created_while_big_ran"]:
@@ -310,10 +451,11 @@ def run(args: Any) -> dict[str, Any]:
         ForeignLoad() as foreign,
     ):
         jobs = _jobs(system, big_path, small_path, lines)
+        direct = _Direct(admin_nats_url(system), big_path)
         for key in ("b", "high"):
             _complete(jobs[key])  # warm-up, untimed: a fresh system's first batches are slower
         for attempt in range(1, max(1, getattr(args, "repeat", 1)) + 1):
-            rounds.append(_round(jobs, system, attempt, after_s))
+            rounds.append(_round(jobs, system, direct, attempt, after_s))
     figures = {**_figures(rounds, lines, delay_s, after_s), **foreign.report()}
     _show(figures, rounds)
     out = write_result("fairness", figures, runs=rounds, cpu_busy_pct_before=load)

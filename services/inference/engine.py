@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 from shared.config import ModelSpec, Settings
+
+if TYPE_CHECKING:
+    from services.inference.engine_load import EngineLoad
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -54,6 +57,8 @@ def bad_request(message: str) -> EngineResult:
 class Engine(Protocol):
     name: str  # "vllm" | "instant"
     capacity: int  # requests to keep in flight so the engine stays saturated
+    # What the engine holds now, for admission (engine_load.py); None: not reported.
+    load: EngineLoad | None
 
     async def start(self) -> None: ...
 

@@ -81,6 +81,7 @@ class InstantEngine:
     def __init__(self, spec: ModelSpec, *, max_in_flight: int = 0, delay_s: float = 0.0) -> None:
         self.spec = spec
         self.capacity = max_in_flight or 256
+        self.load = None  # answers at once: nothing waits in it
         self._delay_s = delay_s
         self._in_flight = InFlight()
 

@@ -85,7 +85,13 @@ class Intake:
         self._held[cls] = 0
         taken = self.running + sum(self._held.values())
         free = min(self.capacity - taken, self.max_unacked - len(self.in_flight))
-        if len(self.in_flight) < self.max_unacked:
+        load = self.worker.engine.load
+        room = None if load is None else load.room(self.running)
+        if room is not None:
+            # vLLM's own queue already holds what refills it (engine_load.py): the rest waits
+            # in JetStream, for whichever worker has room first.
+            free = min(free, room)
+        if len(self.in_flight) < self.max_unacked and room != 0:
             waiting = self.shares.waiting(cls)
             free = self.shares.allowance(cls, free)
             # A look for one line is not reserved: it may wait a second for a line that may

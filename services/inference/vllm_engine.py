@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from services.inference import engine_args, priority, vllm_embed
+from services.inference import engine_args, engine_load, priority, vllm_embed
 from services.inference.coalesce import Coalescer
 from services.inference.engine import (
     CHAT,
@@ -131,7 +131,14 @@ def admission_capacity(max_num_seqs: int, kv_cache_tokens: int = 0, max_model_le
     if kv_cache_tokens > 0:
         line = min(TYPICAL_LINE_TOKENS, max_model_len) if max_model_len > 0 else TYPICAL_LINE_TOKENS
         running = max(1, min(running, kv_cache_tokens // line))
-    return running + max(4, running // 4)
+    return running + queue_target(running)
+
+
+def queue_target(running: int) -> int:
+    """The requests kept waiting in vLLM's own queue, ready to replace a finishing one: the
+    capacity's headroom above what runs, and the most the intake lets wait there at run time
+    (engine_load.py)."""
+    return max(4, running // 4)
 
 
 def _import_vllm() -> None:
@@ -157,6 +164,7 @@ class VllmEngine:
         self._handlers: dict[str, tuple[Any, Callable[[Any], Awaitable[Any]]]] = {}
         # Batch embeddings lines in hand at once, as one engine request (vllm_embed.py).
         self._embed_lines: Coalescer[Any, EngineResult] | None = None
+        self.load: engine_load.EngineLoad | None = None  # from start()
         self._started = False
 
     def _serve_argv(self, on_cpu: bool) -> list[str]:
@@ -261,6 +269,9 @@ class VllmEngine:
         self.capacity = self._max_in_flight or admission_capacity(
             sizing.max_num_seqs, kv_tokens, sizing.max_model_len
         )
+        if self.spec.task == "generate":
+            # A pooling request holds the cache for one step: its queue is no sign of a full one.
+            self.load = engine_load.attach(client, queue_target(sizing.max_num_seqs))
         self._started = True
         log.info(
             "vLLM engine for %s ready in %.1f s: tasks %s, engine settings %s, max_num_seqs %d,"

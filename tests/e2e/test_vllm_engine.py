@@ -263,6 +263,22 @@ async def test_capacity_is_sized_from_vllms_scheduler(chat_engine: Engine) -> No
 # -- embed -------------------------------------------------------------------------------------
 
 
+async def test_the_engine_reports_its_queue_and_cache_for_admission(chat_engine: Engine) -> None:
+    """vLLM's scheduler reports through the stat logger the intake reads (engine_load.py)."""
+    load = chat_engine.load
+    assert load is not None
+    body = json.dumps({"model": DEFAULT_CHAT_MODEL, "prompt": "Count:", "max_tokens": 4})
+    results = await asyncio.gather(
+        *(chat_engine.run(COMPLETIONS, body.encode(), f"load-{i}") for i in range(8))
+    )
+    assert all(r.ok for r in results)
+    last = load.fresh()
+    assert last is not None, "no scheduler stats since the requests ran"
+    assert 0.0 <= last.kv_cache_usage <= 1.0
+    assert last.running >= 0 and last.waiting >= 0
+    assert load.room(in_engine=0) == load.queue_target
+
+
 async def test_embeddings_are_normalised_384_float_vectors(embed_engine: Engine) -> None:
     body = json.dumps(
         {"model": DEFAULT_EMBED_MODEL, "input": ["The cat sat on the mat.", "Hello"]}

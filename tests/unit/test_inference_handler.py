@@ -34,6 +34,7 @@ def request(body: dict, endpoint: str = "/v1/chat/completions", line: int = 0) -
 class FailingEngine:
     name = "failing"
     capacity = 4
+    load = None
 
     def __init__(self, outcome: EngineResult | None = None) -> None:
         self.outcome = outcome
