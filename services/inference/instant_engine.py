@@ -11,7 +11,7 @@ import hashlib
 import math
 import struct
 import time
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
@@ -25,6 +25,9 @@ from services.inference.engine import (
     bad_request,
 )
 from shared.config import ModelSpec
+
+if TYPE_CHECKING:
+    from services.inference.engine_load import EngineLoad
 
 _PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -81,7 +84,7 @@ class InstantEngine:
     def __init__(self, spec: ModelSpec, *, max_in_flight: int = 0, delay_s: float = 0.0) -> None:
         self.spec = spec
         self.capacity = max_in_flight or 256
-        self.load = None  # answers at once: nothing waits in it
+        self.load: EngineLoad | None = None  # answers at once: nothing waits in it
         self._delay_s = delay_s
         self._in_flight = InFlight()
 
