@@ -55,7 +55,6 @@ class Intake:
     def __init__(self, worker: Worker, runners: Mapping[str, Runner[RequestMessage]]) -> None:
         self.worker = worker
         self.runners = runners  # by class: DISPATCHED first, then DIRECT (bound in that order)
-        self.runner = runners[DISPATCHED]
         self.capacity = worker.settings.max_in_flight or worker.engine.capacity
         self.max_unacked = self.capacity + RESULTS_WINDOW
         self.in_flight: dict[str, Msg] = {}  # every message not acked yet
@@ -125,7 +124,7 @@ class Intake:
         await asyncio.gather(
             *(
                 runner.pull(
-                    self.take_slice,
+                    functools.partial(self.take_slice, cls=cls),
                     stop,
                     admit=functools.partial(self.admit, cls),
                     slice_size=self.slice_size,
@@ -141,46 +140,46 @@ class Intake:
         self.shares.fetched(cls, _pending(msgs[-1]) if msgs else 0)
 
     async def take(self, msgs: list[Msg]) -> None:
-        """Start on a pulled chunk, a slice at a time (what `pull` does with each fetch)."""
+        """Start on a pulled chunk (of one class), a slice at a time (what `pull` does with
+        each fetch)."""
         if msgs:
-            await self._runner(msgs[0]).take(self.take_slice, msgs, self.slice_size())
-
-    def _runner(self, msg: Msg) -> Runner[RequestMessage]:
-        if DIRECT not in self.runners or RequestMessage.dispatched(msg.subject):
-            return self.runner
-        return self.runners[DIRECT]
+            cls = DISPATCHED if RequestMessage.dispatched(msgs[0].subject) else DIRECT
+            take = functools.partial(self.take_slice, cls=cls)
+            await self.runners[cls].take(take, msgs, self.slice_size())
 
     # -- one slice ------------------------------------------------------------------------------
-    async def take_slice(self, deliveries: list[Delivery[RequestMessage]]) -> None:
+    async def take_slice(
+        self, deliveries: list[Delivery[RequestMessage]], cls: str = DISPATCHED
+    ) -> None:
         """Requests answered without waiting are published and acked as one group (one task);
         the others each get a task that awaits the engine."""
+        runner = self.runners[cls]
         self.running += len(deliveries)
+        self.shares.running[cls] += len(deliveries)
+        self._held[cls] = max(0, self._held[cls] - len(deliveries))
         ready: Ready = []
         for d in deliveries:
-            cls = _class(d.msg)
-            self.shares.running[cls] += 1
-            self._held[cls] = max(0, self._held[cls] - 1)
             req = d.value
             if subject_token(req.project) != RequestMessage.project_in(d.subject):
                 # NATS let its publisher publish under the subject's project only: a body
                 # naming another is a forgery (its result would land in that project's batch).
-                self._release_slot(d.msg)
-                self._spawn(self._runner(d.msg).reject(d, "project differs from the subject's"))
+                self._release_slot(cls)
+                self._spawn(runner.reject(d, "project differs from the subject's"))
                 continue
             now = self.worker.answer_now(
                 req, stable_id("req_", req.batch_id, req.custom_id), d.number
             )
             # A traced line takes the one-at-a-time path: its result carries its trace headers.
             if now is self.worker.needs_engine or tracing.traced(d.msg.headers):
-                self._spawn(self.process(d))
+                self._spawn(self.process(d, cls))
                 continue
             self.in_flight[d.msg.reply or new_id("m")] = d.msg
-            self._release_slot(d.msg)
+            self._release_slot(cls)
             ready.append((d, now))  # type: ignore[arg-type]
         if ready:
-            self._spawn(self._publish_ready(ready))
+            self._spawn(self._publish_ready(ready, runner))
 
-    async def _publish_ready(self, ready: Ready) -> None:
+    async def _publish_ready(self, ready: Ready, runner: Runner[RequestMessage]) -> None:
         assert self.results is not None
         items: list[tuple[str, bytes, str, Msg]] = []
         results: list[ResultMessage] = []
@@ -195,11 +194,10 @@ class Intake:
                 results.append(result)
         try:
             for d in retry:
-                await self._runner(d.msg).retry(d)
+                await runner.retry(d)
             failed = await self.results.publish_many_then_ack(items)
             self.completed += len(items) - len(failed)
-            if items:
-                self._runner(items[0][3]).counts.add("acked", len(items) - len(failed))
+            runner.counts.add("acked", len(items) - len(failed))
             for index, result in enumerate(results):
                 if index not in failed:
                     self.metrics.published(result, items[index][3])
@@ -208,14 +206,16 @@ class Intake:
                 log.warning(
                     "result of %s not published (%r); it will be redelivered", msg.subject, error
                 )
-                await self._runner(msg).retry(msg, REPUBLISH_DELAY_S)
+                await runner.retry(msg, REPUBLISH_DELAY_S)
         finally:
             for d, _ in ready:
                 self.in_flight.pop(d.msg.reply or "", None)
             self._slot_free.set()
 
-    async def process(self, d: Delivery[RequestMessage]) -> None:
-        """One request that waits for the engine; `self.running` counted it already."""
+    async def process(self, d: Delivery[RequestMessage], cls: str) -> None:
+        """One request of class `cls` that waits for the engine; `self.running` counted it
+        already."""
+        runner = self.runners[cls]
         token = d.msg.reply or new_id("m")
         self.in_flight[token] = d.msg
         in_engine = True
@@ -230,10 +230,10 @@ class Intake:
             finally:
                 tracing.end(engine_span)
                 in_engine = False
-                self._release_slot(d.msg)
+                self._release_slot(cls)
                 self.metrics.request_seconds.observe(time.monotonic() - started)
             if result is None:
-                await self._runner(d.msg).retry(d)
+                await runner.retry(d)
                 return
             # Acked once RESULTS holds the result; results finishing together share one round
             # trip to the server.
@@ -246,24 +246,24 @@ class Intake:
                 headers=tracing.headers_of(span),
             )
             self.completed += 1
-            self._runner(d.msg).counts.add("acked")
+            runner.counts.add("acked")
             self.metrics.published(result, d.msg)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("request on %s not handled; it will be redelivered", d.subject)
             with contextlib.suppress(Exception):
-                await self._runner(d.msg).retry(d, REPUBLISH_DELAY_S)
+                await runner.retry(d, REPUBLISH_DELAY_S)
         finally:
             tracing.end(span)
             if in_engine:
-                self._release_slot(d.msg)
+                self._release_slot(cls)
             self.in_flight.pop(token, None)
             self._slot_free.set()
 
-    def _release_slot(self, msg: Msg) -> None:
+    def _release_slot(self, cls: str) -> None:
         self.running -= 1
-        self.shares.running[_class(msg)] -= 1
+        self.shares.running[cls] -= 1
         self._slot_free.set()
 
     # -- keeping and giving back ------------------------------------------------------------------
@@ -295,7 +295,8 @@ class Intake:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        handed_back = await self.runner.hand_back(leftover)
+        # Naks, whichever consumer each came from: any runner hands them back.
+        handed_back = await self.runners[DISPATCHED].hand_back(leftover)
         if handed_back:
             log.info("handed back %d in-flight requests", handed_back)
 
@@ -306,10 +307,6 @@ class Intake:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _class(msg: Msg) -> str:
-    return DISPATCHED if RequestMessage.dispatched(msg.subject) else DIRECT
 
 
 def _pending(msg: Msg) -> int:

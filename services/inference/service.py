@@ -156,7 +156,6 @@ class Worker:
             cls: Runner(None, consumer, self._dead_letter)
             for cls, consumer in consumers_for(settings, spec, self.capacity).items()
         }
-        self.runner = self.runners[DISPATCHED]
         self.intake = Intake(self, self.runners)
         self.heartbeats = Heartbeats(self, gpu, self.gate)
         # Operators' drain/resume/restart (control.py), keyed by an id stable across restarts.
