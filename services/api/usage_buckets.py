@@ -155,7 +155,9 @@ def parse_query(kind: Kind, params: Mapping[str, Sequence[str]], now: int) -> Qu
     if batch is not None and batch.lower() not in ("true", "false"):
         raise _bad("batch", f"Invalid batch: {clip(batch)!r} is not true or false")
     first = start - start % width
-    stop = -(-(end if end is not None else max(now, start + 1)) // width) * width
+    # Without end_time the range runs to the end of the bucket holding now, that bucket included
+    # (a batch that finished this second is in it, also when now is a bucket's first second).
+    stop = -(-end // width) * width if end is not None else (max(now, start) // width + 1) * width
     page = _one(params, "page")
     page_start = first if page is None else _from_cursor(page)
     if not (first <= page_start < stop and (page_start - first) % width == 0):

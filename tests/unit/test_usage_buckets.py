@@ -42,6 +42,13 @@ def test_pages_walk_the_range_through_next_page() -> None:
     assert second.next_page is None
 
 
+def test_without_end_time_the_bucket_holding_now_is_listed_also_at_its_first_second() -> None:
+    given = {"start_time": [str(T0 - 60)], "bucket_width": ["1m"]}
+    for now in (T0, T0 + 1, T0 + 59):  # T0 is a minute's first second
+        query = parse_query("completions", given, now=now)
+        assert (query.page_start, query.buckets, query.next_page) == (T0 - 60, 2, None)
+
+
 def test_default_limits_are_openais() -> None:
     assert q(start_time=str(T0)).buckets == 7  # 1d; end = now, ten days on
     assert q(start_time=str(T0), bucket_width="1h").buckets == 24
