@@ -8,8 +8,8 @@ own claim on the CPU and runs as soon as its socket wakes it; it then waits only
 which the bulk thread hands over within the switch interval set here.
 
 Beside it, the other two things a process does for its latency-sensitive work, light enough for
-the api's child processes to import: `lower_priority` (batch-only work yields the CPU) and
-`freeze_heap` (full garbage collections skip start-up objects)."""
+the api's child processes to import: `lower_priority` and `lower_process_priority` (batch-only
+work yields the CPU) and `freeze_heap` (full garbage collections skip start-up objects)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,28 @@ def lower_priority(nice: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+
+
+AUTOGROUP = "/proc/self/autogroup"
+
+
+def lower_process_priority(nice: int) -> None:
+    """`lower_priority` for a process that does only batch work, and for its scheduling group.
+    Where the kernel groups processes by session (CONFIG_SCHED_AUTOGROUP with
+    kernel.sched_autogroup_enabled=1, the default of many distributions), CPU time is shared
+    between sessions first and niceness only orders the threads inside one: a niced service
+    in a session of its own (`jetbatch up` starts each so, as systemd does) still took a full
+    session's share from synchronous requests. So a session leader also raises its session's
+    autogroup niceness, which needs no privilege. A process that is not its session's leader
+    leaves it alone: its session holds other processes (a shell, the api with its children)."""
+    lower_priority(nice)
+    if nice <= 0 or os.getsid(0) != os.getpid():
+        return
+    with contextlib.suppress(OSError, ValueError):  # no autogroups here
+        with open(AUTOGROUP) as f:
+            now = int(f.read().split("nice")[1])
+        with open(AUTOGROUP, "w") as f:
+            f.write(str(min(19, now + nice)))
 
 
 class Lane:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from shared import config
 from shared.config import ConfigError, Settings
-from shared.lane import lower_priority
+from shared.lane import lower_process_priority
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def main(
     settings = load_settings(service, requires)
     telemetry.setup(service, settings.log_level, settings.observability)
     if batch_only:
-        lower_priority(settings.batch_nice)
+        lower_process_priority(settings.batch_nice)
     try:
         asyncio.run(_serve(serve, settings))
     except ConfigError as e:  # found once connected (more NATS replicas than servers, say)

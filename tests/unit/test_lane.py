@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from shared.lane import SWITCH_INTERVAL_S, Lane, lower_priority, on_loop
+from shared.lane import AUTOGROUP, SWITCH_INTERVAL_S, Lane, lower_priority, on_loop
 
 
 async def thread_name() -> str:
@@ -77,3 +79,33 @@ def test_lower_priority_raises_the_calling_threads_niceness_only() -> None:
     thread.join()
     assert seen["after"] == min(19, seen["before"] + 5)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+
+
+_REPORT = """
+import os
+from shared.lane import AUTOGROUP, lower_process_priority
+lower_process_priority(5)
+group = open(AUTOGROUP).read().split("nice")[1].strip() if os.path.exists(AUTOGROUP) else "-1"
+print(os.getpriority(os.PRIO_PROCESS, 0), group)
+"""
+
+
+def _lowered(new_session: bool) -> tuple[int, int]:
+    """(thread niceness, autogroup niceness or -1) of a child that lowered its priority by 5."""
+    out = subprocess.run(
+        [sys.executable, "-c", _REPORT], capture_output=True, text=True, check=True,
+        start_new_session=new_session, cwd=Path(__file__).parents[2],
+    ).stdout.split()  # fmt: skip
+    return int(out[0]), int(out[1])
+
+
+def test_a_batch_only_session_leader_lowers_its_sessions_autogroup_and_nobody_elses() -> None:
+    # Where the kernel has no autogroups (the file is missing), only the thread yields.
+    grouped = Path(AUTOGROUP).exists()
+    mine = int(Path(AUTOGROUP).read_text().split("nice")[1]) if grouped else -1
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert _lowered(new_session=True) == (min(19, base + 5), min(19, mine + 5) if grouped else -1)
+    # In this session (pytest's, a shell's): the thread yields, the session's group does not.
+    assert _lowered(new_session=False) == (min(19, base + 5), mine)
+    if grouped:
+        assert int(Path(AUTOGROUP).read_text().split("nice")[1]) == mine
