@@ -219,9 +219,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         Meta(
             ge=0,
             description="added to the CPU niceness (`nice`) of the processes that do only batch"
-            " work (the results writer, the api's validation and publishing children), and of"
-            " the results writer's session autogroup where the kernel groups by session, so on a"
-            " busy machine they yield the CPU to synchronous requests; `0` = off",
+            " work (the results writer, the watchdog, the webhook notifier, the api's validation"
+            " and publishing children), and of the services' session autogroups where the kernel"
+            " groups by session, so on a busy machine they yield the CPU to synchronous requests"
+            " and the engine; `0` = off",
         ),
     ] = 10
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)

@@ -428,4 +428,4 @@ async def _drain(nc) -> None:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    process.main(SERVICE, run)
+    process.main(SERVICE, run, batch_only=True)  # nothing synchronous waits on it: it yields

@@ -441,4 +441,4 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    process.main(SERVICE, run)
+    process.main(SERVICE, run, batch_only=True)  # deliveries wait seconds, not milliseconds: it yields

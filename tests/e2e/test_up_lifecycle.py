@@ -52,6 +52,7 @@ def test_up_restarts_a_killed_service_and_stops_cleanly(scratch_dir: Path) -> No
         everything = psutil.Process(system.proc.pid).children(recursive=True)
         assert len(everything) >= 8  # 6 services + nats-server + postgres (+ its workers)
         check_locked_doors(system.proc.pid, system.data_dir)
+        check_batch_work_yields(system.proc.pid)
     finally:
         code = stop_system(system)
     assert code == 0, system.log_tail()
@@ -84,6 +85,30 @@ def check_locked_doors(pid: int, data_dir: Path) -> None:
         path = data_dir / secret
         if path.exists():  # the api key and webhook secret came from the environment
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, secret
+
+
+BATCH_ONLY = ("services.results_writer", "services.watchdog", "services.webhook_notifier")
+
+
+def _autogroup_nice(pid: int) -> int | None:
+    path = Path(f"/proc/{pid}/autogroup")  # a kernel that groups by session
+    return int(path.read_text().split("nice")[1]) if path.exists() else None
+
+
+def check_batch_work_yields(pid: int) -> None:
+    """The services that do only batch work run niced (JETBATCH_BATCH_NICE, default 10), each in
+    a session of its own whose autogroup is niced too; those that serve synchronous requests
+    (the api, the workers) are not."""
+    base, group = psutil.Process(pid).nice(), _autogroup_nice(pid)
+    for module in (*BATCH_ONLY, "services.api", "services.inference"):
+        found = [p for p in children_named(pid, module) if p.ppid() == pid]  # one per model
+        assert found, module
+        lowered = module in BATCH_ONLY
+        for proc in found:
+            assert proc.nice() == (min(19, base + 10) if lowered else base), module
+            if group is not None:
+                want = min(19, group + 10) if lowered else group
+                assert _autogroup_nice(proc.pid) == want, module
 
 
 def alive(p: psutil.Process) -> bool:
