@@ -70,7 +70,7 @@ async def resolve(deps: Deps, header: str | None) -> Caller:
     if key is not None and configured and hmac.compare_digest(key.encode(), configured.encode()):
         return Caller(project_id=DEFAULT_PROJECT_ID, admin=True)
     if key is not None and len(key) <= 512:
-        row = await tenants.lookup_key(deps.pool, key, now_s())
+        row = await tenants.lookup_key(deps.pool, key, now_s(), deps.key_cache)
         if row is not None:
             if row["kind"] == "admin":
                 return Caller(project_id=DEFAULT_PROJECT_ID, admin=True, key_id=row["id"])

@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 from services.api.children import SpareChild
 from services.api.concurrency import SyncSlots
 from services.api.dispatcher import Dispatcher
+from services.api.key_cache import KeyCache
 from services.api.publishing import PublishingChild
 from services.api.rate_limits import RateLimiter
 from services.api.sync_usage import SyncUsage
@@ -61,6 +62,9 @@ class Deps:
     rate_limiter: RateLimiter = field(init=False)
     # What synchronous requests used, written every few seconds (sync_usage.py).
     sync_usage: SyncUsage = field(default_factory=SyncUsage)
+
+    # Live API keys, read from PostgreSQL once and dropped when one ends (key_cache.py).
+    key_cache: KeyCache = field(default_factory=KeyCache)
 
     # Which batch's lines go to REQUESTS when (services/api/dispatcher.py).
     dispatcher: Dispatcher = field(init=False)

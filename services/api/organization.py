@@ -112,9 +112,11 @@ async def retrieve_admin_key(key_id: str, deps: DepsParam) -> AdminApiKey:
 
 @delete("/organization/admin_api_keys/{key_id:str}", status_code=200, opt=ADMIN)
 async def delete_admin_key(key_id: str, deps: DepsParam) -> DeletedAdminApiKey:
-    """Revoked at once: the next call with it is a 401, on every api replica."""
+    """Revoked at once: the next call with it is a 401 here, and on every other api replica
+    as soon as PostgreSQL's notification reaches it (milliseconds: key_cache.py)."""
     if not await tenants.revoke_key(deps.pool, key_id, now_s(), kind="admin"):
         raise _admin_key_not_found(key_id)
+    deps.key_cache.clear()
     log.info("admin API key %s revoked", key_id)
     return DeletedAdminApiKey(id=key_id)
 
@@ -190,6 +192,7 @@ async def archive_project(project_id: str, deps: DepsParam) -> Project:
     row = await tenants.archive_project(deps.pool, project_id, now_s())
     if row is None:
         raise project_not_found(project_id)
+    deps.key_cache.clear()  # here at once; other apis hear it from PostgreSQL (key_cache.py)
     log.info("project %s archived: its keys are revoked", project_id)
     return project_from_row(row)
 

@@ -150,6 +150,7 @@ async def delete_service_account(
     """The account and its keys: revoked at once."""
     if not await tenants.delete_service_account(deps.pool, project_id, service_account_id, now_s()):
         raise _account_not_found(service_account_id)
+    deps.key_cache.clear()  # here at once; other apis hear it from PostgreSQL (key_cache.py)
     log.info("project %s: service account %s deleted", project_id, service_account_id)
     return DeletedServiceAccount(id=service_account_id)
 
@@ -231,11 +232,13 @@ async def retrieve_project_key(project_id: str, api_key_id: str, deps: DepsParam
 async def delete_project_key(
     project_id: str, api_key_id: str, deps: DepsParam
 ) -> DeletedProjectApiKey:
-    """Revoked at once: the next call with it is a 401, on every api replica."""
+    """Revoked at once: the next call with it is a 401 here, and on every other api replica
+    as soon as PostgreSQL's notification reaches it (milliseconds: key_cache.py)."""
     if not await tenants.revoke_key(
         deps.pool, api_key_id, now_s(), kind="project", project_id=project_id
     ):
         raise _key_not_found(api_key_id)
+    deps.key_cache.clear()
     log.info("project %s: API key %s revoked", project_id, api_key_id)
     return DeletedProjectApiKey(id=api_key_id)
 

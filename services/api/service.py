@@ -155,6 +155,10 @@ def _lifespan(
             control_stop = asyncio.Event()
             control = asyncio.create_task(lifecycle.consume(deps, control_stop), name="control")
             stack.push_async_callback(_stop_task, control, control_stop)
+            # API keys' ends, heard from PostgreSQL: until then every key is read from it.
+            keys_stop = asyncio.Event()
+            keys = asyncio.create_task(deps.key_cache.listen(database_url, keys_stop), name="keys")
+            stack.push_async_callback(_stop_task, keys, keys_stop)
             # What synchronous requests used: written every few seconds, and at the end.
             usage_stop = asyncio.Event()
             usage = asyncio.create_task(

@@ -15,6 +15,7 @@ from typing import Literal, TypeAlias
 import asyncpg
 
 from schemas.projects import DEFAULT_PROJECT_ID
+from services.api.key_cache import KeyCache
 from shared.domain.webhooks import new_secret
 from shared.ids import new_id
 
@@ -76,21 +77,31 @@ async def _page(
 # Authentication ------------------------------------------------------------------------------
 
 
-async def lookup_key(pool: asyncpg.Pool, key: str, now: int) -> Row | None:
-    """The live key (not revoked, not expired, its project not archived) whose hash is `key`'s;
-    its last_used_at is brought up to date (at most once a minute)."""
+async def lookup_key(
+    pool: asyncpg.Pool, key: str, now: int, cache: KeyCache | None = None
+) -> Row | None:
+    """The live key (not revoked, not expired, its project not archived) whose hash is `key`'s,
+    from `cache` when it has it; its last_used_at is brought up to date (at most once a minute)."""
     digest = hash_key(key)
-    row = await pool.fetchrow(
-        "SELECT k.id, k.kind, k.project_id, k.hash, k.last_used_at FROM api_keys k"
-        " LEFT JOIN projects p ON p.id = k.project_id"
-        " WHERE k.hash = $1 AND k.revoked_at IS NULL"
-        " AND (k.expires_at IS NULL OR k.expires_at > $2) AND p.archived_at IS NULL",
-        digest, now,
-    )  # fmt: skip
-    if row is None or not hmac.compare_digest(bytes(row["hash"]), digest):
-        return None
-    if row["last_used_at"] is None or row["last_used_at"] < now - LAST_USED_EVERY_S:
+    row = None if cache is None else cache.get(digest, now)
+    if row is None:
+        generation = 0 if cache is None else cache.generation
+        row = await pool.fetchrow(
+            "SELECT k.id, k.kind, k.project_id, k.hash, k.last_used_at, k.expires_at"
+            " FROM api_keys k LEFT JOIN projects p ON p.id = k.project_id"
+            " WHERE k.hash = $1 AND k.revoked_at IS NULL"
+            " AND (k.expires_at IS NULL OR k.expires_at > $2) AND p.archived_at IS NULL",
+            digest, now,
+        )  # fmt: skip
+        if row is None or not hmac.compare_digest(bytes(row["hash"]), digest):
+            return None
+        if cache is not None:
+            cache.put(digest, row, generation)
+    last = row["last_used_at"] if cache is None else cache.last_used(digest, row["last_used_at"])
+    if last is None or last < now - LAST_USED_EVERY_S:
         await pool.execute("UPDATE api_keys SET last_used_at = $2 WHERE id = $1", row["id"], now)
+        if cache is not None:
+            cache.used(digest, now)
     return row
 
 
