@@ -60,7 +60,9 @@ async def test_a_cached_key_costs_no_query_and_its_revocation_ends_it_at_once(
             # so it was not read again; PostgreSQL alone refuses it.
             async with pool.acquire() as conn:
                 await conn.execute("SET session_replication_role = replica")
-                await conn.execute("UPDATE api_keys SET revoked_at = $2 WHERE id = $1", key["id"], NOW)
+                await conn.execute(
+                    "UPDATE api_keys SET revoked_at = $2 WHERE id = $1", key["id"], NOW
+                )
                 await conn.execute("RESET session_replication_role")
             assert (await tenants.lookup_key(pool, value, NOW, cache))["id"] == key["id"]
             assert await tenants.lookup_key(pool, value, NOW) is None
