@@ -37,7 +37,6 @@ from bench.common import (
     CHAT_MODEL,
     EMBED_MODEL,
     REPO,
-    ForeignLoad,
     System,
     quiet_machine,
     running_system,
@@ -46,6 +45,7 @@ from bench.common import (
     words,
     write_result,
 )
+from bench.sampling import ForeignLoad
 
 # jetbatch / run_batch on each half's figure (the targets).
 TARGET_RATIO = {"chat": 1.1, "embed": 3.0}

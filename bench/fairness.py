@@ -29,10 +29,7 @@ import psutil
 
 from bench.common import (
     CHAT_MODEL,
-    ForeignLoad,
     admin_nats_url,
-    cpu_delta,
-    cpu_seconds,
     output_ids,
     quiet_machine,
     running_system,
@@ -43,6 +40,7 @@ from bench.common import (
     write_result,
 )
 from bench.raw import request_messages
+from bench.sampling import ForeignLoad, cpu_delta, cpu_seconds
 from schemas.messages import DIRECT, RequestMessage, ResultMessage
 from shared import bus
 

@@ -18,7 +18,6 @@ import httpx
 from bench import echo
 from bench.common import (
     CHAT_MODEL,
-    ForeignLoad,
     admin_nats_url,
     client_gc_paused,
     percentile,
@@ -29,6 +28,7 @@ from bench.common import (
     write_chat_file,
     write_result,
 )
+from bench.sampling import ForeignLoad
 
 TARGET_P99_FACTOR = 2.0  # p99 under load / p99 idle
 TARGET_FLOOR_FACTOR = 2.0  # p99 under load / the bare NATS floor's p99 under the same load

@@ -13,9 +13,6 @@ from typing import Any
 
 from bench.common import (
     CHAT_MODEL,
-    ForeignLoad,
-    RssSampler,
-    peak_rss_mb,
     quiet_machine,
     running_system,
     scratch,
@@ -24,6 +21,7 @@ from bench.common import (
     write_chat_file,
     write_result,
 )
+from bench.sampling import ForeignLoad, RssSampler, peak_rss_mb
 
 TARGET_MB = 250
 LINES = 50_000

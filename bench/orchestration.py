@@ -19,9 +19,6 @@ import psutil
 from bench import raw
 from bench.common import (
     CHAT_MODEL,
-    ForeignLoad,
-    cpu_delta,
-    cpu_seconds,
     quiet_machine,
     running_system,
     scratch,
@@ -29,6 +26,7 @@ from bench.common import (
     write_chat_file,
     write_result,
 )
+from bench.sampling import ForeignLoad, cpu_delta, cpu_seconds
 
 TARGET_LINES_PER_S = 5_000
 TARGET_RATIO = 0.5

@@ -28,7 +28,6 @@ from typing import Any
 from bench import engine
 from bench.common import (
     CHAT_MODEL,
-    ForeignLoad,
     System,
     chat_line,
     quiet_machine,
@@ -37,6 +36,7 @@ from bench.common import (
     words,
     write_result,
 )
+from bench.sampling import ForeignLoad
 from services.inference import engine_args
 from shared.embedded import free_port
 from shared.metrics import PORT_OFFSETS

@@ -17,7 +17,8 @@ import nats
 import psutil
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from bench.common import cpu_delta, cpu_seconds, scratch
+from bench.common import scratch
+from bench.sampling import cpu_delta, cpu_seconds
 from schemas.messages import RequestMessage
 from shared import bus
 from shared.bus import nats_private
