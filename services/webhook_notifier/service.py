@@ -441,4 +441,5 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    process.main(SERVICE, run, batch_only=True)  # deliveries wait seconds, not milliseconds: it yields
+    # Deliveries wait seconds, not milliseconds: the notifier yields the CPU.
+    process.main(SERVICE, run, batch_only=True)
