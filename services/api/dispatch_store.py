@@ -11,7 +11,7 @@ from services.api.schedule import Candidate, QueuePlace
 
 # Every api replica reads the same rows: the fair split is computed from everyone's batches.
 CANDIDATES_SQL = """
-SELECT b.id, b.project_id, p.share, b.priority, b.expires_at, b.created_at,
+SELECT b.id, b.project_id, p.share, b.priority, b.expires_at, b.created_at, b.seq,
        b.total - b.dispatched AS remaining, coalesce(b.in_progress_at, b.created_at) AS since,
        b.dispatched
 FROM batches b JOIN projects p ON p.id = b.project_id
@@ -31,6 +31,7 @@ async def candidates(pool: asyncpg.Pool, model: str) -> tuple[list[Candidate], s
             priority=r["priority"],
             expires_at=r["expires_at"],
             created_at=r["created_at"],
+            seq=r["seq"],
             remaining=max(0, r["remaining"]),
             waiting_since=r["since"],
         )

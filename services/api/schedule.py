@@ -29,13 +29,14 @@ class Candidate:
     created_at: int
     remaining: int  # lines not yet dispatched
     waiting_since: int  # when it became ready to dispatch (its in_progress_at)
+    seq: int = 0  # the order batches were created in, within a second too (migration 016)
 
 
-def order_key(c: Candidate, now: float) -> tuple[int, float, int, str]:
+def order_key(c: Candidate, now: float) -> tuple[int, float, int, int, str]:
     """A project's batches in the order they are served: highest effective priority, earliest
-    deadline, oldest, then by id (a total order)."""
+    deadline, oldest (by second, then by creation order), then by id (a total order)."""
     deadline = math.inf if c.expires_at is None else float(c.expires_at)
-    return (-aged(c.priority, now - c.waiting_since), deadline, c.created_at, c.batch_id)
+    return (-aged(c.priority, now - c.waiting_since), deadline, c.created_at, c.seq, c.batch_id)
 
 
 def fair_split(demand: Mapping[str, int], shares: Mapping[str, float], room: int) -> dict[str, int]:

@@ -19,9 +19,11 @@ import openai
 import pytest
 
 from schemas.messages import DIRECT, RequestMessage, ResultMessage
-from services.api import store
+from services.api import dispatch_store, store
+from services.api.schedule import allocate
 from services.watchdog.store import redrive_due
 from shared import bus
+from shared.db import MIGRATIONS_DIR
 from tests.helpers import CHAT, CHAT_MODEL, admin_client, chat_jsonl, project_with_key, wait_until
 from tests.lifecycle_helpers import System, check_exactly_once, lifecycle_env, running_system
 
@@ -215,5 +217,57 @@ async def test_a_batch_waiting_for_dispatch_is_re_driven_only_when_no_api_claims
                 assert batch_id not in await redrive_due(conn, 100)  # its api dispatches it
             assert batch_id in await redrive_due(conn, 100)  # that api is gone
         assert len(signs) == 2
+    finally:
+        await conn.close()
+
+
+async def test_batches_are_numbered_in_the_order_they_are_created(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        for batch_id in ("batch_zz", "batch_mm", "batch_aa"):  # one second, ids out of order
+            await conn.execute(
+                "INSERT INTO batches (id, endpoint, model, input_file_id, completion_window,"
+                " status, created_at, in_progress_at, total) VALUES"
+                " ($1, $2, 'm', 'file-x', '24h', 'in_progress', 7, 7, 10)",
+                batch_id,
+                CHAT,
+            )
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        found, _ = await dispatch_store.candidates(pool, "m")
+    finally:
+        await pool.close()
+    assert [c.batch_id for c in sorted(found, key=lambda c: c.seq)] == [
+        "batch_zz", "batch_mm", "batch_aa"
+    ]  # fmt: skip
+    assert allocate(found, 10, 8) == {"batch_zz": 10}
+
+
+async def test_migration_016_numbers_the_batches_a_deployment_already_has(
+    database_url: str,
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("ALTER TABLE batches DROP COLUMN seq")  # as before the migration
+        for i in range(3):
+            await conn.execute(
+                "INSERT INTO batches (id, endpoint, model, input_file_id, completion_window,"
+                " status, created_at, total) VALUES ($1, $2, 'm', 'file-x', '24h', 'completed',"
+                " 1, 10)",
+                f"batch_old{i}",
+                CHAT,
+            )
+        await conn.execute((MIGRATIONS_DIR / "016_batch_order.sql").read_text())
+        seqs = [r["seq"] for r in await conn.fetch("SELECT seq FROM batches ORDER BY seq")]
+        assert len(seqs) == 3 and None not in seqs and len(set(seqs)) == 3
+        await conn.execute(
+            "INSERT INTO batches (id, endpoint, model, input_file_id, completion_window, status,"
+            " created_at, total) VALUES ('batch_new', $1, 'm', 'file-x', '24h', 'validating', 2, 1)",
+            CHAT,
+        )
+        assert await conn.fetchval("SELECT seq FROM batches WHERE id = 'batch_new'") > max(seqs)
     finally:
         await conn.close()

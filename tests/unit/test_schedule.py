@@ -21,6 +21,7 @@ def batch(
     created_at: int = NOW - 10,
     share: float = 1.0,
     waiting_since: int | None = None,
+    seq: int = 0,
 ) -> Candidate:
     return Candidate(
         batch_id=batch_id,
@@ -31,6 +32,7 @@ def batch(
         created_at=created_at,
         remaining=remaining,
         waiting_since=created_at if waiting_since is None else waiting_since,
+        seq=seq,
     )
 
 
@@ -62,6 +64,14 @@ def test_within_a_project_priority_then_deadline_then_age() -> None:
     assert allocate([old, new, due, urgent], 10, NOW) == {"urgent": 10}
     assert allocate([old, new, due], 10, NOW) == {"due": 10}
     assert allocate([old, new], 15, NOW) == {"old": 10, "new": 5}
+
+
+def test_batches_created_in_the_same_second_go_in_the_order_they_were_created() -> None:
+    # Ids are random: "zz" was created first, "aa" after it, in the same second.
+    first = batch("zz", remaining=10, created_at=NOW - 5, seq=41)
+    second = batch("aa", remaining=10, created_at=NOW - 5, seq=42)
+    assert allocate([second, first], 10, NOW) == {"zz": 10}
+    assert allocate([second, first], 15, NOW) == {"zz": 10, "aa": 5}
 
 
 def test_waiting_raises_a_low_priority_batch_until_it_goes_first() -> None:
