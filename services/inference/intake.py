@@ -58,8 +58,8 @@ class Intake:
         self.capacity = worker.settings.max_in_flight or worker.engine.capacity
         self.max_unacked = self.capacity + RESULTS_WINDOW
         self.in_flight: dict[str, Msg] = {}  # every message not acked yet
-        self.running = 0  # of those, requests in the engine (or about to enter it)
-        self.shares = Shares((DISPATCHED, DIRECT), self.capacity)  # `running`, by class
+        # Requests in the engine (or about to enter it), by class: `running` is their sum.
+        self.shares = Shares((DISPATCHED, DIRECT), self.capacity)
         # By class: lines fetched and not yet started (`running`), or slots an admission
         # reserved for the fetch under way.
         self._held: dict[str, int] = dict.fromkeys(self.shares.running, 0)
@@ -69,6 +69,11 @@ class Intake:
         self.metrics = WorkerMetrics(worker.spec.name)
         self._slot_free = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def running(self) -> int:
+        """Of the messages in flight, the requests in the engine (or about to enter it)."""
+        return sum(self.shares.running.values())
 
     # -- admission ------------------------------------------------------------------------------
     async def admit(self, cls: str = DISPATCHED) -> int:
@@ -82,10 +87,11 @@ class Intake:
             return 0
         # This class's last fetch was handed on whole before this admission (Runner.pull).
         self._held[cls] = 0
-        taken = self.running + sum(self._held.values())
+        running = self.running
+        taken = running + sum(self._held.values())
         free = min(self.capacity - taken, self.max_unacked - len(self.in_flight))
         load = self.worker.engine.load
-        room = None if load is None else load.room(self.running)
+        room = None if load is None else load.room(running)
         if room is not None:
             # vLLM's own queue already holds what refills it (engine_load.py): the rest waits
             # in JetStream, for whichever worker has room first.
@@ -154,7 +160,6 @@ class Intake:
         """Requests answered without waiting are published and acked as one group (one task);
         the others each get a task that awaits the engine."""
         runner = self.runners[cls]
-        self.running += len(deliveries)
         self.shares.running[cls] += len(deliveries)
         self._held[cls] = max(0, self._held[cls] - len(deliveries))
         ready: Ready = []
@@ -213,8 +218,8 @@ class Intake:
             self._slot_free.set()
 
     async def process(self, d: Delivery[RequestMessage], cls: str) -> None:
-        """One request of class `cls` that waits for the engine; `self.running` counted it
-        already."""
+        """One request of class `cls` that waits for the engine; `take_slice` counted it in
+        `running` already."""
         runner = self.runners[cls]
         token = d.msg.reply or new_id("m")
         self.in_flight[token] = d.msg
@@ -262,7 +267,6 @@ class Intake:
             self._slot_free.set()
 
     def _release_slot(self, cls: str) -> None:
-        self.running -= 1
         self.shares.running[cls] -= 1
         self._slot_free.set()
 

@@ -80,7 +80,7 @@ async def test_the_intake_pulls_nothing_while_vllms_queue_is_full() -> None:
     worker = Worker(settings, spec, engine, GpuMonitor(None), "w1")
     intake = worker.intake
     intake.shares.fetched("dispatched", pending=1_000)
-    intake.running = 40
+    intake.shares.running["dispatched"] = 40  # in the engine: `running`
     engine.load.record(stats(running=24, waiting=16, usage=1.0))
     assert await intake.admit("dispatched") == 0  # 40 free slots, but vLLM's queue is full
     engine.load.record(stats(running=34, waiting=6, usage=0.95))
