@@ -54,6 +54,18 @@ def lower_priority(nice: int) -> None:
 AUTOGROUP = "/proc/self/autogroup"
 
 
+def autogroup_nice(path: str = AUTOGROUP) -> int | None:
+    """The niceness of a process's session autogroup, or None where it has none: the kernel has
+    no autogroups (no file), or the process is still in the boot session's root group, which
+    the kernel shows as an empty file (a container's first session, for one)."""
+    try:
+        with open(path) as f:
+            _, found, nice = f.read().partition(" nice ")
+    except OSError:
+        return None
+    return int(nice) if found and nice.strip() else None
+
+
 def lower_process_priority(nice: int) -> None:
     """`lower_priority` for a process that does only batch work, and for its scheduling group.
     Where the kernel groups processes by session (CONFIG_SCHED_AUTOGROUP with
@@ -66,9 +78,10 @@ def lower_process_priority(nice: int) -> None:
     lower_priority(nice)
     if nice <= 0 or os.getsid(0) != os.getpid():
         return
-    with contextlib.suppress(OSError, ValueError):  # no autogroups here
-        with open(AUTOGROUP) as f:
-            now = int(f.read().split("nice")[1])
+    now = autogroup_nice()
+    if now is None:  # no autogroup of its own to lower
+        return
+    with contextlib.suppress(OSError):
         with open(AUTOGROUP, "w") as f:
             f.write(str(min(19, now + nice)))
 

@@ -14,6 +14,7 @@ import openai
 import psutil
 import pytest
 
+from shared.lane import autogroup_nice
 from shared.nats_auth import url_user
 from tests.e2e.conftest import run_batch, start_system, stop_system
 from tests.helpers import chat_line, wait_until_sync
@@ -91,24 +92,22 @@ BATCH_ONLY = ("services.results_writer", "services.watchdog", "services.webhook_
 
 
 def _autogroup_nice(pid: int) -> int | None:
-    path = Path(f"/proc/{pid}/autogroup")  # a kernel that groups by session
-    return int(path.read_text().split("nice")[1]) if path.exists() else None
+    return autogroup_nice(f"/proc/{pid}/autogroup")  # a kernel that groups by session
 
 
 def check_batch_work_yields(pid: int) -> None:
     """The services that do only batch work run niced (JETBATCH_BATCH_NICE, default 10), each in
     a session of its own whose autogroup is niced too; those that serve synchronous requests
     (the api, the workers) are not."""
-    base, group = psutil.Process(pid).nice(), _autogroup_nice(pid)
+    base, grouped = psutil.Process(pid).nice(), Path("/proc/self/autogroup").exists()
     for module in (*BATCH_ONLY, "services.api", "services.inference"):
         found = [p for p in children_named(pid, module) if p.ppid() == pid]  # one per model
         assert found, module
         lowered = module in BATCH_ONLY
         for proc in found:
             assert proc.nice() == (min(19, base + 10) if lowered else base), module
-            if group is not None:
-                want = min(19, group + 10) if lowered else group
-                assert _autogroup_nice(proc.pid) == want, module
+            if grouped:  # each service's session has a fresh group, which starts at 0
+                assert _autogroup_nice(proc.pid) == (10 if lowered else 0), module
 
 
 def alive(p: psutil.Process) -> bool:
