@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from shared.lane import freeze_heap, lower_priority
+from shared.lane import freeze_heap, lower_process_priority
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,10 @@ FILE_GONE = 3
 
 
 async def spawn(module: str, args: Sequence[str] = ()) -> Child:
-    """`python -m module args...` with pipes on stdin, stdout and stderr."""
+    """`python -m module args...` with pipes on stdin, stdout and stderr, in a session of its
+    own: the api's children do only batch work, and a session leader can lower its session's
+    autogroup (shared.lane.lower_process_priority), which the api's own session must not be.
+    A child still ends with its api: at the end of its stdin."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -37,6 +40,7 @@ async def spawn(module: str, args: Sequence[str] = ()) -> Child:
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
     )
 
 
@@ -102,7 +106,7 @@ def serve_one_job(job_type: type[T], run: Callable[[T], Any]) -> int:
     """A child's main: the niceness to add from argv, one job (JSON of `job_type`) from stdin,
     `run(job)`'s result (JSON) on stdout; the exit status (FILE_GONE when its file is gone)."""
     if len(sys.argv) > 1:
-        lower_priority(int(sys.argv[1]))
+        lower_process_priority(int(sys.argv[1]))
     freeze_heap()  # its imports are done: no full collection during the job rescans them
     job = msgspec.json.decode(sys.stdin.buffer.read(), type=job_type)
     try:

@@ -43,7 +43,7 @@ from schemas.projects import DEFAULT_PROJECT_ID
 from services.api.children import Child, spawn
 from services.api.validation import iter_requests
 from shared import bus, process, tracing
-from shared.lane import freeze_heap, lower_priority
+from shared.lane import freeze_heap, lower_process_priority
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ async def _child() -> None:
 def _child_main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if len(sys.argv) > 1:
-        lower_priority(int(sys.argv[1]))
+        lower_process_priority(int(sys.argv[1]))
     freeze_heap()  # its imports are done: no full collection during the work rescans them
     asyncio.run(_child())
     return 0

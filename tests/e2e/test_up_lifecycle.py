@@ -4,6 +4,7 @@ started on SIGTERM. Runs on the instant engine: this is about processes, not the
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import stat
 from pathlib import Path
@@ -108,6 +109,17 @@ def check_batch_work_yields(pid: int) -> None:
             assert proc.nice() == (min(19, base + 10) if lowered else base), module
             if grouped:  # each service's session has a fresh group, which starts at 0
                 assert _autogroup_nice(proc.pid) == (10 if lowered else 0), module
+    # The api's batch-only children (the spare validator, the publishing child, started by the
+    # batch run above) leave its session, so their work does not count against the api's group.
+    api = children_named(pid, "services.api")[0]
+    for module in ("services.api.validation", "services.api.publishing"):
+        found = [p for p in children_named(api.pid, module) if p.ppid() == api.pid]
+        assert found, module
+        for proc in found:
+            assert proc.nice() == min(19, base + 10), module
+            assert os.getsid(proc.pid) == proc.pid, module
+            if grouped:
+                assert _autogroup_nice(proc.pid) == 10, module
 
 
 def alive(p: psutil.Process) -> bool:
