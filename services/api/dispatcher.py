@@ -11,7 +11,10 @@ published by the api's publishing child (services/api/publishing.py). A small ba
 project therefore waits behind one window of work, never behind a whole 50,000-line batch.
 
 Every api replica runs a dispatcher for the batches it claimed; all read the same rows, so they
-split the same room the same way. A batch's claim (the advisory lock of store.claim) is held on
+split the same room the same way. Where another replica may dispatch some of a model's batches,
+a dispatcher grants only in the model's turn (an advisory lock, TURN_NS): it reads the backlog
+again once it holds the turn, so every other replica's grants are counted and the window is not
+overshot. A batch's claim (the advisory lock of store.claim) is held on
 one connection per dispatcher, for all its batches, and dies with the api. Crash safety: a
 batch's cursor (`batches.dispatched`) moves only once the stream holds its lines; a re-drive
 resumes at the cursor, and what was published past it again is dropped by the stream's duplicate
@@ -52,6 +55,7 @@ MAX_GRANT = 5_000  # lines per grant: one grant's publish holds the child this l
 RATE_EVERY_S = 1.0  # a model's drain rate is measured over this long
 BEATS_EVERY_S = 2.0  # workers' capacity is read this often
 PLACES_EVERY_S = 2.0  # queue places written (and cancels noticed with a full window) this often
+TURN_NS = 0x6A627475  # "jbtu": (TURN_NS, hashtext(model)), a model's turn to grant lines
 
 
 @dataclass(eq=False)
@@ -113,13 +117,21 @@ class Dispatcher:
     # Claims -------------------------------------------------------------------------------
 
     async def _claim(self, batch_id: str, take: bool) -> bool:
+        return await self._advisory(store.CLAIM_NS, batch_id, take)
+
+    async def _turn(self, model: str, take: bool) -> bool:
+        """Take (without waiting) or give back the model's turn to grant lines: like a claim,
+        it is held on the claims' connection and ends with this api."""
+        return await self._advisory(TURN_NS, model, take)
+
+    async def _advisory(self, namespace: int, key: str, take: bool) -> bool:
         assert self.deps.settings.database_url is not None
         async with self._claims_lock:
             if self._claims is None or self._claims.is_closed():
                 self._claims = await asyncpg.connect(self.deps.settings.database_url)
             fn = "pg_try_advisory_lock" if take else "pg_advisory_unlock"
             sql = f"SELECT {fn}($1, hashtext($2))"
-            return bool(await self._claims.fetchval(sql, store.CLAIM_NS, batch_id))
+            return bool(await self._claims.fetchval(sql, namespace, key))
 
     # Batches ------------------------------------------------------------------------------
 
@@ -236,15 +248,32 @@ class Dispatcher:
                     await self._published(local)
             if write_places:
                 await self._write_places(candidates, started, drain.lines_per_s, now)
-            if room <= 0:
-                continue
-            grants = schedule.allocate(candidates, room, now)
+            if room > 0:
+                await self._grant_room(model, candidates, room, now)
+        if write_places:
+            self._places_at = time.monotonic()
+
+    async def _grant_room(
+        self, model: str, candidates: list[schedule.Candidate], room: int, now: float
+    ) -> None:
+        """Grant the model's batches here their part of `room`. Where some of its batches are
+        not this dispatcher's (another replica's, or not yet claimed), only in the model's turn,
+        with the room read again then: another replica's grants since are in the backlog."""
+        shared = any(c.batch_id not in self._local for c in candidates if c.remaining > 0)
+        if shared:
+            if not await self._turn(model, True):
+                return  # another replica is granting: the next tick reads what it published
+            room = self.window(model) - await self._backlog(model)
+        try:
+            grants = schedule.allocate(candidates, room, now) if room > 0 else {}
+            drain = self._drains[model]
             for local in [x for x in self._local.values() if x.model == model]:
                 lines = min(grants.get(local.job.batch_id, 0), MAX_GRANT)
                 if lines > 0:
                     drain.granted += await self._grant(local, lines)
-        if write_places:
-            self._places_at = time.monotonic()
+        finally:
+            if shared:
+                await self._turn(model, False)
 
     def window(self, model: str) -> int:
         """How many of the model's lines REQUESTS may hold (README: Scheduling)."""

@@ -20,6 +20,7 @@ import pytest
 
 from schemas.messages import DIRECT, RequestMessage, ResultMessage
 from services.api import dispatch_store, store
+from services.api.dispatcher import TURN_NS
 from services.api.schedule import allocate
 from services.watchdog.store import redrive_due
 from shared import bus
@@ -124,6 +125,42 @@ async def test_a_small_batch_of_another_project_runs_beside_a_big_one(
         assert queued_now.request_counts is not None and queued_now.request_counts.completed == 0
         await team_a.batches.cancel(big)
         await finished(system, team_a, queued, "q", 20)
+
+
+async def test_with_another_replicas_batch_of_the_model_lines_are_granted_only_in_its_turn(
+    env: dict[str, str], nats_url: str, database_url: str
+) -> None:
+    """Where another replica may dispatch some of a model's batches, a dispatcher grants only
+    holding the model's turn, reading the backlog again then, so the window is not overshot by
+    two replicas granting the same room at once."""
+    conn = await asyncpg.connect(database_url)
+    turn = "SELECT pg_advisory_{}($1, hashtext($2))"
+    try:
+        # Another replica's batch of the model: claimed (by this test), in progress, unpublished.
+        await conn.execute(
+            "INSERT INTO batches (id, endpoint, model, input_file_id, completion_window, status,"
+            " created_at, in_progress_at, total) VALUES"
+            " ('batch_elsewhere', $1, $2, 'file-x', '24h', 'in_progress', 1, 1, 10)",
+            CHAT,
+            CHAT_MODEL,
+        )
+        async with (
+            store.claim(database_url, "batch_elsewhere") as claimed,
+            running_system(env) as system,
+        ):
+            assert claimed
+            team_a = await project_client(system, "team-a")
+            await conn.execute(turn.format("lock"), TURN_NS, CHAT_MODEL)  # that replica grants
+            big = await submit(team_a, 100, "a")
+            await reaches(team_a, big, lambda b: b.status == "in_progress", "in progress")
+            await asyncio.sleep(1.0)  # 40 ticks
+            assert await conn.fetchval("SELECT dispatched FROM batches WHERE id = $1", big) == 0
+            assert await requests_in_stream(nats_url) == 0
+            await conn.execute(turn.format("unlock"), TURN_NS, CHAT_MODEL)
+            await finished(system, team_a, big, "a", 100)
+    finally:
+        await conn.execute("DELETE FROM batches WHERE id = 'batch_elsewhere'")
+        await conn.close()
 
 
 async def direct_results(js: nats.js.JetStreamContext, batch_id: str) -> list[ResultMessage]:
