@@ -61,9 +61,9 @@ def autogroup_nice(path: str = AUTOGROUP) -> int | None:
     try:
         with open(path) as f:
             _, found, nice = f.read().partition(" nice ")
-    except OSError:
+        return int(nice) if found else None
+    except (OSError, ValueError):  # unreadable, or not the kernel's "/autogroup-N nice K"
         return None
-    return int(nice) if found and nice.strip() else None
 
 
 def lower_process_priority(nice: int) -> None:

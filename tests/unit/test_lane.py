@@ -125,4 +125,6 @@ def test_autogroup_nice_reads_a_group_and_knows_none(tmp_path: Path) -> None:
     assert autogroup_nice(str(shown)) == 7
     shown.write_text("")  # the root group: the kernel shows nothing
     assert autogroup_nice(str(shown)) is None
+    shown.write_text("/autogroup-95038 nice \n")
+    assert autogroup_nice(str(shown)) is None
     assert autogroup_nice(str(tmp_path / "missing")) is None  # a kernel without autogroups
