@@ -241,9 +241,8 @@ def run(args: Any) -> dict[str, Any]:
                 for n in range(1, max(1, getattr(args, "repeat", 1)) + 1)
             ]
     ratios = [_figures(lines, idle, *r)["p99_vs_floor"] for r in rounds]
-    load, echo_idle, echo_loaded = rounds[
-        sorted(range(len(ratios)), key=ratios.__getitem__)[(len(ratios) - 1) // 2]
-    ]
+    by_ratio = sorted(range(len(rounds)), key=lambda i: ratios[i])
+    load, echo_idle, echo_loaded = rounds[by_ratio[(len(rounds) - 1) // 2]]  # the median round
     figures = {**_figures(lines, idle, load, echo_idle, echo_loaded), **foreign.report()}
     figures["rounds_p99_vs_floor"] = ratios
     _show(lines, figures, load.batch_s)

@@ -221,9 +221,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             description="added to the CPU niceness (`nice`) of the processes that do only batch"
             " work (the results writer, the watchdog, the webhook notifier, the api's validation"
             " and publishing children, each in a session of its own), and of their session"
-            " autogroups where the kernel"
-            " groups by session, so on a busy machine they yield the CPU to synchronous requests"
-            " and the engine; `0` = off",
+            " autogroups where the kernel groups by session, so on a busy machine they yield the"
+            " CPU to synchronous requests and the engine; `0` = off",
         ),
     ] = 10
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)

@@ -14,8 +14,8 @@ Every api replica runs a dispatcher for the batches it claimed; all read the sam
 split the same room the same way. Where another replica may dispatch some of a model's batches,
 a dispatcher grants only in the model's turn (an advisory lock, TURN_NS): it reads the backlog
 again once it holds the turn, so every other replica's grants are counted and the window is not
-overshot. A batch's claim (the advisory lock of store.claim) is held on
-one connection per dispatcher, for all its batches, and dies with the api. Crash safety: a
+overshot. A batch's claim (the advisory lock of store.claim) and the turns are held on one
+connection per dispatcher, for all its batches, and die with the api. Crash safety: a
 batch's cursor (`batches.dispatched`) moves only once the stream holds its lines; a re-drive
 resumes at the cursor, and what was published past it again is dropped by the stream's duplicate
 window (and by the results writer, which writes each line once).

@@ -15,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from shared.lane import autogroup_nice
+from shared.lane import AUTOGROUP, autogroup_nice
 from shared.nats_auth import url_user
 from tests.e2e.conftest import run_batch, start_system, stop_system
 from tests.helpers import chat_line, wait_until_sync
@@ -100,7 +100,7 @@ def check_batch_work_yields(pid: int) -> None:
     """The services that do only batch work run niced (JETBATCH_BATCH_NICE, default 10), each in
     a session of its own whose autogroup is niced too; those that serve synchronous requests
     (the api, the workers) are not."""
-    base, grouped = psutil.Process(pid).nice(), Path("/proc/self/autogroup").exists()
+    base, grouped = psutil.Process(pid).nice(), Path(AUTOGROUP).exists()
     for module in (*BATCH_ONLY, "services.api", "services.inference"):
         found = [p for p in children_named(pid, module) if p.ppid() == pid]  # one per model
         assert found, module
@@ -111,7 +111,8 @@ def check_batch_work_yields(pid: int) -> None:
                 assert _autogroup_nice(proc.pid) == (10 if lowered else 0), module
     # The api's batch-only children (the spare validator, the publishing child, started by the
     # batch run above) leave its session, so their work does not count against the api's group.
-    api = children_named(pid, "services.api")[0]
+    # The api itself, not one of its children (their command lines name services.api too).
+    (api,) = [p for p in children_named(pid, "services.api") if p.ppid() == pid]
     for module in ("services.api.validation", "services.api.publishing"):
         found = [p for p in children_named(api.pid, module) if p.ppid() == api.pid]
         assert found, module
