@@ -5,7 +5,15 @@ This measures exactly that much and nothing more, the same way (one request at a
 nats-py requester in the benchmark and a plain nats-py responder in a process of its own
 (`python -m bench.echo NATS_URL`, which prints "ready" once subscribed). Whatever latency it shows
 under load is the machine's (nats-server and the kernel's scheduler sharing two saturated cores),
-and no change to jetbatch can take a synchronous request below it."""
+and no change to jetbatch can take a synchronous request below it.
+
+`python -m bench.echo --relay NATS_URL` starts a second reference: the same responder behind a
+bare HTTP relay (uvicorn with httptools and uvloop, as the api runs, and a plain ASGI callable:
+no framework, no key, no checks), which forwards each POST's body with `nc.request` and returns
+the reply. A request through it takes every hop a synchronous request takes (client -> HTTP
+server -> nats-server -> responder -> nats-server -> HTTP server -> client) and runs no jetbatch
+code: the gap between it and the bare NATS floor is the HTTP hop's, and the gap between jetbatch
+and it is jetbatch's own."""
 
 from __future__ import annotations
 
@@ -16,6 +24,10 @@ import time
 from collections.abc import Callable
 
 import nats
+import uvicorn
+import uvloop
+
+from shared.embedded import free_port
 
 SUBJECT = "bench.echo"
 PAYLOAD = b'{"model":"SmolLM2-135M-Instruct","messages":[{"role":"user","content":"ping"}]}'
@@ -30,6 +42,21 @@ def start_responder(url: str) -> subprocess.Popen[bytes]:
         proc.kill()
         raise RuntimeError("the echo responder did not start")
     return proc
+
+
+def start_relay(url: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The HTTP relay in a process of its own, and its base URL (a responder must be running)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.echo", "--relay", url, str(port)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"ready":
+        proc.kill()
+        raise RuntimeError("the HTTP relay did not start")
+    return proc, f"http://127.0.0.1:{port}"
 
 
 async def round_trips(
@@ -61,5 +88,37 @@ async def _respond(url: str) -> None:
     await asyncio.Event().wait()
 
 
+async def _relay(url: str, port: int) -> None:
+    nc = await nats.connect(url, name="bench-echo-relay")
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        reply = await nc.request(SUBJECT, body, timeout=10)
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.data})
+
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http="httptools", lifespan="off", access_log=False,
+        log_level="warning",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            serving.result()
+            return
+        await asyncio.sleep(0.01)
+    print("ready", flush=True)
+    await serving
+
+
 if __name__ == "__main__":
-    asyncio.run(_respond(sys.argv[1]))
+    if sys.argv[1] == "--relay":
+        uvloop.run(_relay(sys.argv[2], int(sys.argv[3])))
+    else:
+        asyncio.run(_respond(sys.argv[1]))

@@ -5,6 +5,11 @@ with the system idle (the baseline), then while a 50,000-line batch is validated
 run and written; then the floor (bench/echo.py: a bare NATS request/reply between two plain
 processes) idle and under a second batch of the same file. Targets: p99 under load at most 2x
 the floor's p99 under the same load (the issue's), and at most 2x jetbatch's own p99 idle.
+Then a second reference, idle and under a third batch: the floor's responder behind a bare HTTP
+relay (bench/echo.py: uvicorn, httptools and uvloop as the api runs, a plain ASGI callable, no
+jetbatch code), timed with the same client: every hop a synchronous request takes and nothing
+else, so `http_relay_vs_floor` is what the HTTP hop itself costs and `p99_vs_http_relay` what
+jetbatch's own code does.
 
 On two busy cores one round's ratio moves by a third from run to run (README Performance): with
 `--repeat N`, N rounds of the load and then the floor's load run in a row, every round's ratio is
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,27 +91,63 @@ class _BatchStatus:
         return self.phase in _ENDED
 
 
-def _bare_nats(system: Any, client: Any, input_file_id: str) -> tuple[list[float], list[float]]:
-    """The floor (bench/echo.py): bare NATS round trips between two plain Python processes,
-    idle and then while a second batch on the same file runs, timed the same way."""
+@dataclass
+class _References:
+    """What a synchronous request is measured against, each idle and under a batch of the file:
+    the floor (bare NATS request/reply, bench/echo.py) and the same behind a bare HTTP relay."""
+
+    floor_idle: list[float]
+    floor_loaded: list[float]
+    relay_idle: list[float] = field(default_factory=list)
+    relay_loaded: list[float] = field(default_factory=list)
+
+
+def _under_batch(
+    client: Any, input_file_id: str, timed: Callable[[_BatchStatus], list[float]]
+) -> list[float]:
+    """`timed(status)` while a batch of the file runs; it must have completed."""
+    batch = client.batches.create(
+        input_file_id=input_file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    status = _BatchStatus(client, batch.id)
+    with client_gc_paused():
+        ms = timed(status)
+    if status.phase != "completed":
+        raise RuntimeError(f"a reference's load batch ended {status.phase}")
+    return ms
+
+
+def _references(system: Any, client: Any, input_file_id: str) -> _References:
+    """The floor, then the HTTP relay, each timed idle and then under a batch of its own on the
+    same file, the same way as jetbatch."""
     url = admin_nats_url(system)  # plain NATS, outside jetbatch's roles and their permissions
     responder = echo.start_responder(url)
+    relay = None
     try:
         asyncio.run(echo.round_trips(url, count=WARMUP_REQUESTS))
         with client_gc_paused():
             idle = asyncio.run(echo.round_trips(url, count=IDLE_REQUESTS))
-        batch = client.batches.create(
-            input_file_id=input_file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        loaded = _under_batch(
+            client, input_file_id, lambda st: asyncio.run(echo.round_trips(url, until=st.ended))
         )
-        status = _BatchStatus(client, batch.id)
-        with client_gc_paused():
-            loaded = asyncio.run(echo.round_trips(url, until=status.ended))
-        if status.phase != "completed":
-            raise RuntimeError(f"the second load batch ended {status.phase}")
+        refs = _References(idle, loaded)
+        relay, relay_url = echo.start_relay(url)
+        with httpx.Client(base_url=relay_url, timeout=60) as http:
+            refs.relay_idle = _timed_idle(http)
+            refs.relay_loaded = _under_batch(client, input_file_id, lambda st: _until(http, st))
+        return refs
     finally:
-        responder.kill()
-        responder.wait()
-    return idle, loaded
+        for proc in (responder, relay):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+def _until(http: httpx.Client, status: _BatchStatus) -> list[float]:
+    out: list[float] = []
+    while not status.ended():
+        out.append(_one(http))
+    return out
 
 
 def _timed_idle(http: httpx.Client) -> list[float]:
@@ -148,29 +190,32 @@ def _timed_under_load(http: httpx.Client, client: Any, path: Any) -> _UnderLoad:
 
 def _round(
     system: Any, http: httpx.Client, client: Any, path: Any, n: int, lines: int
-) -> tuple[_UnderLoad, list[float], list[float]]:
-    """Round `n`: synchronous requests under a batch of the file, then the floor under another."""
+) -> tuple[_UnderLoad, _References]:
+    """Round `n`: synchronous requests under a batch of the file, then the references under
+    others."""
     print(f"round {n}: synchronous requests under a {lines:,}-line batch...", flush=True)
     load = _timed_under_load(http, client, path)
     if load.phase != "completed":
         raise RuntimeError(f"the load batch ended {load.phase}")
-    print(f"round {n}: the same with a bare NATS request/reply (the floor)...", flush=True)
-    echo_idle, echo_loaded = _bare_nats(system, client, load.upload_id)
-    return load, echo_idle, echo_loaded
+    print(
+        f"round {n}: the same with a bare NATS request/reply (the floor), then through a bare"
+        " HTTP relay...",
+        flush=True,
+    )
+    return load, _references(system, client, load.upload_id)
 
 
-def _figures(
-    lines: int,
-    idle: list[float],
-    load: _UnderLoad,
-    echo_idle: list[float],
-    echo_loaded: list[float],
-) -> dict[str, Any]:
+def _figures(lines: int, idle: list[float], load: _UnderLoad, refs: _References) -> dict[str, Any]:
     idle_stats, load_stats = _stats(idle), _stats(load.loaded)
     factor = load_stats["p99_ms"] / idle_stats["p99_ms"]
-    floor_idle, floor_loaded = _stats(echo_idle), _stats(echo_loaded)
+    floor_idle, floor_loaded = _stats(refs.floor_idle), _stats(refs.floor_loaded)
     floor_factor = floor_loaded["p99_ms"] / floor_idle["p99_ms"]
+    relay_loaded = _stats(refs.relay_loaded)
     return {
+        "http_relay_idle": _stats(refs.relay_idle),
+        "http_relay_under_load": relay_loaded,
+        "http_relay_vs_floor": round(relay_loaded["p99_ms"] / floor_loaded["p99_ms"], 2),
+        "p99_vs_http_relay": round(load_stats["p99_ms"] / relay_loaded["p99_ms"], 2),
         "bare_nats_idle": floor_idle,
         "bare_nats_under_load": floor_loaded,
         "bare_nats_p99_factor": round(floor_factor, 2),
@@ -193,6 +238,7 @@ def _show(lines: int, figures: dict[str, Any], batch_s: float) -> None:
     floor_idle, floor_loaded = figures["bare_nats_idle"], figures["bare_nats_under_load"]
     factor = load_stats["p99_ms"] / idle_stats["p99_ms"]
     floor_factor = floor_loaded["p99_ms"] / floor_idle["p99_ms"]
+    relay_idle, relay_loaded = figures["http_relay_idle"], figures["http_relay_under_load"]
     show(
         f"interactive latency (sync chat, instant engine) idle vs a {lines:,}-line batch in flight",
         [
@@ -219,6 +265,16 @@ def _show(lines: int, figures: dict[str, Any], batch_s: float) -> None:
                 f"{figures['p99_vs_floor']:.2f}x  (target <= {TARGET_FLOOR_FACTOR}x: "
                 f"{'met' if figures['meets_floor_target'] else 'NOT met'})",
             ),
+            (
+                "bare HTTP relay to the floor, idle",
+                f"p50 {relay_idle['p50_ms']:.2f} ms, p99 {relay_idle['p99_ms']:.2f} ms",
+            ),
+            (
+                "bare HTTP relay to the floor, under load",
+                f"p50 {relay_loaded['p50_ms']:.2f} ms, p99 {relay_loaded['p99_ms']:.2f} ms "
+                f"({figures['http_relay_vs_floor']:.2f}x the floor's; a third batch)",
+            ),
+            ("p99 under load / the relay's under load", f"{figures['p99_vs_http_relay']:.2f}x"),
         ],
     )
 
@@ -240,14 +296,22 @@ def run(args: Any) -> dict[str, Any]:
                 _round(system, http, client, path, n, lines)
                 for n in range(1, max(1, getattr(args, "repeat", 1)) + 1)
             ]
-    ratios = [_figures(lines, idle, *r)["p99_vs_floor"] for r in rounds]
-    by_ratio = sorted(range(len(rounds)), key=lambda i: ratios[i])
-    load, echo_idle, echo_loaded = rounds[by_ratio[(len(rounds) - 1) // 2]]  # the median round
-    figures = {**_figures(lines, idle, load, echo_idle, echo_loaded), **foreign.report()}
+    each = [_figures(lines, idle, *r) for r in rounds]
+    ratios = [f["p99_vs_floor"] for f in each]
+    median = sorted(range(len(rounds)), key=lambda i: ratios[i])[(len(rounds) - 1) // 2]
+    load = rounds[median][0]
+    figures = {**each[median], **foreign.report()}
     figures["rounds_p99_vs_floor"] = ratios
+    figures["rounds_p99_vs_http_relay"] = [f["p99_vs_http_relay"] for f in each]
+    figures["rounds_http_relay_vs_floor"] = [f["http_relay_vs_floor"] for f in each]
     _show(lines, figures, load.batch_s)
     if len(rounds) > 1:
         print(f"    p99 / floor by round: {', '.join(f'{r:.2f}x' for r in ratios)} (median shown)")
+        for label, key in (
+            ("p99 / HTTP relay", "rounds_p99_vs_http_relay"),
+            ("HTTP relay / floor", "rounds_http_relay_vs_floor"),
+        ):
+            print(f"    {label} by round: {', '.join(f'{r:.2f}x' for r in figures[key])}")
     by_phase = {k: _stats(v) for k, v in load.phases.items()}
     for phase, st in by_phase.items():
         print(
