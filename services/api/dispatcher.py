@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.025  # how often a dispatcher tops up its models' windows
+TICK_S = 0.025  # how often a dispatcher tops up its models' windows while they have room
+MAX_TICK_S = 0.5  # the longest it waits while every window is full of slowly draining work
 # In-process publishing (tests, an api without children) reads, parses and publishes this many
 # lines per turn of the event loop, then hands it back (bench/interactive.py measures why);
 # fewer while synchronous requests keep coming (one within SYNC_RECENT_S).
@@ -73,6 +74,19 @@ class _Local:
     @property
     def model(self) -> str:
         return self.job.model
+
+
+def next_tick_s(backlog: int, window: int, capacity: int, lines_per_s: float) -> float:
+    """How long a dispatcher may wait before its next look at a model: TICK_S while the model's
+    window has room (more to grant) or its drain rate is not measured yet; with a full window, a
+    quarter of the time its workers take to drain the backlog down to what they hold themselves
+    (`capacity`, where they could begin to wait), at most MAX_TICK_S. A fast model (the instant
+    engine's 10,000 lines/s) keeps the 25 ms tick; a vLLM model draining a few lines a second is
+    looked at twice a second instead of forty times."""
+    if backlog < window or lines_per_s <= 0:
+        return TICK_S
+    slack_s = (backlog - capacity) / lines_per_s
+    return min(MAX_TICK_S, max(TICK_S, slack_s / 4))
 
 
 @dataclass
@@ -109,6 +123,7 @@ class Dispatcher:
         self._capacity: dict[str, int] = {}
         self._beats_at = float("-inf")
         self._places_at = float("-inf")
+        self._next_tick_s = TICK_S
 
     def _slice(self) -> int:
         recent = time.monotonic() - self.deps.sync_seen < SYNC_RECENT_S
@@ -226,19 +241,24 @@ class Dispatcher:
                 log.exception("dispatching failed; trying again")
                 await asyncio.sleep(1)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
+                await asyncio.wait_for(self._wake.wait(), self._next_tick_s)
 
     async def _tick(self) -> None:
         now = time.time()
         await self._read_capacity()
         write_places = time.monotonic() - self._places_at >= PLACES_EVERY_S
+        next_s = MAX_TICK_S
         for model in {local.model for local in self._local.values()}:
             drain = self._drains.setdefault(model, _Drain())
             backlog = await self._backlog(model)
             drain.observe(backlog)
-            room = self.window(model) - backlog
+            window = self.window(model)
+            room = window - backlog
+            capacity, rate = self._capacity.get(model, 0), drain.lines_per_s
             if room <= 0 and not write_places:
-                continue  # a full window: nothing to grant, no query (most ticks of a big batch)
+                # A full window: nothing to grant, no query (most ticks of a big batch).
+                next_s = min(next_s, next_tick_s(backlog, window, capacity, rate))
+                continue
             candidates, started = await dispatch_store.candidates(self.deps.pool, model)
             running = {c.batch_id for c in candidates}
             for local in [x for x in self._local.values() if x.model == model]:
@@ -248,29 +268,33 @@ class Dispatcher:
                     await self._published(local)
             if write_places:
                 await self._write_places(candidates, started, drain.lines_per_s, now)
-            if room > 0:
-                await self._grant_room(model, candidates, room, now)
+            granted = await self._grant_room(model, candidates, room, now) if room > 0 else 0
+            next_s = min(next_s, next_tick_s(backlog + granted, window, capacity, rate))
         if write_places:
             self._places_at = time.monotonic()
+        self._next_tick_s = next_s
 
     async def _grant_room(
         self, model: str, candidates: list[schedule.Candidate], room: int, now: float
-    ) -> None:
-        """Grant the model's batches here their part of `room`. Where some of its batches are
-        not this dispatcher's (another replica's, or not yet claimed), only in the model's turn,
-        with the room read again then: another replica's grants since are in the backlog."""
+    ) -> int:
+        """Grant the model's batches here their part of `room`; returns the lines published.
+        Where some of its batches are not this dispatcher's (another replica's, or not yet
+        claimed), only in the model's turn, with the room read again then: another replica's
+        grants since are in the backlog."""
         shared = any(c.batch_id not in self._local for c in candidates if c.remaining > 0)
         if shared:
             if not await self._turn(model, True):
-                return  # another replica is granting: the next tick reads what it published
+                return 0  # another replica is granting: the next tick reads what it published
             room = self.window(model) - await self._backlog(model)
+        granted = 0
         try:
             grants = schedule.allocate(candidates, room, now) if room > 0 else {}
-            drain = self._drains[model]
             for local in [x for x in self._local.values() if x.model == model]:
                 lines = min(grants.get(local.job.batch_id, 0), MAX_GRANT)
                 if lines > 0:
-                    drain.granted += await self._grant(local, lines)
+                    granted += await self._grant(local, lines)
+            self._drains[model].granted += granted
+            return granted
         finally:
             if shared:
                 await self._turn(model, False)

@@ -1,0 +1,52 @@
+"""services/api/dispatcher.next_tick_s: how often a dispatcher looks at a model's window."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.api.dispatcher import MAX_TICK_S, TICK_S, next_tick_s
+
+
+def test_a_window_with_room_is_looked_at_every_tick() -> None:
+    assert next_tick_s(backlog=100, window=256, capacity=80, lines_per_s=8.0) == TICK_S
+
+
+def test_an_unmeasured_drain_rate_keeps_the_short_tick() -> None:
+    assert next_tick_s(backlog=256, window=256, capacity=80, lines_per_s=0.0) == TICK_S
+
+
+def test_a_full_window_of_slow_work_waits_the_longest() -> None:
+    # vLLM chat on the 2-core box: 256 lines in the window, 80 in the workers, 8 lines/s drained:
+    # 22 s before the workers could wait.
+    assert next_tick_s(backlog=256, window=256, capacity=80, lines_per_s=8.0) == MAX_TICK_S
+
+
+def test_a_fast_model_keeps_the_short_tick() -> None:
+    # The instant engine: 1,000 lines in the window drain in 0.1 s.
+    assert next_tick_s(backlog=1_000, window=1_000, capacity=256, lines_per_s=10_000) == TICK_S
+
+
+def test_in_between_a_quarter_of_the_slack() -> None:
+    # 800 lines above what the workers hold, 1,000 lines/s: 0.8 s of slack, looked at in 0.2 s.
+    assert next_tick_s(1_000, 1_000, 200, 1_000.0) == pytest.approx(0.2)
+
+
+def test_workers_holding_the_whole_backlog_keep_the_short_tick() -> None:
+    assert next_tick_s(backlog=256, window=256, capacity=400, lines_per_s=50.0) == TICK_S
+
+
+@given(
+    backlog=st.integers(0, 100_000),
+    window=st.integers(1, 100_000),
+    capacity=st.integers(0, 10_000),
+    rate=st.floats(0, 1e6, allow_nan=False),
+)
+def test_always_between_the_tick_and_the_longest_wait(
+    backlog: int, window: int, capacity: int, rate: float
+) -> None:
+    delay = next_tick_s(backlog, window, capacity, rate)
+    assert TICK_S <= delay <= MAX_TICK_S
+    if backlog < window:
+        assert delay == TICK_S
