@@ -90,22 +90,33 @@ def next_tick_s(backlog: int, window: int, capacity: int, lines_per_s: float) ->
 
 
 @dataclass
-class _Drain:
-    """A model's measured drain rate (lines/s leaving its backlog)."""
+class Drain:
+    """A model's measured drain rate (lines/s leaving its backlog), every RATE_EVERY_S.
+
+    Counted from the workers' consumer of the dispatched class (`acked`: its deliveries less
+    those still unacknowledged), which sees every api replica's lines. Until that consumer
+    exists (no worker of the model has run), from the backlog and this dispatcher's own grants,
+    which mistakes another replica's grants for slower draining."""
 
     backlog: int = 0
-    granted: int = 0  # lines granted since `since`
+    granted: int = 0  # lines this dispatcher granted since `since`
+    acked: int | None = None  # the consumer's acknowledged deliveries at `since`
     since: float = field(default_factory=time.monotonic)
     lines_per_s: float = 0.0
 
-    def observe(self, backlog: int) -> None:
-        now = time.monotonic()
-        if now - self.since < RATE_EVERY_S:
+    def due(self, now: float) -> bool:
+        return now - self.since >= RATE_EVERY_S
+
+    def observe(self, backlog: int, acked: int | None, now: float) -> None:
+        if not self.due(now):
             return
-        drained = max(0, self.backlog + self.granted - backlog)
+        if acked is not None and self.acked is not None:
+            drained = max(0, acked - self.acked)
+        else:
+            drained = max(0, self.backlog + self.granted - backlog)
         rate = drained / (now - self.since)
         self.lines_per_s = rate if self.lines_per_s == 0 else 0.5 * self.lines_per_s + 0.5 * rate
-        self.backlog, self.granted, self.since = backlog, 0, now
+        self.backlog, self.granted, self.acked, self.since = backlog, 0, acked, now
 
 
 class Dispatcher:
@@ -119,7 +130,7 @@ class Dispatcher:
         self._adopting = asyncio.Lock()
         self._loop: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._drains: dict[str, _Drain] = {}
+        self._drains: dict[str, Drain] = {}
         self._capacity: dict[str, int] = {}
         self._beats_at = float("-inf")
         self._places_at = float("-inf")
@@ -249,9 +260,11 @@ class Dispatcher:
         write_places = time.monotonic() - self._places_at >= PLACES_EVERY_S
         next_s = MAX_TICK_S
         for model in {local.model for local in self._local.values()}:
-            drain = self._drains.setdefault(model, _Drain())
+            drain = self._drains.setdefault(model, Drain())
             backlog = await self._backlog(model)
-            drain.observe(backlog)
+            at = time.monotonic()
+            if drain.due(at):
+                drain.observe(backlog, await self._acked(model), at)
             window = self.window(model)
             room = window - backlog
             capacity, rate = self._capacity.get(model, 0), drain.lines_per_s
@@ -315,6 +328,16 @@ class Dispatcher:
         (dispatched,) = RequestMessage.class_filters(model)[DISPATCHED]
         info = await self.deps.js.stream_info(bus.REQUESTS.name, subjects_filter=dispatched)
         return sum((info.state.subjects or {}).values())
+
+    async def _acked(self, model: str) -> int | None:
+        """The acknowledged deliveries of the workers' consumer of the model's dispatched
+        lines; None before a worker has made it."""
+        durable = RequestMessage.class_durables(model)[DISPATCHED]
+        try:
+            info = await self.deps.js.consumer_info(bus.REQUESTS.name, durable)
+        except Exception:  # no consumer yet, or NATS busy: the fallback counts
+            return None
+        return (info.delivered.consumer_seq or 0) - (info.num_ack_pending or 0)
 
     async def _read_capacity(self) -> None:
         if time.monotonic() - self._beats_at < BEATS_EVERY_S:

@@ -1,4 +1,5 @@
-"""services/api/dispatcher.next_tick_s: how often a dispatcher looks at a model's window."""
+"""services/api/dispatcher: how often a dispatcher looks at a model's window (next_tick_s), and
+the drain rate that sizes the window and the wait (Drain)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.api.dispatcher import MAX_TICK_S, TICK_S, next_tick_s
+from services.api.dispatcher import MAX_TICK_S, RATE_EVERY_S, TICK_S, Drain, next_tick_s
 
 
 def test_a_window_with_room_is_looked_at_every_tick() -> None:
@@ -50,3 +51,36 @@ def test_always_between_the_tick_and_the_longest_wait(
     assert TICK_S <= delay <= MAX_TICK_S
     if backlog < window:
         assert delay == TICK_S
+
+
+def test_the_drain_rate_counts_every_replicas_lines_from_the_consumer() -> None:
+    drain = Drain(backlog=1_000, acked=5_000, since=0.0)
+    # Another replica kept the backlog at 1,000 (this one granted nothing); the workers acked 500.
+    drain.observe(backlog=1_000, acked=5_500, now=1.0)
+    assert drain.lines_per_s == 500.0
+
+
+def test_without_the_consumer_the_rate_comes_from_the_backlog_and_own_grants() -> None:
+    drain = Drain(backlog=1_000, since=0.0)
+    drain.granted = 100
+    drain.observe(backlog=600, acked=None, now=1.0)
+    assert drain.lines_per_s == 500.0
+    # The consumer appears: its first count is the baseline, the backlog's figure still counts.
+    drain.observe(backlog=600, acked=7, now=2.0)
+    assert drain.lines_per_s == 250.0
+    drain.observe(backlog=600, acked=407, now=3.0)
+    assert drain.lines_per_s == 325.0  # half the old, half the new 400
+
+
+def test_the_rate_is_measured_once_per_interval() -> None:
+    drain = Drain(backlog=0, acked=0, since=0.0)
+    assert not drain.due(RATE_EVERY_S / 2)
+    drain.observe(backlog=0, acked=1_000, now=RATE_EVERY_S / 2)
+    assert drain.lines_per_s == 0.0 and drain.acked == 0
+    assert drain.due(RATE_EVERY_S)
+
+
+def test_a_consumer_made_again_counts_no_negative_drain() -> None:
+    drain = Drain(backlog=0, acked=10_000, since=0.0)
+    drain.observe(backlog=0, acked=3, now=1.0)
+    assert drain.lines_per_s == 0.0
