@@ -71,15 +71,7 @@ def _embed(llm: Any, inputs: list[Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     outputs = llm.embed(inputs, use_tqdm=False)
     seconds = time.perf_counter() - t0
-    ok = sum(1 for o in outputs if o.outputs.embedding)
-    prompt = sum(len(o.prompt_token_ids or ()) for o in outputs)
-    return {
-        "lines_ok": ok,
-        "seconds": round(seconds, 3),
-        "lines_per_s": round(ok / seconds, 2),
-        "prompt_tokens": prompt,
-        "prompt_tok_per_s": round(prompt / seconds, 1),
-    }
+    return _rates(sum(1 for o in outputs if o.outputs.embedding), outputs, seconds)
 
 
 def _chat(llm: Any, bodies: list[dict[str, Any]]) -> dict[str, Any]:
@@ -106,17 +98,22 @@ def _chat(llm: Any, bodies: list[dict[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t0
-    ok = sum(1 for o in outputs if o.finished)
-    prompt = sum(len(o.prompt_token_ids or ()) for o in outputs)
     completion = sum(len(o.outputs[0].token_ids) for o in outputs if o.outputs)
+    return {
+        **_rates(sum(1 for o in outputs if o.finished), outputs, seconds),
+        "completion_tokens": completion,
+        "output_tok_per_s": round(completion / seconds, 2),
+    }
+
+
+def _rates(ok: int, outputs: list[Any], seconds: float) -> dict[str, Any]:
+    prompt = sum(len(o.prompt_token_ids or ()) for o in outputs)
     return {
         "lines_ok": ok,
         "seconds": round(seconds, 3),
         "lines_per_s": round(ok / seconds, 2),
         "prompt_tokens": prompt,
         "prompt_tok_per_s": round(prompt / seconds, 1),
-        "completion_tokens": completion,
-        "output_tok_per_s": round(completion / seconds, 2),
     }
 
 

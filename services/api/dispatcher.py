@@ -299,14 +299,15 @@ class Dispatcher:
             if not await self._turn(model, True):
                 return 0  # another replica is granting: the next tick reads what it published
             room = self.window(model) - await self._backlog(model)
-        granted = 0
+        granted, drain = 0, self._drains[model]
         try:
             grants = schedule.allocate(candidates, room, now) if room > 0 else {}
             for local in [x for x in self._local.values() if x.model == model]:
                 lines = min(grants.get(local.job.batch_id, 0), MAX_GRANT)
                 if lines > 0:
-                    granted += await self._grant(local, lines)
-            self._drains[model].granted += granted
+                    published = await self._grant(local, lines)
+                    granted += published
+                    drain.granted += published
             return granted
         finally:
             if shared:
