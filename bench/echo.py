@@ -7,7 +7,7 @@ nats-py requester in the benchmark and a plain nats-py responder in a process of
 under load is the machine's (nats-server and the kernel's scheduler sharing two saturated cores),
 and no change to jetbatch can take a synchronous request below it.
 
-`python -m bench.echo --relay NATS_URL` starts a second reference: the same responder behind a
+`python -m bench.echo --relay NATS_URL PORT` starts a second reference: the same responder behind a
 bare HTTP relay (uvicorn with httptools and uvloop, as the api runs, and a plain ASGI callable:
 no framework, no key, no checks), which forwards each POST's body with `nc.request` and returns
 the reply. A request through it takes every hop a synchronous request takes (client -> HTTP
