@@ -54,6 +54,9 @@ YIELD_EVERY_SYNC = 10
 SYNC_RECENT_S = 1.0
 MAX_GRANT = 5_000  # lines per grant: one grant's publish holds the child this long at most
 RATE_EVERY_S = 1.0  # a model's drain rate is measured over this long
+# A model not looked at for this long (no batch of it here meanwhile) starts its rate over: an
+# average over its idle time would make it look slow, and its ticks too far apart.
+RATE_STALE_S = 5.0
 BEATS_EVERY_S = 2.0  # workers' capacity is read this often
 PLACES_EVERY_S = 2.0  # queue places written (and cancels noticed with a full window) this often
 TURN_NS = 0x6A627475  # "jbtu": (TURN_NS, hashtext(model)), a model's turn to grant lines
@@ -96,7 +99,8 @@ class Drain:
     Counted from the workers' consumer of the dispatched class (`acked`: its deliveries less
     those still unacknowledged), which sees every api replica's lines. Until that consumer
     exists (no worker of the model has run), from the backlog and this dispatcher's own grants,
-    which mistakes another replica's grants for slower draining."""
+    which mistakes another replica's grants for slower draining. A model not looked at for
+    RATE_STALE_S starts over (its rate 0: not measured)."""
 
     backlog: int = 0
     granted: int = 0  # lines this dispatcher granted since `since`
@@ -110,13 +114,20 @@ class Drain:
     def observe(self, backlog: int, acked: int | None, now: float) -> None:
         if not self.due(now):
             return
-        if acked is not None and self.acked is not None:
-            drained = max(0, acked - self.acked)
+        elapsed = now - self.since
+        if elapsed > RATE_STALE_S:
+            self.lines_per_s = 0.0  # an average over idle time: measured afresh from here
         else:
-            drained = max(0, self.backlog + self.granted - backlog)
-        rate = drained / (now - self.since)
-        self.lines_per_s = rate if self.lines_per_s == 0 else 0.5 * self.lines_per_s + 0.5 * rate
+            rate = self._drained(backlog, acked) / elapsed
+            self.lines_per_s = (
+                rate if self.lines_per_s == 0 else 0.5 * self.lines_per_s + 0.5 * rate
+            )
         self.backlog, self.granted, self.acked, self.since = backlog, 0, acked, now
+
+    def _drained(self, backlog: int, acked: int | None) -> int:
+        if acked is not None and self.acked is not None:
+            return max(0, acked - self.acked)
+        return max(0, self.backlog + self.granted - backlog)
 
 
 class Dispatcher:

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.api.dispatcher import MAX_TICK_S, RATE_EVERY_S, TICK_S, Drain, next_tick_s
+from services.api.dispatcher import (
+    MAX_TICK_S,
+    RATE_EVERY_S,
+    RATE_STALE_S,
+    TICK_S,
+    Drain,
+    next_tick_s,
+)
 
 
 def test_a_window_with_room_is_looked_at_every_tick() -> None:
@@ -84,3 +91,14 @@ def test_a_consumer_made_again_counts_no_negative_drain() -> None:
     drain = Drain(backlog=0, acked=10_000, since=0.0)
     drain.observe(backlog=0, acked=3, now=1.0)
     assert drain.lines_per_s == 0.0
+
+
+def test_a_model_idle_for_a_while_measures_its_rate_afresh() -> None:
+    drain = Drain(backlog=0, acked=0, since=0.0, lines_per_s=10_000.0)
+    # 60 s without a batch of it here, then 6,000 lines: not 100 lines/s, but not measured yet.
+    drain.observe(backlog=1_000, acked=6_000, now=60.0)
+    assert drain.lines_per_s == 0.0
+    assert next_tick_s(1_000, 1_000, 256, drain.lines_per_s) == TICK_S
+    drain.observe(backlog=1_000, acked=16_000, now=61.0)
+    assert drain.lines_per_s == 10_000.0
+    assert RATE_STALE_S > RATE_EVERY_S + MAX_TICK_S  # a model looked at every tick never is
