@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="engine, orchestration: alternate the runs and their baselines this many times, "
-        "keep the best of each; interactive: this many rounds of the load and the floor's load, "
-        "reported by the round with the median ratio",
+        "keep the best of each; interactive: this many rounds of the load and the references' "
+        "loads, reported by the round with the median ratio to the floor",
     )
     args = parser.parse_args(argv)
     common.COMMAND[:] = [

@@ -12,8 +12,9 @@ else, so `http_relay_vs_floor` is what the HTTP hop itself costs and `p99_vs_htt
 jetbatch's own code does.
 
 On two busy cores one round's ratio moves by a third from run to run (README Performance): with
-`--repeat N`, N rounds of the load and then the floor's load run in a row, every round's ratio is
-printed, and the figures are those of the round with the median ratio."""
+`--repeat N`, N rounds of the load and then the references' loads run in a row, every round's
+ratios are printed, and the figures are those of the round with the median ratio to the
+floor."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ class _References:
 def _under_batch(
     client: Any, input_file_id: str, timed: Callable[[_BatchStatus], list[float]]
 ) -> list[float]:
-    """`timed(status)` while a batch of the file runs; it must have completed."""
+    """`timed(status)` while a batch of the file runs, which must complete."""
     batch = client.batches.create(
         input_file_id=input_file_id, endpoint="/v1/chat/completions", completion_window="24h"
     )
@@ -113,7 +114,7 @@ def _under_batch(
     with client_gc_paused():
         ms = timed(status)
     if status.phase != "completed":
-        raise RuntimeError(f"a reference's load batch ended {status.phase}")
+        raise RuntimeError(f"a load batch ended {status.phase}")
     return ms
 
 
@@ -143,10 +144,16 @@ def _references(system: Any, client: Any, input_file_id: str) -> _References:
                 proc.wait()
 
 
-def _until(http: httpx.Client, status: _BatchStatus) -> list[float]:
+def _until(
+    http: httpx.Client, status: _BatchStatus, record: Callable[[float, str], None] | None = None
+) -> list[float]:
+    """Synchronous requests one after another until the batch has ended."""
     out: list[float] = []
     while not status.ended():
-        out.append(_one(http))
+        ms = _one(http)
+        out.append(ms)
+        if record is not None:
+            record(ms, status.phase)
     return out
 
 
@@ -160,7 +167,6 @@ def _timed_idle(http: httpx.Client) -> list[float]:
 @dataclass
 class _UnderLoad:
     upload_id: str
-    phase: str = "validating"  # the load batch's status when timing stopped
     loaded: list[float] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=dict)
     timeline: list[tuple[float, float, str]] = field(default_factory=list)
@@ -168,23 +174,19 @@ class _UnderLoad:
 
 
 def _timed_under_load(http: httpx.Client, client: Any, path: Any) -> _UnderLoad:
-    """Synchronous requests one after another for as long as a batch of the file runs."""
+    """Synchronous requests one after another for as long as a batch of the file runs, each
+    with the batch's status when it was sent."""
     with open(path, "rb") as f:
         upload = client.files.create(file=f, purpose="batch")
-    batch = client.batches.create(
-        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    t0 = time.perf_counter()
-    status = _BatchStatus(client, batch.id)
     load = _UnderLoad(upload.id)
-    with client_gc_paused():
-        while not status.ended():
-            ms = _one(http)
-            load.loaded.append(ms)
-            load.phases.setdefault(status.phase, []).append(ms)
-            load.timeline.append((round(time.perf_counter() - t0, 3), round(ms, 2), status.phase))
+    t0 = time.perf_counter()
+
+    def record(ms: float, phase: str) -> None:
+        load.phases.setdefault(phase, []).append(ms)
+        load.timeline.append((round(time.perf_counter() - t0, 3), round(ms, 2), phase))
+
+    load.loaded = _under_batch(client, upload.id, lambda st: _until(http, st, record))
     load.batch_s = time.perf_counter() - t0
-    load.phase = status.phase
     return load
 
 
@@ -195,8 +197,6 @@ def _round(
     others."""
     print(f"round {n}: synchronous requests under a {lines:,}-line batch...", flush=True)
     load = _timed_under_load(http, client, path)
-    if load.phase != "completed":
-        raise RuntimeError(f"the load batch ended {load.phase}")
     print(
         f"round {n}: the same with a bare NATS request/reply (the floor), then through a bare"
         " HTTP relay...",
